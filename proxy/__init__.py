@@ -1,0 +1,137 @@
+"""jobcloud proxy: the Flask application that owns jobs, users and workers.
+
+`create_app()` is the application factory (gunicorn: ``proxy:create_app()``).
+It reads the configuration once, opens the store, applies migrations and
+wires the blueprints; nothing is created at import time.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+
+from flask import Flask, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from .blobs import BlobStore, human_size
+from .config import Config, load_config
+from .db import Database, close_conn, open_database
+from .errors import ProxyError
+
+log = logging.getLogger("proxy")
+
+
+@dataclass
+class AppState:
+    """What every request needs, built once per process."""
+
+    config: Config
+    db: Database
+    blobs: BlobStore
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the proxy application.
+
+    Args:
+        config: a validated Config; read from the environment when None.
+    """
+    config = config or load_config()
+    _setup_logging(config.log_level)
+    db = open_database(config.resolved_database_url)
+    db.migrate()
+    blobs = BlobStore(config.data_dir)
+
+    app = Flask(__name__)
+    app.extensions["jobcloud"] = AppState(config=config, db=db, blobs=blobs)
+    app.config.update(
+        SECRET_KEY=_secret_key(db),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_NAME="jobcloud_session",
+        # Form bodies are parsed by our streaming parser (uploads.py); these
+        # bound werkzeug's own parser for the small login/token forms.
+        MAX_FORM_MEMORY_SIZE=64 * 1024,
+        MAX_FORM_PARTS=32,
+    )
+    from . import admin_api, api, auth, ops, openapi, web, worker_api
+
+    auth.init_app(app)
+    app.jinja_env.filters["timestamp"] = _timestamp
+    app.jinja_env.filters["filesize"] = human_size
+    for module in (web, api, worker_api, admin_api, ops, openapi):
+        app.register_blueprint(module.bp)
+    app.teardown_appcontext(close_conn)
+    _register_error_handlers(app)
+    app.after_request(_security_headers)
+    return app
+
+
+def _secret_key(db: Database) -> str:
+    # Shared by every process and instance through the database, so a session
+    # cookie made by one gunicorn worker is valid in all of them.
+    with db.connection() as conn:
+        with conn.transaction():
+            conn.execute("INSERT INTO settings (key, value) VALUES ('secret_key', ?)"
+                         " ON CONFLICT DO NOTHING", (secrets.token_hex(32),))
+        return conn.query_one("SELECT value FROM settings WHERE key = 'secret_key'")["value"]
+
+
+def _wants_json() -> bool:
+    if request.path.startswith("/api/") or request.path in ("/healthz", "/metrics"):
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json"
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ProxyError)
+    def proxy_error(e: ProxyError):
+        if e.status >= 500:
+            log.error("%s: %s", e.code, e.detail)
+        return _error_response(e.status, e.code, e.detail)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        code = (e.name or "error").lower().replace(" ", "_")
+        return _error_response(e.code or 500, code, e.description or e.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(500, "internal_error", "something went wrong on our side")
+
+
+def _error_response(status: int, code: str, detail: str):
+    if _wants_json():
+        return jsonify({"error": code, "detail": detail}), status
+    return render_template("error.html", status=status, code=code, detail=detail), status
+
+
+def _security_headers(response):
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'")
+    return response
+
+
+def _timestamp(ts) -> str:
+    if ts is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_jobcloud", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._jobcloud = True
+        root.addHandler(handler)
+    root.setLevel(level.upper())

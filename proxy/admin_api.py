@@ -1,0 +1,98 @@
+"""Admin API (/api/v1/admin): users, worker enrollment tokens, workers (drain, resume, revoke)."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request
+
+from . import accounts, dispatch
+from .auth import api_admin
+from .db import get_conn
+from .errors import ValidationError
+from .models import WorkerState, iso
+
+bp = Blueprint("admin_api", __name__, url_prefix="/api/v1/admin")
+
+
+def _body() -> dict:
+    body = request.get_json(silent=True)
+    if body is None and not request.data:
+        body = {}
+    if not isinstance(body, dict):
+        raise ValidationError("send a JSON object with Content-Type: application/json",
+                              code="invalid_json")
+    return body
+
+
+@bp.route("/users", methods=["GET"])
+def list_users():
+    api_admin()
+    return jsonify({"users": [{"id": u["id"], "name": u["name"], "is_admin": bool(u["is_admin"]),
+                               "created_at": iso(u["created_at"])}
+                              for u in accounts.list_users(get_conn())]})
+
+
+@bp.route("/users", methods=["POST"])
+def create_user():
+    api_admin()
+    body = _body()
+    name, admin = body.get("name"), body.get("admin", False)
+    if not isinstance(name, str) or not isinstance(admin, bool):
+        raise ValidationError("name must be a string and admin a boolean", code="invalid_user")
+    password = accounts.generate_password()
+    conn = get_conn()
+    with conn.transaction():
+        user = accounts.create_user(conn, name, password, admin=admin, must_change=True)
+    return jsonify({"id": user["id"], "name": user["name"], "is_admin": admin,
+                    "one_time_password": password}), 201
+
+
+@bp.route("/enrollment-tokens", methods=["GET"])
+def list_enrollments():
+    api_admin()
+    return jsonify({"enrollment_tokens": [_enrollment_json(e) for e in
+                                          accounts.list_enrollments(get_conn())]})
+
+
+@bp.route("/enrollment-tokens", methods=["POST"])
+def create_enrollment():
+    admin = api_admin()
+    body = _body()
+    label, expires = body.get("label", "workers"), body.get("expires_in_s")
+    if not isinstance(label, str) or (expires is not None and (
+            isinstance(expires, bool) or not isinstance(expires, (int, float)))):
+        raise ValidationError("label must be a string and expires_in_s a number",
+                              code="invalid_enrollment")
+    record, token = accounts.create_enrollment(get_conn(), label, admin["name"], expires)
+    return jsonify(dict(_enrollment_json(record), token=token)), 201
+
+
+@bp.route("/enrollment-tokens/<enrollment_id>", methods=["DELETE"])
+def revoke_enrollment(enrollment_id):
+    api_admin()
+    accounts.revoke_enrollment(get_conn(), enrollment_id)
+    return jsonify({"revoked": enrollment_id})
+
+
+@bp.route("/workers", methods=["GET"])
+def list_workers():
+    api_admin()
+    include_gone = request.args.get("all") in ("1", "true")
+    return jsonify({"workers": [dispatch.worker_json(w)
+                                for w in dispatch.list_workers(get_conn(), include_gone)]})
+
+
+@bp.route("/workers/<worker_id>/<action>", methods=["POST"])
+def worker_action(worker_id, action):
+    api_admin()
+    target = {"drain": WorkerState.DRAINING, "resume": WorkerState.ACTIVE,
+              "revoke": WorkerState.REVOKED}.get(action)
+    if target is None:
+        raise ValidationError("action must be drain, resume or revoke", code="invalid_action")
+    worker = dispatch.set_worker_state(get_conn(), worker_id, target,
+                                       max_attempts=current_app.extensions["jobcloud"].config.max_attempts)
+    return jsonify(dispatch.worker_json(worker))
+
+
+def _enrollment_json(e: dict) -> dict:
+    return {"id": e["id"], "label": e["label"], "created_by": e.get("created_by"),
+            "created_at": iso(e["created_at"]), "expires_at": iso(e.get("expires_at")),
+            "revoked_at": iso(e.get("revoked_at"))}

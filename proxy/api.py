@@ -1,0 +1,125 @@
+"""The user REST API (/api/v1): jobs, logs, outputs, cancel, tokens.
+
+Every route answers JSON; errors are {"error", "detail"} with a 4xx status.
+A user sees only their own jobs (admins see all); others' jobs are 404.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request, url_for
+
+from . import accounts, store
+from .auth import api_user
+from .db import get_conn
+from .downloads import send_outputs
+from .errors import ValidationError
+from .intake import submit_job
+from .models import JobState, iso
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def state():
+    return current_app.extensions["jobcloud"]
+
+
+@bp.route("/me", methods=["GET"])
+def me():
+    user = api_user()
+    return jsonify({"id": user["id"], "name": user["name"], "is_admin": bool(user["is_admin"])})
+
+
+@bp.route("/jobs", methods=["POST"])
+def create_job():
+    user = api_user()
+    st = state()
+    job = submit_job(get_conn(), st.config, st.blobs, user, request.stream,
+                     request.headers.get("Content-Type"))
+    return jsonify(store.job_json(job)), 201, {"Location": f"/api/v1/jobs/{job['id']}"}
+
+
+@bp.route("/jobs", methods=["GET"])
+def list_jobs():
+    user = api_user()
+    limit = _int_arg("limit", state().config.page_size, 1, 500)
+    job_state = request.args.get("state") or None
+    if job_state is not None and job_state not in {s.value for s in JobState}:
+        raise ValidationError(f"state must be one of {[s.value for s in JobState]}",
+                              code="invalid_state")
+    jobs, cursor = store.list_jobs(get_conn(), user["id"], before=request.args.get("before") or None,
+                                   limit=limit, state=job_state)
+    return jsonify({"jobs": [store.job_json(j) for j in jobs],
+                    "next": url_for("api.list_jobs", before=cursor, limit=limit, state=job_state)
+                    if cursor else None})
+
+
+@bp.route("/jobs/<job_id>", methods=["GET"])
+def get_job(job_id):
+    return jsonify(store.job_json(store.get_visible_job(get_conn(), job_id, api_user())))
+
+
+@bp.route("/jobs/<job_id>/logs", methods=["GET"])
+def get_logs(job_id):
+    conn = get_conn()
+    job = store.get_visible_job(conn, job_id, api_user())
+    stream = request.args.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        raise ValidationError("stream must be stdout or stderr", code="invalid_stream")
+    offset = _int_arg("offset", 0, 0, 2**62)
+    logs = store.read_logs(conn, job, stream, offset)
+    return jsonify(dict(logs, job_id=job["id"], attempt=job["attempt"], state=job["state"]))
+
+
+@bp.route("/jobs/<job_id>/outputs", methods=["GET"])
+def get_outputs(job_id):
+    return send_outputs(store.get_visible_job(get_conn(), job_id, api_user()), state().blobs)
+
+
+@bp.route("/jobs/<job_id>/cancel", methods=["POST"])
+def cancel_job(job_id):
+    conn = get_conn()
+    job = store.get_visible_job(conn, job_id, api_user())
+    return jsonify(store.job_json(store.cancel_job(conn, job)))
+
+
+@bp.route("/tokens", methods=["GET"])
+def list_tokens():
+    user = api_user()
+    return jsonify({"tokens": [_token_json(t) for t in accounts.list_tokens(get_conn(), user["id"])]})
+
+
+@bp.route("/tokens", methods=["POST"])
+def create_token():
+    user = api_user()
+    body = request.get_json(silent=True) or {}
+    if not isinstance(body, dict):
+        raise ValidationError("send a JSON object", code="invalid_json")
+    label = body.get("label", "")
+    if not isinstance(label, str):
+        raise ValidationError("label must be a string", code="invalid_label")
+    record, token = accounts.create_token(get_conn(), user["id"], label)
+    return jsonify(dict(_token_json(record), token=token)), 201
+
+
+@bp.route("/tokens/<token_id>", methods=["DELETE"])
+def revoke_token(token_id):
+    user = api_user()
+    accounts.revoke_token(get_conn(), user["id"], token_id)
+    return jsonify({"revoked": token_id})
+
+
+def _token_json(t: dict) -> dict:
+    return {"id": t["id"], "label": t["label"], "created_at": iso(t["created_at"]),
+            "last_used_at": iso(t.get("last_used_at")), "revoked_at": iso(t.get("revoked_at"))}
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be a whole number", code="invalid_parameter") from None
+    if not lo <= value <= hi:
+        raise ValidationError(f"{name} must be between {lo} and {hi}", code="invalid_parameter")
+    return value

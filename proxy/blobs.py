@@ -1,0 +1,119 @@
+"""Blob storage: content-addressed files under <data_dir>/blobs, written durably.
+
+Every stored file gets a server-generated name (its sha256), so nothing a user
+sends ever becomes part of a path. Writes go to <data_dir>/tmp first, are
+fsync'd, then renamed into place and the directory fsync'd: after `commit`
+returns, the bytes survive a crash.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from .errors import TooLarge
+
+CHUNK = 1024 * 1024
+
+
+class BlobStore:
+    def __init__(self, data_dir: str):
+        self.root = Path(data_dir).resolve()
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, blob: str) -> Path:
+        """Path of a stored blob by its name (a sha256 hex digest)."""
+        if len(blob) != 64 or any(c not in "0123456789abcdef" for c in blob):
+            raise ValueError("bad blob name")
+        return self.blobs / blob[:2] / blob
+
+    def new_upload(self, limit: int, what: str) -> "Upload":
+        return Upload(self, limit, what)
+
+    def commit(self, upload: "Upload") -> str:
+        """Move a finished upload into the store durably; returns the blob name."""
+        upload.finish()
+        blob = upload.sha256
+        target = self.path(blob)
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            upload.discard()
+        else:
+            os.replace(upload.path, target)
+            _fsync_dir(target.parent)
+        upload.committed = True
+        return blob
+
+
+class Upload:
+    """A file being received: counted, hashed, written to tmp; refuses to grow past `limit`."""
+
+    def __init__(self, store: BlobStore, limit: int, what: str):
+        self.store = store
+        self.limit = limit
+        self.what = what
+        self.path = store.tmp / f"up-{secrets.token_hex(12)}"
+        self.file = open(self.path, "xb")
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.sha256 = ""
+        self.committed = False
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise TooLarge(f"{self.what} is larger than the limit of {_human(self.limit)}")
+        self.hash.update(data)
+        self.file.write(data)
+
+    def finish(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.sha256 = self.hash.hexdigest()
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def copy_stream(src, upload: Upload) -> None:
+    while True:
+        chunk = src.read(CHUNK)
+        if not chunk:
+            return
+        upload.write(chunk)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "bytes" else f"{n:.4g} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_size(n: int) -> str:
+    return _human(n)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

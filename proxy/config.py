@@ -1,0 +1,196 @@
+"""Proxy configuration: defaults, one optional TOML file, environment variables.
+
+Read once at the entry point (`load_config`) and passed inward; nothing else in
+the package reads the environment. Precedence: defaults < file < environment.
+Every value is validated here, so the rest of the code can trust it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+@dataclass(frozen=True)
+class Config:
+    # Where blobs, the SQLite database and upload temp files live.
+    data_dir: str = "./var"
+    # Empty means SQLite at <data_dir>/jobcloud.db; set postgresql://... to share
+    # one database between several proxy instances.
+    database_url: str = ""
+    # The port the system's first users know; loopback unless told otherwise.
+    bind: str = "127.0.0.1:3000"
+    # Public URL printed for users (make run) and used in links; derived from bind if empty.
+    public_url: str = ""
+    # Python scripts are text: 1 MiB is thousands of lines.
+    max_script_bytes: int = 1 * MiB
+    # Course datasets (images, CSVs) fit; larger data belongs on shared storage.
+    max_dataset_bytes: int = 2 * GiB
+    # Zip-bomb guards: what a dataset may expand to, how many members, and how
+    # compressible one member may be (text compresses ~10x, zeros ~1000x).
+    zip_max_total_bytes: int = 8 * GiB
+    zip_max_entries: int = 100_000
+    zip_max_ratio: int = 200
+    # The job form has ~10 fields; anything far above that is an attack.
+    max_form_parts: int = 64
+    # Images the form offers and the API accepts (admin allow-list).
+    images: tuple[str, ...] = ("jobcloud/python", "jobcloud/ml")
+    default_image: str = "jobcloud/python"
+    # Per-job resource ranges and defaults.
+    default_cpus: float = 1.0
+    max_cpus: float = 16.0
+    default_memory_mb: int = 1024
+    min_memory_mb: int = 64
+    max_memory_mb: int = 65536
+    default_timeout_s: int = 600
+    max_timeout_s: int = 24 * 3600
+    max_gpus: int = 8
+    # Workers heartbeat this often; one silent for lease_timeout_s is lost.
+    heartbeat_interval_s: float = 10.0
+    lease_timeout_s: float = 45.0
+    # A job is retried this many times when its worker is lost, then failed.
+    max_attempts: int = 3
+    # Longest a claim request may long-poll.
+    claim_wait_max_s: float = 30.0
+    # Bounded logs per stream per job; the tail kept with the result.
+    log_max_bytes: int = 10 * MiB
+    log_tail_bytes: int = 64 * 1024
+    # Largest output archive a worker may post.
+    max_output_bytes: int = 1 * GiB
+    # Jobs per page on /job-status/<user>.
+    page_size: int = 50
+    # Seconds between automatic refreshes of a status page with active jobs.
+    status_refresh_s: int = 5
+    # Log level for the proxy's own logs (stdout).
+    log_level: str = "INFO"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return "sqlite:///" + str(Path(self.data_dir).resolve() / "jobcloud.db")
+
+    @property
+    def url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, _, port = self.bind.rpartition(":")
+        if host in ("0.0.0.0", "", "::", "[::]"):
+            host = "127.0.0.1"
+        return f"http://{host}:{port}"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+ENV_PREFIX = "JOBCLOUD_"
+
+
+def load_config(env: dict | None = None, overrides: dict | None = None) -> Config:
+    """Build the validated configuration.
+
+    Args:
+        env: environment mapping (default: os.environ).
+        overrides: values that win over everything (tests, CLI flags).
+
+    Raises:
+        ConfigError: a value is unknown, of the wrong type or out of range.
+    """
+    env = os.environ if env is None else env
+    values: dict = {}
+    config_file = env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        values.update(_read_file(config_file))
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    values.update(overrides or {})
+    return validate({k: _coerce(k, v) for k, v in values.items()})
+
+
+def _read_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    section = data.get("proxy", data)
+    unknown = sorted(set(section) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return dict(section)
+
+
+def _coerce(name: str, value):
+    if name not in _FIELDS:
+        raise ConfigError(f"unknown setting {name!r}")
+    kind = type(getattr(Config, name)) if not isinstance(_FIELDS[name].default, tuple) else tuple
+    try:
+        if kind is tuple:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+        if kind is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}: {value!r} is not a valid {kind.__name__}") from None
+
+
+def validate(values: dict) -> Config:
+    cfg = Config(**values)
+    checks = [
+        (cfg.max_script_bytes >= 1, "max_script_bytes must be at least 1"),
+        (cfg.max_dataset_bytes >= 1, "max_dataset_bytes must be at least 1"),
+        (cfg.zip_max_total_bytes >= 1, "zip_max_total_bytes must be at least 1"),
+        (cfg.zip_max_entries >= 1, "zip_max_entries must be at least 1"),
+        (cfg.zip_max_ratio >= 1, "zip_max_ratio must be at least 1"),
+        (16 <= cfg.max_form_parts <= 10_000, "max_form_parts must be between 16 and 10000"),
+        (len(cfg.images) >= 1, "images must list at least one image"),
+        (cfg.default_image in cfg.images, "default_image must be one of images"),
+        (0 < cfg.default_cpus <= cfg.max_cpus, "default_cpus must be in (0, max_cpus]"),
+        (cfg.min_memory_mb <= cfg.default_memory_mb <= cfg.max_memory_mb,
+         "default_memory_mb must be within [min_memory_mb, max_memory_mb]"),
+        (cfg.min_memory_mb >= 6, "min_memory_mb must be at least 6 (Docker's minimum)"),
+        (1 <= cfg.default_timeout_s <= cfg.max_timeout_s,
+         "default_timeout_s must be within [1, max_timeout_s]"),
+        (0 <= cfg.max_gpus <= 64, "max_gpus must be between 0 and 64"),
+        (cfg.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive"),
+        (cfg.lease_timeout_s > cfg.heartbeat_interval_s,
+         "lease_timeout_s must be longer than heartbeat_interval_s"),
+        (cfg.max_attempts >= 1, "max_attempts must be at least 1"),
+        (0 <= cfg.claim_wait_max_s <= 300, "claim_wait_max_s must be between 0 and 300"),
+        (cfg.log_max_bytes >= 1024, "log_max_bytes must be at least 1024"),
+        (1024 <= cfg.log_tail_bytes <= cfg.log_max_bytes,
+         "log_tail_bytes must be within [1024, log_max_bytes]"),
+        (cfg.max_output_bytes >= 1, "max_output_bytes must be at least 1"),
+        (1 <= cfg.page_size <= 500, "page_size must be between 1 and 500"),
+        (cfg.status_refresh_s >= 1, "status_refresh_s must be at least 1"),
+        (cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+         "log_level must be DEBUG, INFO, WARNING or ERROR"),
+        (":" in cfg.bind and cfg.bind.rpartition(":")[2].isdigit()
+         and 0 < int(cfg.bind.rpartition(":")[2]) < 65536, "bind must be HOST:PORT"),
+        (cfg.database_url == "" or cfg.database_url.startswith(
+            ("sqlite:///", "postgresql://", "postgres://")),
+         "database_url must start with sqlite:/// or postgresql://"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg

@@ -1,0 +1,315 @@
+"""Database access: one interface, SQLite and PostgreSQL backends.
+
+SQL is written once with ``?`` placeholders and portable types; the backends
+differ only where they must: how a write transaction takes its lock
+(``BEGIN IMMEDIATE`` on SQLite, a transaction-scoped advisory lock on
+PostgreSQL) and how connections are made. Driver errors are translated here
+into `StoreUnavailable`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sqlite3
+import threading
+from importlib import resources
+from pathlib import Path
+
+from .errors import ConfigError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# One advisory lock id serializes writers that must see a consistent queue
+# (claim/dispatch, migrations) across all proxy processes on PostgreSQL.
+PG_DISPATCH_LOCK = 7_100_001
+PG_MIGRATE_LOCK = 7_100_002
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def open_database(url: str) -> "Database":
+    """Return the backend for a database URL (sqlite:///path or postgresql://...)."""
+    if url.startswith("sqlite:///"):
+        return SQLiteDatabase(url[len("sqlite:///"):])
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(url)
+    raise ConfigError(f"unsupported database URL {url!r}")
+
+
+class Database:
+    """A handle on the store; `connection()` yields a `Connection` for one unit of work."""
+
+    dialect = "?"
+
+    def connection(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def migrate(self) -> list[int]:
+        """Apply the numbered SQL files in proxy/migrations not applied yet.
+
+        Returns:
+            The versions applied now (empty when the schema was current).
+        """
+        applied_now = []
+        with self.connection() as conn:
+            with conn.transaction(lock=PG_MIGRATE_LOCK):
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+                )
+                done = {r["version"] for r in conn.query("SELECT version FROM schema_migrations")}
+                for version, sql in _migration_files():
+                    if version in done:
+                        continue
+                    for statement in _split_sql(sql):
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                        (version, _now()),
+                    )
+                    applied_now.append(version)
+        if applied_now:
+            log.info("applied migrations %s", applied_now)
+        return applied_now
+
+
+class Connection:
+    """One database connection. `query` returns dicts; `execute` returns the rowcount."""
+
+    def __init__(self, raw, dialect: str):
+        self.raw = raw
+        self.dialect = dialect
+        self.in_transaction = False
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        cur = self._run(sql, params)
+        return [dict(r) for r in cur.fetchall()]
+
+    def query_one(self, sql: str, params=()) -> dict | None:
+        cur = self._run(sql, params)
+        row = cur.fetchone()
+        return dict(row) if row is not None else None
+
+    def execute(self, sql: str, params=()) -> int:
+        return self._run(sql, params).rowcount
+
+    def _run(self, sql, params):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def transaction(self, lock: int | None = None):
+        """A write transaction; `lock` serializes it against others holding the same lock."""
+        if self.in_transaction:
+            yield self
+            return
+        self._begin(lock)
+        self.in_transaction = True
+        try:
+            yield self
+        except BaseException:
+            self.in_transaction = False
+            self._rollback()
+            raise
+        self.in_transaction = False
+        self._commit()
+
+
+# --------------------------------------------------------------------------- SQLite
+
+class SQLiteConnection(Connection):
+    def _run(self, sql, params):
+        try:
+            return self.raw.execute(sql, params)
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise StoreUnavailable("the database is busy; try again") from e
+            raise
+
+    def _begin(self, lock):
+        # IMMEDIATE takes the write lock up front, so two claimers can never
+        # both read the same queued job and then both update it.
+        self._run("BEGIN IMMEDIATE", ())
+
+    def _commit(self):
+        self._run("COMMIT", ())
+
+    def _rollback(self):
+        try:
+            self.raw.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+class SQLiteDatabase(Database):
+    dialect = "sqlite"
+
+    def __init__(self, path: str):
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+
+    def _new(self) -> sqlite3.Connection:
+        raw = sqlite3.connect(
+            self.path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None,
+            check_same_thread=False,
+        )
+        raw.row_factory = sqlite3.Row
+        raw.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before we answer 201 ("durable").
+        raw.execute("PRAGMA synchronous=FULL")
+        raw.execute("PRAGMA foreign_keys=ON")
+        return raw
+
+    @contextlib.contextmanager
+    def connection(self):
+        # One cached connection per thread: opening one and setting PRAGMAs
+        # costs more than most of our queries.
+        raw = getattr(self._local, "raw", None)
+        if raw is None:
+            raw = self._local.raw = self._new()
+        conn = SQLiteConnection(raw, self.dialect)
+        try:
+            yield conn
+        finally:
+            if raw.in_transaction:
+                raw.execute("ROLLBACK")
+
+    def close(self):
+        raw = getattr(self._local, "raw", None)
+        if raw is not None:
+            raw.close()
+            self._local.raw = None
+
+
+# ----------------------------------------------------------------------- PostgreSQL
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+class PostgresConnection(Connection):
+    def _run(self, sql, params):
+        import psycopg
+
+        sql = _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
+        try:
+            return self.raw.execute(sql, params)
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(f"the database is unavailable: {e}") from e
+
+    def _begin(self, lock):
+        self._run("BEGIN", ())
+        if lock is not None:
+            self._run("SELECT pg_advisory_xact_lock(?)", (lock,))
+
+    def _commit(self):
+        self._run("COMMIT", ())
+
+    def _rollback(self):
+        try:
+            self.raw.execute("ROLLBACK")
+        except Exception:  # connection may be broken; the pool discards it
+            pass
+
+
+class PostgresDatabase(Database):
+    dialect = "postgresql"
+
+    def __init__(self, url: str):
+        try:
+            import psycopg  # noqa: F401
+            import psycopg_pool  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "PostgreSQL support needs the postgres extra: pip install 'jobcloud[postgres]'"
+            ) from None
+        self.url = url
+        self._pool = None
+        self._pool_lock = threading.Lock()
+
+    def _get_pool(self):
+        # Created on first use, i.e. after gunicorn has forked: a pool made in
+        # the master would share sockets between processes.
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    from psycopg.rows import dict_row
+                    from psycopg_pool import ConnectionPool
+
+                    self._pool = ConnectionPool(
+                        self.url, min_size=1, max_size=16, open=True, timeout=30,
+                        kwargs={"autocommit": True, "row_factory": dict_row},
+                    )
+        return self._pool
+
+    @contextlib.contextmanager
+    def connection(self):
+        import psycopg
+        import psycopg_pool
+
+        try:
+            cm = self._get_pool().connection()
+            raw = cm.__enter__()
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
+            raise StoreUnavailable(f"the database is unavailable: {e}") from e
+        try:
+            yield PostgresConnection(raw, self.dialect)
+        except BaseException as e:
+            cm.__exit__(type(e), e, e.__traceback__)
+            raise
+        else:
+            cm.__exit__(None, None, None)
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+# ------------------------------------------------------------------------ helpers
+
+def _migration_files() -> list[tuple[int, str]]:
+    files = []
+    for entry in resources.files("proxy").joinpath("migrations").iterdir():
+        m = re.match(r"^(\d{4})_.*\.sql$", entry.name)
+        if m:
+            files.append((int(m.group(1)), entry.read_text(encoding="utf-8")))
+    return sorted(files)
+
+
+def _split_sql(sql: str) -> list[str]:
+    lines = [ln for ln in sql.splitlines() if not ln.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+# ------------------------------------------------------------ per-request access
+
+def get_conn() -> Connection:
+    """The request's connection, opened on first use and closed at teardown."""
+    from flask import current_app, g
+
+    if "db_conn" not in g:
+        cm = current_app.extensions["jobcloud"].db.connection()
+        g.db_conn = cm.__enter__()
+        g.db_cm = cm
+    return g.db_conn
+
+
+def close_conn(exc=None) -> None:
+    from flask import g
+
+    cm = g.pop("db_cm", None)
+    g.pop("db_conn", None)
+    if cm is not None:
+        cm.__exit__(None, None, None)

@@ -1,0 +1,479 @@
+"""Workers and the jobs they hold: registration, heartbeats, round-robin claims,
+leases, results, and requeueing the jobs of lost workers.
+
+How a claim stays atomic on both databases: every change to who holds a job
+happens inside a write transaction that takes the dispatch lock (SQLite:
+BEGIN IMMEDIATE, which serializes writers; PostgreSQL: a transaction-scoped
+advisory lock), and every state change is a compare-and-set UPDATE whose
+WHERE clause restates the state it expects. Nothing lives in process memory,
+so any number of gunicorn processes and proxy instances can serve workers.
+
+Round-robin: a claim first runs `_dispatch`, which reserves queued jobs for
+live workers with free slots and the capacity each job needs, always giving
+the next job to the eligible worker that was served longest ago (`rr_seq`).
+Then the claiming worker takes the jobs reserved for it. Jobs therefore go
+around the workers in turn, whichever worker happens to poll first.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from . import accounts
+from .db import PG_DISPATCH_LOCK
+from .errors import Conflict, NotFound, ValidationError
+from .models import FINAL_STATES, LIVE_WORKER_STATES, JobState, WorkerState, new_id
+
+# How many queued jobs one dispatch pass looks at; bounds the cost of a claim
+# whatever the queue length.
+DISPATCH_BATCH = 256
+WORKER_LOST_REASON = "worker lost"
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: float
+    memory_mb: int
+    gpus: int
+    slots: int
+    images: tuple[str, ...]
+
+
+def parse_capacity(data: dict) -> Capacity:
+    """Validate a worker's reported capacity.
+
+    Raises:
+        ValidationError: a field is missing, of the wrong type or out of range.
+    """
+    try:
+        cap = Capacity(
+            cpus=_num(data, "cpus", float, 0.01, 4096),
+            memory_mb=_num(data, "memory_mb", int, 16, 64 * 1024 * 1024),
+            gpus=_num(data, "gpus", int, 0, 1024),
+            slots=_num(data, "slots", int, 1, 1024),
+            images=tuple(_images(data.get("images"))),
+        )
+    except (TypeError, AttributeError):
+        raise ValidationError("capacity must be a JSON object", code="invalid_capacity") from None
+    return cap
+
+
+def _num(data, key, kind, lo, hi):
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (kind is int and not float(value).is_integer()):
+        raise ValidationError(f"{key} must be a number", code="invalid_capacity")
+    if not lo <= value <= hi:
+        raise ValidationError(f"{key} must be between {lo} and {hi}", code="invalid_capacity")
+    return kind(value)
+
+
+def _images(value):
+    if not isinstance(value, list) or not all(isinstance(i, str) and 0 < len(i) <= 200 for i in value):
+        raise ValidationError("images must be a list of image names", code="invalid_capacity")
+    if len(value) > 100:
+        raise ValidationError("at most 100 images", code="invalid_capacity")
+    return value
+
+
+# ----------------------------------------------------------------- registration
+
+def register_worker(conn, enrollment: dict, name: str, cap: Capacity, *, lease_timeout_s: float,
+                    max_attempts: int, now: float | None = None) -> tuple[dict, str]:
+    """Register a worker; a live worker of the same name is replaced (it restarted).
+
+    Returns:
+        (worker row, the worker's secret, shown once).
+    """
+    now = time.time() if now is None else now
+    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
+        raise ValidationError("name must be 1-64 printable characters", code="invalid_name")
+    secret = accounts.new_secret(accounts.WORKER_SECRET_PREFIX)
+    worker_id = new_id("w")
+    with conn.transaction(lock=PG_DISPATCH_LOCK):
+        for old in conn.query("SELECT id FROM workers WHERE name = ? AND state IN (?, ?)",
+                              (name, *LIVE_WORKER_STATES)):
+            _retire_worker(conn, old["id"], WorkerState.GONE, now, max_attempts)
+        rr = conn.query_one("SELECT COALESCE(MIN(rr_seq), 0) AS m FROM workers WHERE state IN (?, ?)",
+                            LIVE_WORKER_STATES)["m"]
+        conn.execute(
+            "INSERT INTO workers (id, name, secret_hash, enrollment_id, state, cpus, memory_mb,"
+            " gpus, slots, images, registered_at, last_seen_at, rr_seq)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (worker_id, name, accounts.hash_token(secret), enrollment["id"],
+             WorkerState.ACTIVE.value, cap.cpus, cap.memory_mb, cap.gpus, cap.slots,
+             json.dumps(list(cap.images)), now, now, rr))
+    return get_worker(conn, worker_id), secret
+
+
+def worker_for_secret(conn, secret: str) -> dict | None:
+    if not secret.startswith(accounts.WORKER_SECRET_PREFIX):
+        return None
+    return conn.query_one("SELECT * FROM workers WHERE secret_hash = ? AND state IN (?, ?)",
+                          (accounts.hash_token(secret), *LIVE_WORKER_STATES))
+
+
+def get_worker(conn, worker_id: str) -> dict | None:
+    return conn.query_one("SELECT * FROM workers WHERE id = ?", (worker_id,))
+
+
+def list_workers(conn, include_gone: bool = False) -> list[dict]:
+    rows = conn.query(
+        "SELECT w.*, (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = ?)"
+        " AS running FROM workers w ORDER BY w.name, w.id", (JobState.RUNNING.value,))
+    return [r for r in rows if include_gone or r["state"] in LIVE_WORKER_STATES]
+
+
+def worker_json(w: dict) -> dict:
+    from .models import iso
+
+    return {"id": w["id"], "name": w["name"], "state": w["state"], "cpus": w["cpus"],
+            "memory_mb": w["memory_mb"], "gpus": w["gpus"], "slots": w["slots"],
+            "images": json.loads(w["images"]), "running": w.get("running"),
+            "registered_at": iso(w["registered_at"]), "last_seen_at": iso(w["last_seen_at"])}
+
+
+def set_worker_state(conn, worker_id: str, state: WorkerState, *, max_attempts: int,
+                     now: float | None = None) -> dict:
+    """Admin actions: drain, resume, revoke, or a worker deregistering itself."""
+    now = time.time() if now is None else now
+    with conn.transaction(lock=PG_DISPATCH_LOCK):
+        worker = get_worker(conn, worker_id)
+        if worker is None or worker["state"] not in LIVE_WORKER_STATES:
+            raise NotFound(f"no live worker {worker_id!r}", code="worker_not_found")
+        if state in (WorkerState.ACTIVE, WorkerState.DRAINING):
+            conn.execute("UPDATE workers SET state = ? WHERE id = ?", (state.value, worker_id))
+            _release_reservations(conn, worker_id)
+        else:
+            _retire_worker(conn, worker_id, state, now, max_attempts)
+    return get_worker(conn, worker_id)
+
+
+# ------------------------------------------------------------------- heartbeats
+
+def heartbeat(conn, worker: dict, running_ids: list[str], *, lease_timeout_s: float,
+              max_attempts: int, now: float | None = None) -> dict:
+    """Record that a worker is alive and extend the leases of the jobs it holds.
+
+    Returns:
+        {"cancel": [...], "unknown": [...], "drain": bool}: jobs to stop because
+        their owner cancelled, jobs the worker should stop because it no longer
+        holds them, and whether the worker is draining.
+    """
+    now = time.time() if now is None else now
+    with conn.transaction(lock=PG_DISPATCH_LOCK):
+        reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
+        if not _touch(conn, worker["id"], now):
+            raise NotFound("this worker was retired; register again", code="worker_retired")
+        conn.execute(
+            "UPDATE jobs SET lease_expires_at = ? WHERE worker_id = ? AND state = ?",
+            (now + lease_timeout_s, worker["id"], JobState.RUNNING.value))
+        held = conn.query("SELECT id, cancel_requested FROM jobs WHERE worker_id = ? AND state = ?",
+                          (worker["id"], JobState.RUNNING.value))
+        state = get_worker(conn, worker["id"])["state"]
+    held_ids = {r["id"] for r in held}
+    return {
+        "cancel": sorted(r["id"] for r in held if r["cancel_requested"]),
+        "unknown": sorted(set(running_ids) - held_ids),
+        "drain": state == WorkerState.DRAINING.value,
+    }
+
+
+def _touch(conn, worker_id: str, now: float) -> bool:
+    return bool(conn.execute("UPDATE workers SET last_seen_at = ? WHERE id = ? AND state IN (?, ?)",
+                             (now, worker_id, *LIVE_WORKER_STATES)))
+
+
+# ------------------------------------------------------------------------ claims
+
+def claim(conn, worker: dict, max_jobs: int, *, lease_timeout_s: float, max_attempts: int,
+          now: float | None = None) -> list[dict]:
+    """Give `worker` up to `max_jobs` jobs, in round-robin turn with the other live workers.
+
+    Returns:
+        The jobs now running under the worker's lease (possibly none).
+    """
+    now = time.time() if now is None else now
+    with conn.transaction(lock=PG_DISPATCH_LOCK):
+        reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
+        if not _touch(conn, worker["id"], now):
+            raise NotFound("this worker was retired; register again", code="worker_retired")
+        _dispatch(conn, now, lease_timeout_s)
+        mine = conn.query(
+            "SELECT id FROM jobs WHERE state = ? AND worker_id = ? ORDER BY id LIMIT ?",
+            (JobState.QUEUED.value, worker["id"], max(0, max_jobs)))
+        taken = []
+        for row in mine:
+            n = conn.execute(
+                "UPDATE jobs SET state = ?, attempt = attempt + 1, started_at = ?,"
+                " lease_expires_at = ?, reserved_at = NULL, exit_code = NULL,"
+                " failure_reason = NULL WHERE id = ? AND state = ? AND worker_id = ?",
+                (JobState.RUNNING.value, now, now + lease_timeout_s, row["id"],
+                 JobState.QUEUED.value, worker["id"]))
+            if n:
+                taken.append(row["id"])
+        return [conn.query_one("SELECT * FROM jobs WHERE id = ?", (i,)) for i in taken]
+
+
+def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
+    """Reserve queued jobs for live workers with free slots, round-robin. Returns how many."""
+    workers = conn.query(
+        "SELECT w.id, w.cpus, w.memory_mb, w.gpus, w.slots, w.images, w.rr_seq,"
+        " (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state IN (?, ?)) AS used"
+        " FROM workers w WHERE w.state = ? AND w.last_seen_at >= ?",
+        (JobState.QUEUED.value, JobState.RUNNING.value, WorkerState.ACTIVE.value,
+         now - lease_timeout_s))
+    free = [dict(w, images=set(json.loads(w["images"]))) for w in workers if w["used"] < w["slots"]]
+    if not free:
+        return 0
+    # Only look at jobs at least one free worker could run, so a head of
+    # unrunnable jobs (say gpus=1 with no GPU worker) cannot block the rest.
+    images = sorted(set().union(*(w["images"] for w in free)))
+    placeholders = ", ".join("?" for _ in images)
+    jobs = conn.query(
+        "SELECT id, cpus, memory_mb, gpus, image FROM jobs WHERE state = ? AND worker_id IS NULL"
+        f" AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
+        " ORDER BY id LIMIT ?",
+        (JobState.QUEUED.value, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
+         max(w["memory_mb"] for w in free), *images, DISPATCH_BATCH))
+    next_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM workers")["m"] + 1
+    reserved = 0
+    for job in jobs:
+        fits = [w for w in free if w["used"] < w["slots"] and _fits(job, w)]
+        if not fits:
+            continue
+        w = min(fits, key=lambda w: (w["rr_seq"], w["id"]))
+        n = conn.execute(
+            "UPDATE jobs SET worker_id = ?, reserved_at = ? WHERE id = ? AND state = ?"
+            " AND worker_id IS NULL", (w["id"], now, job["id"], JobState.QUEUED.value))
+        if n:
+            w["used"] += 1
+            w["rr_seq"] = next_seq
+            conn.execute("UPDATE workers SET rr_seq = ? WHERE id = ?", (next_seq, w["id"]))
+            next_seq += 1
+            reserved += 1
+        if all(w["used"] >= w["slots"] for w in free):
+            break
+    return reserved
+
+
+def _fits(job: dict, worker: dict) -> bool:
+    return (job["gpus"] <= worker["gpus"] and job["cpus"] <= worker["cpus"]
+            and job["memory_mb"] <= worker["memory_mb"] and job["image"] in worker["images"])
+
+
+# ------------------------------------------------------------------ lost workers
+
+def reap(conn, *, lease_timeout_s: float, max_attempts: int, now: float | None = None) -> int:
+    """Mark silent workers lost and requeue the jobs whose lease ran out.
+
+    Called at the start of every claim and heartbeat (and by `jobcloud-proxy
+    reap`), inside their transaction, so no background thread is needed.
+
+    Returns:
+        The number of jobs requeued or failed.
+    """
+    now = time.time() if now is None else now
+    for w in conn.query("SELECT id FROM workers WHERE state IN (?, ?) AND last_seen_at < ?",
+                        (*LIVE_WORKER_STATES, now - lease_timeout_s)):
+        conn.execute("UPDATE workers SET state = ?, retired_at = ? WHERE id = ? AND state IN (?, ?)",
+                     (WorkerState.LOST.value, now, w["id"], *LIVE_WORKER_STATES))
+        _release_reservations(conn, w["id"])
+    expired = conn.query("SELECT id FROM jobs WHERE state = ? AND lease_expires_at < ?",
+                         (JobState.RUNNING.value, now))
+    for job in expired:
+        _requeue(conn, job["id"], now, max_attempts)
+    return len(expired)
+
+
+def _retire_worker(conn, worker_id: str, state: WorkerState, now: float, max_attempts: int) -> None:
+    conn.execute("UPDATE workers SET state = ?, retired_at = ? WHERE id = ?",
+                 (state.value, now, worker_id))
+    _release_reservations(conn, worker_id)
+    for job in conn.query("SELECT id FROM jobs WHERE worker_id = ? AND state = ?",
+                          (worker_id, JobState.RUNNING.value)):
+        _requeue(conn, job["id"], now, max_attempts)
+
+
+def _release_reservations(conn, worker_id: str) -> None:
+    conn.execute("UPDATE jobs SET worker_id = NULL, reserved_at = NULL WHERE worker_id = ? AND state = ?",
+                 (worker_id, JobState.QUEUED.value))
+
+
+def _requeue(conn, job_id: str, now: float, max_attempts: int) -> None:
+    job = conn.query_one("SELECT attempt, cancel_requested FROM jobs WHERE id = ? AND state = ?",
+                         (job_id, JobState.RUNNING.value))
+    if job is None:
+        return
+    if job["cancel_requested"]:
+        final, reason = JobState.CANCELLED, "cancelled by user (worker lost)"
+    elif job["attempt"] >= max_attempts:
+        final, reason = JobState.FAILED, WORKER_LOST_REASON
+    else:
+        conn.execute(
+            "UPDATE jobs SET state = ?, worker_id = NULL, reserved_at = NULL, lease_expires_at = NULL,"
+            " started_at = NULL WHERE id = ? AND state = ?",
+            (JobState.QUEUED.value, job_id, JobState.RUNNING.value))
+        return
+    conn.execute(
+        "UPDATE jobs SET state = ?, failure_reason = ?, finished_at = ?, lease_expires_at = NULL"
+        " WHERE id = ? AND state = ?", (final.value, reason, now, job_id, JobState.RUNNING.value))
+
+
+# ------------------------------------------------------------ inputs, logs, results
+
+def held_job(conn, worker: dict, job_id: str, attempt: int | None = None) -> dict:
+    """The job if `worker` holds its lease (for `attempt`, when given).
+
+    Raises:
+        NotFound: the worker does not hold this job (never held it, or lost it).
+    """
+    job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    if (job is None or job["worker_id"] != worker["id"] or job["state"] != JobState.RUNNING.value
+            or (attempt is not None and job["attempt"] != attempt)):
+        raise NotFound("this worker holds no lease on that job", code="no_lease")
+    return job
+
+
+def append_log(conn, worker: dict, job_id: str, attempt: int, stream: str, offset: int, data: str,
+               *, log_max_bytes: int) -> dict:
+    """Store one chunk of a running job's output; repeated chunks are ignored."""
+    if stream not in ("stdout", "stderr"):
+        raise ValidationError("stream must be stdout or stderr", code="invalid_stream")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValidationError("offset must be a non-negative integer", code="invalid_offset")
+    if not isinstance(data, str):
+        raise ValidationError("data must be a string", code="invalid_data")
+    held_job(conn, worker, job_id, attempt)
+    size = len(data.encode("utf-8"))
+    if offset + size > log_max_bytes:
+        conn.execute(f"UPDATE jobs SET {stream}_truncated = 1 WHERE id = ?", (job_id,))
+        return {"stored": False, "truncated": True}
+    conn.execute(
+        "INSERT INTO job_logs (job_id, attempt, stream, byte_offset, data) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING", (job_id, attempt, stream, offset, data))
+    return {"stored": True, "truncated": False}
+
+
+RESULT_STATES = {s.value for s in FINAL_STATES}
+
+
+@dataclass(frozen=True)
+class Result:
+    attempt: int
+    state: str
+    exit_code: int | None
+    failure_reason: str | None
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    cpu_seconds: float | None
+    peak_memory_bytes: int | None
+    wall_seconds: float | None
+
+
+def parse_result(data: dict, tail_bytes: int) -> Result:
+    """Validate a worker's result document.
+
+    Raises:
+        ValidationError: a field is missing or invalid.
+    """
+    if not isinstance(data, dict):
+        raise ValidationError("the result must be a JSON object", code="invalid_result")
+    attempt = data.get("attempt")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        raise ValidationError("attempt must be a positive integer", code="invalid_result")
+    state = data.get("state")
+    if state not in RESULT_STATES:
+        raise ValidationError(f"state must be one of {sorted(RESULT_STATES)}", code="invalid_result")
+    exit_code = data.get("exit_code")
+    if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
+        raise ValidationError("exit_code must be an integer or null", code="invalid_result")
+    reason = data.get("failure_reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ValidationError("failure_reason must be a string or null", code="invalid_result")
+
+    def opt_num(key, kind):
+        v = data.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValidationError(f"{key} must be a non-negative number", code="invalid_result")
+        return kind(v)
+
+    def text(key):
+        v = data.get(key) or ""
+        if not isinstance(v, str):
+            raise ValidationError(f"{key} must be a string", code="invalid_result")
+        raw = v.encode("utf-8")
+        return raw[-tail_bytes:].decode("utf-8", "ignore"), len(raw) > tail_bytes
+
+    stdout, out_cut = text("stdout")
+    stderr, err_cut = text("stderr")
+    return Result(
+        attempt=attempt, state=state, exit_code=exit_code,
+        failure_reason=(reason or None) and reason[:1000],
+        stdout=stdout, stderr=stderr,
+        stdout_truncated=bool(data.get("stdout_truncated")) or out_cut,
+        stderr_truncated=bool(data.get("stderr_truncated")) or err_cut,
+        cpu_seconds=opt_num("cpu_seconds", float),
+        peak_memory_bytes=opt_num("peak_memory_bytes", int),
+        wall_seconds=opt_num("wall_seconds", float),
+    )
+
+
+def check_lease(conn, worker: dict, job_id: str, attempt: int) -> dict:
+    """The job if this worker holds (or held, for a finished job) the lease of `attempt`.
+
+    Raises:
+        NotFound: no such job.
+        Conflict: another attempt or another worker holds it.
+    """
+    job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    if job["worker_id"] != worker["id"] or job["attempt"] != attempt or \
+            job["state"] == JobState.QUEUED.value:
+        raise Conflict("stale lease: this job is held by another attempt or worker",
+                       code="stale_lease")
+    return job
+
+
+def record_result(conn, worker: dict, job_id: str, result: Result, output: tuple | None,
+                  now: float | None = None) -> tuple[dict, bool]:
+    """Store a job's final result under the worker's lease.
+
+    Args:
+        output: (blob, sha256, size) of the stored output archive, or None.
+
+    Returns:
+        (job, applied): applied is False when this exact result was already stored.
+
+    Raises:
+        Conflict: the lease is stale (another attempt or another worker).
+        NotFound: no such job.
+    """
+    now = time.time() if now is None else now
+    blob, sha, size = output or (None, None, None)
+    with conn.transaction():
+        n = conn.execute(
+            "UPDATE jobs SET state = ?, exit_code = ?, failure_reason = ?, stdout_tail = ?,"
+            " stderr_tail = ?, stdout_truncated = ?, stderr_truncated = ?, output_blob = ?,"
+            " output_sha256 = ?, output_size = ?, cpu_seconds = ?, peak_memory_bytes = ?,"
+            " wall_seconds = ?, finished_at = ?, lease_expires_at = NULL"
+            " WHERE id = ? AND state = ? AND worker_id = ? AND attempt = ?",
+            (result.state, result.exit_code, result.failure_reason, result.stdout, result.stderr,
+             int(result.stdout_truncated), int(result.stderr_truncated), blob, sha, size,
+             result.cpu_seconds, result.peak_memory_bytes, result.wall_seconds, now,
+             job_id, JobState.RUNNING.value, worker["id"], result.attempt))
+        job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    if n:
+        return job, True
+    same_lease = job["worker_id"] == worker["id"] and job["attempt"] == result.attempt
+    if same_lease and job["state"] in RESULT_STATES:
+        return job, False  # a retry of a result we already have: harmless
+    raise Conflict("stale lease: this job is held by another attempt or worker", code="stale_lease")

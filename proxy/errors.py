@@ -1,0 +1,78 @@
+"""The proxy's exception hierarchy.
+
+Every error a client can cause is a `ProxyError` with an HTTP status, a short
+machine-readable code and a human sentence; the API answers it as
+``{"error": code, "detail": detail}`` and the web pages show the detail.
+"""
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Raised when a request cannot be served; base of every proxy error."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if code:
+            self.code = code
+        if status:
+            self.status = status
+
+
+class ConfigError(ProxyError):
+    """Raised when a configuration value is unknown, mistyped or out of range."""
+
+    code = "config_error"
+    status = 500
+
+
+class ValidationError(ProxyError):
+    """Raised when a submitted field, file or parameter is not acceptable."""
+
+    code = "invalid"
+    status = 400
+
+
+class TooLarge(ProxyError):
+    """Raised when an upload exceeds its size limit."""
+
+    code = "too_large"
+    status = 413
+
+
+class Unauthorized(ProxyError):
+    """Raised when a request carries no valid credentials."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(ProxyError):
+    """Raised when valid credentials do not allow the action."""
+
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(ProxyError):
+    """Raised when a resource does not exist or is not visible to the caller."""
+
+    code = "not_found"
+    status = 404
+
+
+class Conflict(ProxyError):
+    """Raised when the resource's state does not allow the action (stale lease, final job)."""
+
+    code = "conflict"
+    status = 409
+
+
+class StoreUnavailable(ProxyError):
+    """Raised when the database cannot be reached or is locked for too long."""
+
+    code = "store_unavailable"
+    status = 503

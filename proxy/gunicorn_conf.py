@@ -1,0 +1,21 @@
+"""gunicorn settings for the proxy (`gunicorn -c python:proxy.gunicorn_conf 'proxy:create_app()'`).
+
+gthread workers: a claim may long-poll for up to claim_wait_max_s, and a sync
+worker would be blocked for that whole time; threads keep the other requests
+flowing. No state that matters lives in a process, so any count works.
+"""
+import multiprocessing
+import os
+
+bind = os.environ.get("JOBCLOUD_BIND", "127.0.0.1:3000")
+workers = int(os.environ.get("JOBCLOUD_GUNICORN_WORKERS", max(4, multiprocessing.cpu_count() * 2)))
+worker_class = "gthread"
+threads = int(os.environ.get("JOBCLOUD_GUNICORN_THREADS", "8"))
+# Long enough for a 2 GiB upload on a slow link and a 30 s long-poll.
+timeout = 600
+graceful_timeout = 30
+keepalive = 5
+accesslog = os.environ.get("JOBCLOUD_ACCESS_LOG", "-")
+errorlog = "-"
+# Uploads are streamed by the app; do not let gunicorn cap request lines below defaults.
+limit_request_line = 8190

@@ -1,0 +1,133 @@
+"""Job submission: one path for the web form and the API.
+
+parse the streamed form -> validate every field -> check the script and the
+dataset -> store both files durably -> insert the job row -> answer. A job is
+acknowledged only after all of that; on any error nothing stays on disk.
+"""
+from __future__ import annotations
+
+import math
+import os
+import unicodedata
+
+from .blobs import BlobStore, Upload
+from .config import Config
+from .errors import ValidationError
+from .store import NewJob, create_job
+from .uploads import FormSpec, ZipLimits, check_script, check_zip, parse_form
+
+NAME_MAX = 100
+TEXT_FIELDS = ("name", "image", "cpus", "memory_mb", "timeout_s", "gpus", "csrf_token")
+
+
+def form_spec(cfg: Config) -> FormSpec:
+    texts = {name: 256 for name in TEXT_FIELDS}
+    texts["code"] = cfg.max_script_bytes
+    return FormSpec(
+        files={"script": (cfg.max_script_bytes, "the script"),
+               "dataset": (cfg.max_dataset_bytes, "the dataset")},
+        texts=texts, max_parts=cfg.max_form_parts)
+
+
+def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_type: str | None,
+               *, csrf_check=None) -> dict:
+    """Accept one job from a multipart body.
+
+    Args:
+        csrf_check: called with the form's csrf_token field before anything is
+            stored (web form); None for token-authenticated API calls.
+
+    Returns:
+        The stored job row, after the files and the row are durable.
+
+    Raises:
+        ValidationError, TooLarge: the submission is refused; nothing was kept.
+    """
+    form = parse_form(stream, content_type, form_spec(cfg), blobs)
+    try:
+        if csrf_check is not None:
+            csrf_check(form.fields.get("csrf_token"))
+        script, script_name = _script(form, cfg, blobs)
+        check_script(script)
+        dataset = form.files.get("dataset")
+        if dataset is not None:
+            check_zip(dataset.path, ZipLimits(cfg.zip_max_total_bytes, cfg.zip_max_entries,
+                                              cfg.zip_max_ratio))
+        fields = _resources(form.fields, cfg)
+        name = _display_name(form.fields.get("name", ""), "name") or \
+            os.path.splitext(script_name)[0] or "job"
+        script_blob = blobs.commit(script)
+        dataset_blob = blobs.commit(dataset) if dataset is not None else None
+        with conn.transaction():
+            return create_job(conn, NewJob(
+                owner_id=user["id"], name=name, script_name=script_name, script_blob=script_blob,
+                script_size=script.size,
+                dataset_name=(_display_name(form.filenames.get("dataset", ""), "dataset file name")
+                              or "dataset.zip") if dataset else None,
+                dataset_blob=dataset_blob, dataset_size=dataset.size if dataset else None,
+                **fields))
+    finally:
+        form.discard()
+
+
+def _script(form, cfg: Config, blobs: BlobStore) -> tuple[Upload, str]:
+    upload = form.files.get("script")
+    code = form.fields.get("code", "")
+    if upload is not None and code.strip():
+        raise ValidationError("give the script either as a file or as pasted code, not both",
+                              code="script_twice")
+    if upload is not None:
+        filename = _display_name(form.filenames.get("script", ""), "script file name") or "script.py"
+        if not filename.lower().endswith(".py"):
+            raise ValidationError(f"the script must be a .py file (got {filename!r})",
+                                  code="invalid_script")
+        return upload, filename
+    if not code.strip():
+        raise ValidationError("no script: upload a .py file or paste code", code="missing_script")
+    pasted = blobs.new_upload(cfg.max_script_bytes, "the script")
+    form.files["script"] = pasted
+    pasted.write(code.encode("utf-8"))
+    pasted.finish()
+    return pasted, "main.py"
+
+
+def _display_name(value: str, what: str) -> str:
+    """User-given text kept only for display: the last path component, printable, bounded."""
+    value = (value or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if len(value) > NAME_MAX:
+        raise ValidationError(f"the {what} is longer than {NAME_MAX} characters", code="invalid_name")
+    if any(unicodedata.category(c).startswith("C") for c in value):
+        raise ValidationError(f"the {what} contains control characters", code="invalid_name")
+    return value
+
+
+def _resources(fields: dict, cfg: Config) -> dict:
+    image = fields.get("image", "").strip() or cfg.default_image
+    if image not in cfg.images:
+        raise ValidationError(f"unknown image {image[:80]!r}; choose one of: {', '.join(cfg.images)}",
+                              code="unknown_image")
+    return {
+        "image": image,
+        "cpus": _number(fields, "cpus", float, cfg.default_cpus, 0.1, cfg.max_cpus),
+        "memory_mb": _number(fields, "memory_mb", int, cfg.default_memory_mb, cfg.min_memory_mb,
+                             cfg.max_memory_mb),
+        "timeout_s": _number(fields, "timeout_s", int, cfg.default_timeout_s, 1, cfg.max_timeout_s),
+        "gpus": _number(fields, "gpus", int, 0, 0, cfg.max_gpus),
+    }
+
+
+def _number(fields: dict, key: str, kind, default, lo, hi):
+    raw = fields.get(key, "").strip()
+    if raw == "":
+        return default
+    try:
+        value = float(raw) if kind is float else int(raw)
+    except ValueError:
+        raise ValidationError(f"{key} must be {'a number' if kind is float else 'a whole number'}"
+                              f" (got {raw[:40]!r})", code="invalid_resource") from None
+    if kind is float and not math.isfinite(value):
+        raise ValidationError(f"{key} must be a finite number", code="invalid_resource")
+    if not lo <= value <= hi:
+        raise ValidationError(f"{key} must be between {lo:g} and {hi:g} (got {raw[:40]})",
+                              code="invalid_resource")
+    return value

@@ -1,0 +1,50 @@
+"""States, ids and time: the small vocabulary shared by the proxy's modules."""
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import datetime, timezone
+from enum import Enum
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT})
+ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
+
+
+class WorkerState(str, Enum):
+    ACTIVE = "active"        # heartbeating, gets jobs
+    DRAINING = "draining"    # heartbeating, finishes its jobs, gets no new ones
+    LOST = "lost"            # silent past the lease timeout; its jobs were requeued
+    GONE = "gone"            # deregistered or replaced by a newer registration
+    REVOKED = "revoked"      # credentials revoked by an admin
+
+
+LIVE_WORKER_STATES = (WorkerState.ACTIVE.value, WorkerState.DRAINING.value)
+
+
+def new_id(prefix: str = "") -> str:
+    """A time-ordered id: 12 hex digits of milliseconds, then 64 random bits.
+
+    Sorting by id sorts by creation time, so "newest first" and FIFO need no
+    extra column, and ids are not guessable.
+    """
+    return f"{prefix}{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,270 @@
+"""The OpenAPI 3 document of the user, admin and worker APIs: the contract
+between the proxy and its clients. tests/test_openapi.py checks that every
+route the app serves is described here and nothing else is.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+bp = Blueprint("openapi", __name__)
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+USER = [{"userToken": []}, {"session": []}]
+WORKER = [{"workerSecret": []}]
+ENROLL = [{"enrollmentToken": []}]
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+
+
+def _json(schema, description="OK"):
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes):
+    text = {400: "Invalid request", 401: "Missing or invalid credentials", 403: "Not allowed",
+            404: "Not found (or not yours)", 409: "Conflict with the current state",
+            413: "Upload too large", 415: "Wrong content type", 503: "Store unavailable"}
+    return {str(c): _json(ERROR, text[c]) for c in codes}
+
+
+def _op(summary, security, responses, *, params=(), body=None, tag="jobs"):
+    op = {"summary": summary, "tags": [tag], "security": security, "responses": responses}
+    if params:
+        op["parameters"] = list(params)
+    if body:
+        op["requestBody"] = body
+    return op
+
+
+def _json_body(schema, required=True):
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+SUBMIT_FORM = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "properties": {
+            "script": {"type": "string", "format": "binary", "description": "a .py file"},
+            "code": {"type": "string", "description": "pasted code, instead of script"},
+            "dataset": {"type": "string", "format": "binary", "description": "optional .zip"},
+            "name": {"type": "string", "maxLength": 100},
+            "image": {"type": "string"},
+            "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
+            "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
+        }}}},
+}
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error", "detail"],
+              "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
+    "Job": {"type": "object", "required": ["id", "state", "name", "image", "attempt"],
+            "properties": {
+                "id": {"type": "string"}, "owner": {"type": "string"}, "name": {"type": "string"},
+                "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed",
+                                                     "cancelled", "timed_out"]},
+                "image": {"type": "string"}, "resources": {"type": "object"},
+                "script": {"type": "object"}, "dataset": {"type": ["object", "null"]},
+                "attempt": {"type": "integer"}, "worker_id": {"type": ["string", "null"]},
+                "cancel_requested": {"type": "boolean"},
+                "submitted_at": {"type": "string"}, "started_at": {"type": ["string", "null"]},
+                "finished_at": {"type": ["string", "null"]},
+                "exit_code": {"type": ["integer", "null"]},
+                "failure_reason": {"type": ["string", "null"]},
+                "outputs": {"type": ["object", "null"]}, "usage": {"type": "object"},
+                "links": {"type": "object"}}},
+    "JobList": {"type": "object", "required": ["jobs", "next"],
+                "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+                               "next": {"type": ["string", "null"]},
+                               "user": {"type": "string"}}},
+    "Logs": {"type": "object", "required": ["stream", "offset", "next_offset", "data"],
+             "properties": {"stream": {"type": "string"}, "offset": {"type": "integer"},
+                            "next_offset": {"type": "integer"}, "data": {"type": "string"},
+                            "truncated": {"type": "boolean"}, "source": {"type": "string"},
+                            "job_id": {"type": "string"}, "attempt": {"type": "integer"},
+                            "state": {"type": "string"}}},
+    "Token": {"type": "object", "properties": {
+        "id": {"type": "string"}, "label": {"type": "string"}, "token": {"type": "string"},
+        "created_at": {"type": "string"}, "last_used_at": {"type": ["string", "null"]},
+        "revoked_at": {"type": ["string", "null"]}}},
+    "Capacity": {"type": "object", "required": ["name", "cpus", "memory_mb", "gpus", "slots", "images"],
+                 "properties": {"name": {"type": "string"}, "cpus": {"type": "number"},
+                                "memory_mb": {"type": "integer"}, "gpus": {"type": "integer"},
+                                "slots": {"type": "integer"},
+                                "images": {"type": "array", "items": {"type": "string"}}}},
+    "ClaimedJob": {"type": "object", "properties": {
+        "id": {"type": "string"}, "attempt": {"type": "integer"}, "image": {"type": "string"},
+        "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
+        "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
+        "script": {"type": "object"}, "dataset": {"type": ["object", "null"]}}},
+    "Result": {"type": "object", "required": ["attempt", "state"], "properties": {
+        "attempt": {"type": "integer"},
+        "state": {"type": "string", "enum": ["succeeded", "failed", "cancelled", "timed_out"]},
+        "exit_code": {"type": ["integer", "null"]}, "failure_reason": {"type": ["string", "null"]},
+        "stdout": {"type": "string"}, "stderr": {"type": "string"},
+        "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
+        "cpu_seconds": {"type": "number"}, "peak_memory_bytes": {"type": "integer"},
+        "wall_seconds": {"type": "number"}}},
+    "Worker": {"type": "object", "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
+        "slots": {"type": "integer"}, "running": {"type": ["integer", "null"]}}},
+}
+
+
+def build_document() -> dict:
+    paths = {
+        "/api/v1/me": {"get": _op("The caller's account", USER,
+                                  {"200": _json({"type": "object"}), **_errors(401)}, tag="account")},
+        "/api/v1/jobs": {
+            "get": _op("List my jobs, newest first", USER,
+                       {"200": _json({"$ref": "#/components/schemas/JobList"}), **_errors(400, 401)},
+                       params=[{"name": "before", "in": "query", "schema": {"type": "string"}},
+                               {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                               {"name": "state", "in": "query", "schema": {"type": "string"}}]),
+            "post": _op("Submit a job", USER,
+                        {"201": _json({"$ref": "#/components/schemas/Job"}, "Accepted, durable"),
+                         **_errors(400, 401, 413, 415)}, body=SUBMIT_FORM),
+        },
+        "/api/v1/jobs/{job_id}": {"get": _op(
+            "One job", USER, {"200": _json({"$ref": "#/components/schemas/Job"}), **_errors(401, 404)},
+            params=[JOB_ID])},
+        "/api/v1/jobs/{job_id}/logs": {"get": _op(
+            "A job's stdout or stderr from a byte offset", USER,
+            {"200": _json({"$ref": "#/components/schemas/Logs"}), **_errors(400, 401, 404)},
+            params=[JOB_ID, {"name": "stream", "in": "query",
+                             "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}])},
+        "/api/v1/jobs/{job_id}/outputs": {"get": _op(
+            "Download the output archive (zip attachment)", USER,
+            {"200": {"description": "zip", "content": {"application/zip": {}}}, **_errors(401, 404)},
+            params=[JOB_ID])},
+        "/api/v1/jobs/{job_id}/cancel": {"post": _op(
+            "Cancel a job", USER,
+            {"200": _json({"$ref": "#/components/schemas/Job"}), **_errors(401, 404, 409)},
+            params=[JOB_ID])},
+        "/api/v1/tokens": {
+            "get": _op("List my API tokens", USER, {"200": _json({"type": "object"}), **_errors(401)},
+                       tag="account"),
+            "post": _op("Create an API token (shown once)", USER,
+                        {"201": _json({"$ref": "#/components/schemas/Token"}), **_errors(400, 401)},
+                        body=_json_body({"type": "object", "properties": {"label": {"type": "string"}}},
+                                        required=False), tag="account"),
+        },
+        "/api/v1/tokens/{token_id}": {"delete": _op(
+            "Revoke an API token", USER, {"200": _json({"type": "object"}), **_errors(401, 404)},
+            params=[{"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            tag="account")},
+        "/api/v1/admin/users": {
+            "get": _op("List users (admin)", USER, {"200": _json({"type": "object"}), **_errors(401, 403)},
+                       tag="admin"),
+            "post": _op("Create a user with a one-time password (admin)", USER,
+                        {"201": _json({"type": "object"}), **_errors(400, 401, 403, 409)},
+                        body=_json_body({"type": "object", "required": ["name"], "properties": {
+                            "name": {"type": "string"}, "admin": {"type": "boolean"}}}), tag="admin"),
+        },
+        "/api/v1/admin/enrollment-tokens": {
+            "get": _op("List worker enrollment tokens (admin)", USER,
+                       {"200": _json({"type": "object"}), **_errors(401, 403)}, tag="admin"),
+            "post": _op("Create a worker enrollment token (admin)", USER,
+                        {"201": _json({"type": "object"}), **_errors(400, 401, 403)},
+                        body=_json_body({"type": "object", "properties": {
+                            "label": {"type": "string"}, "expires_in_s": {"type": "number"}}},
+                            required=False), tag="admin"),
+        },
+        "/api/v1/admin/enrollment-tokens/{enrollment_id}": {"delete": _op(
+            "Revoke an enrollment token (admin)", USER, {"200": _json({"type": "object"}),
+                                                         **_errors(401, 403, 404)},
+            params=[{"name": "enrollment_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}}], tag="admin")},
+        "/api/v1/admin/workers": {"get": _op(
+            "List workers (admin)", USER, {"200": _json({"type": "object"}), **_errors(401, 403)},
+            params=[{"name": "all", "in": "query", "schema": {"type": "string"}}], tag="admin")},
+        "/api/v1/admin/workers/{worker_id}/{action}": {"post": _op(
+            "Drain, resume or revoke a worker (admin)", USER,
+            {"200": _json({"$ref": "#/components/schemas/Worker"}), **_errors(400, 401, 403, 404)},
+            params=[{"name": "worker_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "action", "in": "path", "required": True,
+                     "schema": {"type": "string", "enum": ["drain", "resume", "revoke"]}}],
+            tag="admin")},
+        "/api/v1/workers/register": {"post": _op(
+            "Register a worker with an enrollment token; returns its secret", ENROLL,
+            {"201": _json({"type": "object", "required": ["worker_id", "secret"]}),
+             **_errors(400, 401)}, body=_json_body({"$ref": "#/components/schemas/Capacity"}),
+            tag="worker")},
+        "/api/v1/worker/heartbeat": {"post": _op(
+            "Heartbeat: extends leases; answers jobs to cancel and the drain flag", WORKER,
+            {"200": _json({"type": "object", "properties": {
+                "cancel": {"type": "array", "items": {"type": "string"}},
+                "unknown": {"type": "array", "items": {"type": "string"}},
+                "drain": {"type": "boolean"}}}), **_errors(400, 401, 404)},
+            body=_json_body({"type": "object", "properties": {
+                "running": {"type": "array", "items": {"type": "string"}}}}, required=False),
+            tag="worker")},
+        "/api/v1/worker/claim": {"post": _op(
+            "Claim jobs (round-robin across live workers; may long-poll)", WORKER,
+            {"200": _json({"type": "object", "properties": {
+                "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/ClaimedJob"}},
+                "drain": {"type": "boolean"}}}), **_errors(400, 401, 404)},
+            body=_json_body({"type": "object", "properties": {
+                "max_jobs": {"type": "integer", "minimum": 0, "maximum": 64},
+                "wait_s": {"type": "number", "minimum": 0}}}, required=False), tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/script": {"get": _op(
+            "Download the script of a job this worker holds", WORKER,
+            {"200": {"description": "the script", "content": {"text/x-python": {}}},
+             **_errors(401, 404)}, params=[JOB_ID], tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/dataset": {"get": _op(
+            "Download the dataset of a job this worker holds", WORKER,
+            {"200": {"description": "zip", "content": {"application/zip": {}}}, **_errors(401, 404)},
+            params=[JOB_ID], tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/logs": {"post": _op(
+            "Append a chunk of stdout/stderr (idempotent by offset)", WORKER,
+            {"200": _json({"type": "object"}), **_errors(400, 401, 404)}, params=[JOB_ID],
+            body=_json_body({"type": "object", "required": ["attempt", "stream", "offset", "data"],
+                             "properties": {"attempt": {"type": "integer"},
+                                            "stream": {"type": "string", "enum": ["stdout", "stderr"]},
+                                            "offset": {"type": "integer", "minimum": 0},
+                                            "data": {"type": "string"}}}), tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/result": {"post": _op(
+            "Post the final result (JSON, or multipart: result + outputs zip); idempotent", WORKER,
+            {"200": _json({"type": "object"}), **_errors(400, 401, 404, 409, 413)}, params=[JOB_ID],
+            body={"required": True, "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
+                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                    "result": {"type": "string"}, "outputs": {"type": "string", "format": "binary"}}}}}},
+            tag="worker")},
+        "/api/v1/worker/deregister": {"post": _op(
+            "Deregister: the worker's running jobs are requeued", WORKER,
+            {"200": _json({"type": "object"}), **_errors(401, 404)}, tag="worker")},
+        "/api/v1/openapi.json": {"get": {"summary": "This document", "tags": ["ops"], "security": [],
+                                         "responses": {"200": _json({"type": "object"})}}},
+        "/job-status/{user}": {"get": _op(
+            "A user's jobs (HTML, or JSON with Accept: application/json)", USER,
+            {"200": _json({"$ref": "#/components/schemas/JobList"}), **_errors(401, 404)},
+            params=[{"name": "user", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "before", "in": "query", "schema": {"type": "string"}}])},
+        "/healthz": {"get": {"summary": "Store reachable", "tags": ["ops"], "security": [],
+                             "responses": {"200": _json({"type": "object"}),
+                                           "503": _json({"type": "object"})}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["ops"], "security": [],
+                             "responses": {"200": {"description": "text",
+                                                   "content": {"text/plain": {}}}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jobcloud proxy API", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "userToken": {"type": "http", "scheme": "bearer", "description": "API token (jcu_...)"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "jobcloud_session"},
+                "workerSecret": {"type": "http", "scheme": "bearer", "description": "worker secret (jcw_...)"},
+                "enrollmentToken": {"type": "http", "scheme": "bearer",
+                                    "description": "enrollment token (jce_...)"},
+            },
+        },
+    }
+
+
+@bp.route("/api/v1/openapi.json", methods=["GET"])
+def document():
+    return jsonify(build_document())

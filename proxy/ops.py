@@ -1,0 +1,72 @@
+"""Operations endpoints: /healthz and /metrics (Prometheus text format).
+
+Metrics are computed from the database at scrape time, not counted in process
+memory, so every gunicorn process and proxy instance reports the same truth.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .db import get_conn
+from .errors import StoreUnavailable
+from .models import JobState, WorkerState
+
+bp = Blueprint("ops", __name__)
+
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+@bp.route("/healthz", methods=["GET"])
+def healthz():
+    try:
+        get_conn().query_one("SELECT 1 AS ok")
+    except StoreUnavailable as e:
+        return jsonify({"status": "unavailable", "detail": e.detail}), 503
+    return jsonify({"status": "ok"})
+
+
+@bp.route("/metrics", methods=["GET"])
+def metrics():
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(get_conn()))
+    return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")
+
+
+class StoreCollector:
+    def __init__(self, conn):
+        self.conn = conn
+
+    def collect(self):
+        conn = self.conn
+        by_state = {r["state"]: r["n"] for r in conn.query(
+            "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+        jobs = GaugeMetricFamily("jobcloud_jobs", "Jobs by state", labels=["state"])
+        for s in JobState:
+            jobs.add_metric([s.value], by_state.get(s.value, 0))
+        yield jobs
+        yield GaugeMetricFamily("jobcloud_queue_depth", "Jobs waiting for a worker",
+                                value=by_state.get(JobState.QUEUED.value, 0))
+        yield CounterMetricFamily("jobcloud_submissions", "Jobs ever accepted",
+                                  value=sum(by_state.values()))
+        workers = GaugeMetricFamily("jobcloud_workers", "Workers by state", labels=["state"])
+        w_state = {r["state"]: r["n"] for r in conn.query(
+            "SELECT state, COUNT(*) AS n FROM workers GROUP BY state")}
+        for s in WorkerState:
+            workers.add_metric([s.value], w_state.get(s.value, 0))
+        yield workers
+        yield self._durations()
+
+    def _durations(self):
+        cases = ", ".join(
+            f"SUM(CASE WHEN finished_at - started_at <= {b} THEN 1 ELSE 0 END) AS le_{i}"
+            for i, b in enumerate(DURATION_BUCKETS))
+        row = self.conn.query_one(
+            f"SELECT COUNT(*) AS n, COALESCE(SUM(finished_at - started_at), 0) AS total, {cases}"
+            " FROM jobs WHERE finished_at IS NOT NULL AND started_at IS NOT NULL")
+        buckets = [(str(b), row[f"le_{i}"] or 0) for i, b in enumerate(DURATION_BUCKETS)]
+        buckets.append(("+Inf", row["n"]))
+        return HistogramMetricFamily("jobcloud_job_duration_seconds",
+                                     "Run time of finished jobs (start to finish)",
+                                     buckets=buckets, sum_value=row["total"])

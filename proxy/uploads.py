@@ -1,0 +1,313 @@
+"""Streaming multipart intake and the checks every uploaded file must pass.
+
+The form is decoded with werkzeug's sans-IO `MultipartDecoder` so each part is
+routed as it arrives: file parts stream straight into a size-capped `Upload`
+on disk, text parts are capped in memory. Nothing is held whole in memory, a
+part past its limit stops the request at once (413), and on any error every
+temp file is removed before the error propagates.
+"""
+from __future__ import annotations
+
+import codecs
+import stat
+import zipfile
+from dataclasses import dataclass, field
+
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+from .blobs import BlobStore, Upload, human_size
+from .errors import TooLarge, ValidationError
+
+READ_CHUNK = 256 * 1024
+# Text fields other than pasted code are short (a name, a number).
+SMALL_FIELD_BYTES = 1024
+# After a 413 we read (and drop) at most this much more so the client sees the
+# answer instead of a reset connection; past it we close.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass
+class FormSpec:
+    """Which parts a form may contain: file fields with byte limits, text fields with limits."""
+
+    files: dict[str, tuple[int, str]]          # name -> (limit, description)
+    texts: dict[str, int]                      # name -> limit in bytes
+    max_parts: int = 64
+
+
+@dataclass
+class ParsedForm:
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Upload] = field(default_factory=dict)
+    filenames: dict[str, str] = field(default_factory=dict)
+
+    def discard(self) -> None:
+        for upload in self.files.values():
+            if not upload.committed:
+                upload.discard()
+
+
+def parse_form(stream, content_type: str | None, spec: FormSpec, blobs: BlobStore) -> ParsedForm:
+    """Decode a multipart/form-data body according to `spec`.
+
+    Args:
+        stream: the request body (file-like, `read(n)`).
+        content_type: the request's Content-Type header.
+        spec: allowed fields and their limits.
+        blobs: where file parts are written.
+
+    Returns:
+        The fields and the uploads (in tmp, not yet committed); the caller must
+        `commit` or `discard` them.
+
+    Raises:
+        ValidationError: not multipart, malformed, unknown/duplicate fields, too many parts.
+        TooLarge: a part is over its limit.
+    """
+    mimetype, options = parse_options_header(content_type or "")
+    boundary = options.get("boundary", "")
+    if mimetype != "multipart/form-data" or not boundary:
+        raise ValidationError(
+            "send the job as multipart/form-data (fields: script or code, dataset, image, "
+            "cpus, memory_mb, timeout_s, gpus, name)", code="unsupported_media_type",
+            status=415)
+    form = ParsedForm()
+    try:
+        _decode(stream, boundary.encode("latin-1"), spec, blobs, form)
+    except TooLarge:
+        form.discard()
+        _drain(stream)
+        raise
+    except BaseException:
+        form.discard()
+        raise
+    return form
+
+
+def _decode(stream, boundary: bytes, spec: FormSpec, blobs: BlobStore, form: ParsedForm) -> None:
+    decoder = MultipartDecoder(boundary)
+    parts = 0
+    seen: set[str] = set()
+    current = None            # the part being received
+    sink = None               # Upload, or list of bytes for a text field
+    text_size = 0
+    while True:
+        chunk = stream.read(READ_CHUNK)
+        try:
+            decoder.receive_data(chunk or None)
+            event = decoder.next_event()
+            while not isinstance(event, (Epilogue, NeedData)):
+                if isinstance(event, (Field, File)):
+                    parts += 1
+                    if parts > spec.max_parts:
+                        raise ValidationError(
+                            f"too many form parts (the limit is {spec.max_parts})",
+                            code="too_many_parts")
+                    current, sink, text_size = _start_part(event, spec, blobs, form, seen)
+                elif isinstance(event, Data):
+                    if isinstance(sink, Upload):
+                        sink.write(event.data)
+                    else:
+                        text_size += len(event.data)
+                        limit = spec.texts[current.name]
+                        if text_size > limit:
+                            raise TooLarge(
+                                f"field {current.name!r} is larger than the limit of {human_size(limit)}")
+                        sink.append(event.data)
+                    if not event.more_data:
+                        _finish_part(current, sink, form)
+                event = decoder.next_event()
+        except (ValueError, RequestEntityTooLarge) as e:
+            raise ValidationError(f"the multipart body is malformed: {e}", code="malformed_form") from None
+        if isinstance(event, Epilogue):
+            return
+        if not chunk:
+            raise ValidationError("the multipart body ended before its closing boundary",
+                                  code="malformed_form")
+
+
+def _start_part(event, spec: FormSpec, blobs: BlobStore, form: ParsedForm, seen: set):
+    name = event.name
+    if name in seen:
+        raise ValidationError(f"field {name!r} was given more than once", code="duplicate_field")
+    seen.add(name)
+    if isinstance(event, File) and name in spec.files:
+        limit, what = spec.files[name]
+        upload = blobs.new_upload(limit, what)
+        form.files[name] = upload
+        form.filenames[name] = event.filename or ""
+        return event, upload, 0
+    if isinstance(event, Field) and name in spec.texts:
+        return event, [], 0
+    if name in spec.files:
+        raise ValidationError(f"field {name!r} must be a file upload", code="invalid_field")
+    if name in spec.texts:
+        raise ValidationError(f"field {name!r} must be a text field, not a file", code="invalid_field")
+    known = ", ".join(sorted(set(spec.files) | set(spec.texts) - {"csrf_token"}))
+    raise ValidationError(f"unknown field {name!r} (known fields: {known})", code="unknown_field")
+
+
+def _finish_part(part, sink, form: ParsedForm) -> None:
+    if isinstance(sink, Upload):
+        sink.finish()
+        # A browser sends an empty, nameless part for "no file chosen".
+        if sink.size == 0 and not form.filenames.get(part.name):
+            sink.discard()
+            del form.files[part.name]
+            del form.filenames[part.name]
+        return
+    raw = b"".join(sink)
+    try:
+        form.fields[part.name] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError(f"field {part.name!r} is not valid UTF-8 text",
+                              code="invalid_encoding") from None
+
+
+def _drain(stream) -> None:
+    left = DRAIN_LIMIT
+    try:
+        while left > 0:
+            chunk = stream.read(min(READ_CHUNK, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+    except Exception:  # the client went away: nothing left to answer
+        return
+
+
+# --------------------------------------------------------------------- file checks
+
+def check_script(upload: Upload) -> None:
+    """A script must be non-empty UTF-8 text.
+
+    Raises:
+        ValidationError: empty, not UTF-8, or contains NUL bytes (binary).
+    """
+    if upload.size == 0:
+        raise ValidationError("the script is empty", code="empty_script")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(upload.path, "rb") as f:
+        try:
+            while chunk := f.read(READ_CHUNK):
+                if b"\x00" in chunk:
+                    raise ValidationError("the script is binary, not Python source text",
+                                          code="invalid_script")
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValidationError("the script is not valid UTF-8 text", code="invalid_script") from None
+    if upload.size and not _has_non_whitespace(upload):
+        raise ValidationError("the script is empty (only whitespace)", code="empty_script")
+
+
+def _has_non_whitespace(upload: Upload) -> bool:
+    with open(upload.path, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            if chunk.strip():
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    max_total_bytes: int
+    max_entries: int
+    max_ratio: int
+
+
+# Members smaller than this are never called bombs by ratio: a few KiB of
+# zeros compress 1000x and are harmless.
+RATIO_MIN_BYTES = 1024 * 1024
+
+
+def check_zip(path, limits: ZipLimits) -> tuple[int, int]:
+    """Check that a dataset is a readable, safe zip archive.
+
+    Reads every member once (CRC-checked) while counting the bytes it really
+    inflates to, so a header that lies about sizes cannot slip a bomb through.
+
+    Returns:
+        (number of entries, total uncompressed bytes).
+
+    Raises:
+        ValidationError: not a zip, truncated/corrupt, unsafe member name or
+            type, or over the entry, size or ratio limits.
+    """
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        raise ValidationError("the dataset is not a readable zip archive", code="invalid_zip") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > limits.max_entries:
+            raise ValidationError(
+                f"the dataset has {len(infos)} entries; the limit is {limits.max_entries}",
+                code="zip_too_many_entries")
+        declared = 0
+        for info in infos:
+            _check_member(info, limits)
+            declared += info.file_size
+        if declared > limits.max_total_bytes:
+            raise ValidationError(
+                f"the dataset expands to {human_size(declared)}; the limit is "
+                f"{human_size(limits.max_total_bytes)}", code="zip_too_large")
+        total = 0
+        for info in infos:
+            total += _read_member(zf, info, limits, limits.max_total_bytes - total)
+    return len(infos), total
+
+
+def _check_member(info: zipfile.ZipInfo, limits: ZipLimits) -> None:
+    name = info.filename
+    shown = name[:200]
+    if "\x00" in name:
+        raise ValidationError("a dataset member has a NUL byte in its name", code="zip_unsafe_path")
+    if name.startswith(("/", "\\")):
+        raise ValidationError(f"dataset member {shown!r} has an absolute path", code="zip_unsafe_path")
+    if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
+        raise ValidationError(f"dataset member {shown!r} has a drive letter", code="zip_unsafe_path")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise ValidationError(f"dataset member {shown!r} points outside the dataset (..)",
+                              code="zip_unsafe_path")
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise ValidationError(f"dataset member {shown!r} is a symbolic link", code="zip_symlink")
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ValidationError(f"dataset member {shown!r} is not a regular file or directory",
+                              code="zip_special_file")
+    if info.flag_bits & 0x1:
+        raise ValidationError(f"dataset member {shown!r} is encrypted", code="zip_encrypted")
+    if info.file_size >= RATIO_MIN_BYTES and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+        raise ValidationError(
+            f"dataset member {shown!r} compresses more than {limits.max_ratio}:1 (a zip bomb?)",
+            code="zip_ratio")
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ZipLimits, budget: int) -> int:
+    count = 0
+    ratio_cap = max(limits.max_ratio * max(info.compress_size, 1), RATIO_MIN_BYTES)
+    try:
+        with zf.open(info) as member:
+            while chunk := member.read(READ_CHUNK):
+                count += len(chunk)
+                if count > budget:
+                    raise ValidationError(
+                        f"the dataset expands past the limit of {human_size(limits.max_total_bytes)}",
+                        code="zip_too_large")
+                if count > ratio_cap:
+                    raise ValidationError(
+                        f"dataset member {info.filename[:200]!r} compresses more than "
+                        f"{limits.max_ratio}:1 (a zip bomb?)", code="zip_ratio")
+    except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, ValueError, RuntimeError) as e:
+        raise ValidationError(
+            f"the dataset is damaged or truncated (member {info.filename[:200]!r}: {e})",
+            code="invalid_zip") from None
+    except Exception as e:  # zlib.error and friends from a corrupt stream
+        if type(e).__module__ == "zlib":
+            raise ValidationError(
+                f"the dataset is damaged (member {info.filename[:200]!r})", code="invalid_zip") from None
+        raise
+    return count

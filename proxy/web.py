@@ -1,0 +1,96 @@
+"""The browser pages: upload form, a user's job list, one job, cancel, downloads."""
+from __future__ import annotations
+
+from flask import (Blueprint, current_app, flash, g, jsonify, redirect, render_template, request,
+                   url_for)
+
+from . import accounts, store
+from .auth import check_csrf, load_user, login_required
+from .db import get_conn
+from .downloads import send_outputs
+from .errors import NotFound, ProxyError, Unauthorized
+from .intake import submit_job
+from .models import ACTIVE_STATES, JobState
+
+bp = Blueprint("web", __name__)
+
+
+def state():
+    return current_app.extensions["jobcloud"]
+
+
+@bp.route("/", methods=["GET"])
+@login_required
+def index():
+    return render_template("index.html", cfg=state().config)
+
+
+@bp.route("/jobs", methods=["POST"])
+@login_required
+def submit():
+    st = state()
+    try:
+        job = submit_job(get_conn(), st.config, st.blobs, g.user, request.stream,
+                         request.headers.get("Content-Type"), csrf_check=check_csrf)
+    except ProxyError as e:
+        return render_template("index.html", cfg=st.config, error=e.detail), e.status
+    flash(f"Job {job['name']!r} accepted.")
+    return redirect(url_for("web.job_page", job_id=job["id"]))
+
+
+@bp.route("/job-status/<user>", methods=["GET"])
+def job_status(user):
+    """A user's jobs, newest first. HTML, or JSON for Accept: application/json."""
+    wants_json = request.accept_mimetypes.best_match(["text/html", "application/json"]) \
+        == "application/json"
+    viewer = load_user()
+    if viewer is None:
+        if wants_json:
+            raise Unauthorized("log in or send 'Authorization: Bearer <API token>'")
+        return redirect(url_for("auth.login", next=request.path))
+    conn = get_conn()
+    owner = accounts.get_user_by_name(conn, user) if len(user) <= 64 else None
+    if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):
+        raise NotFound(f"no job list for {user[:64]!r}", code="user_not_found")
+    before = request.args.get("before") or None
+    jobs, cursor = store.list_jobs(conn, owner["id"], before=before, limit=state().config.page_size)
+    if wants_json:
+        return jsonify({
+            "user": owner["name"], "jobs": [store.job_json(j) for j in jobs],
+            "next": url_for("web.job_status", user=owner["name"], before=cursor) if cursor else None,
+        })
+    active = any(j["state"] in {s.value for s in ACTIVE_STATES} for j in jobs)
+    return render_template("job_status.html", owner=owner, jobs=jobs, cursor=cursor,
+                           refresh=state().config.status_refresh_s if active else None)
+
+
+@bp.route("/jobs/<job_id>", methods=["GET"])
+@login_required
+def job_page(job_id):
+    conn = get_conn()
+    job = store.get_visible_job(conn, job_id, g.user)
+    logs = {s: store.read_logs(conn, job, s) for s in ("stdout", "stderr")}
+    active = job["state"] in {s.value for s in ACTIVE_STATES}
+    return render_template("job.html", job=job, logs=logs,
+                           refresh=state().config.status_refresh_s if active else None)
+
+
+@bp.route("/jobs/<job_id>/cancel", methods=["POST"])
+@login_required
+def cancel(job_id):
+    check_csrf(request.form.get("csrf_token"))
+    conn = get_conn()
+    job = store.get_visible_job(conn, job_id, g.user)
+    try:
+        store.cancel_job(conn, job)
+        flash("Cancelled." if job["state"] == JobState.QUEUED.value else
+              "Cancel requested: the worker stops the job.")
+    except ProxyError as e:
+        flash(e.detail)
+    return redirect(url_for("web.job_page", job_id=job_id))
+
+
+@bp.route("/jobs/<job_id>/outputs", methods=["GET"])
+@login_required
+def outputs(job_id):
+    return send_outputs(store.get_visible_job(get_conn(), job_id, g.user), state().blobs)

@@ -1,0 +1,201 @@
+"""The worker protocol (/api/v1/workers, /api/v1/worker): the only contract
+between proxy and worker. Workers only ever call the proxy.
+
+register (enrollment token) -> secret; then with the secret:
+heartbeat, claim (long-poll), download inputs of held jobs, append log chunks,
+post the result, deregister.
+"""
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from . import accounts, dispatch
+from .auth import bearer_token
+from .db import get_conn
+from .downloads import send_blob
+from .errors import NotFound, Unauthorized, ValidationError
+from .models import JobState, WorkerState
+from .uploads import FormSpec, parse_form
+
+bp = Blueprint("worker_api", __name__, url_prefix="/api/v1")
+
+# Between two looks at the queue while a claim long-polls.
+CLAIM_POLL_S = 0.2
+
+
+def state():
+    return current_app.extensions["jobcloud"]
+
+
+def _lease_args() -> dict:
+    cfg = state().config
+    return {"lease_timeout_s": cfg.lease_timeout_s, "max_attempts": cfg.max_attempts}
+
+
+def current_worker() -> dict:
+    secret = bearer_token()
+    worker = dispatch.worker_for_secret(get_conn(), secret)
+    if worker is None:
+        raise Unauthorized("the worker secret is not valid (unknown, retired or not a worker secret)",
+                           code="invalid_worker_secret")
+    g.worker = worker
+    return worker
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if body is None and request.content_length in (None, 0) and not request.data:
+        body = {}
+    if not isinstance(body, dict):
+        raise ValidationError("send a JSON object with Content-Type: application/json",
+                              code="invalid_json")
+    return body
+
+
+@bp.route("/workers/register", methods=["POST"])
+def register():
+    conn = get_conn()
+    enrollment = accounts.enrollment_for_token(conn, bearer_token(), time.time())
+    if enrollment is None:
+        raise Unauthorized("the enrollment token is not valid (unknown, expired or revoked)",
+                           code="invalid_enrollment_token")
+    body = _json_body()
+    cap = dispatch.parse_capacity(body)
+    worker, secret = dispatch.register_worker(conn, enrollment, body.get("name"), cap,
+                                              **_lease_args())
+    cfg = state().config
+    return jsonify({"worker_id": worker["id"], "secret": secret,
+                    "heartbeat_interval_s": cfg.heartbeat_interval_s,
+                    "lease_timeout_s": cfg.lease_timeout_s}), 201
+
+
+@bp.route("/worker/heartbeat", methods=["POST"])
+def heartbeat():
+    worker = current_worker()
+    body = _json_body()
+    running = body.get("running", [])
+    if not isinstance(running, list) or not all(isinstance(i, str) for i in running) or len(running) > 10_000:
+        raise ValidationError("running must be a list of job ids", code="invalid_running")
+    return jsonify(dispatch.heartbeat(get_conn(), worker, running, **_lease_args()))
+
+
+@bp.route("/worker/claim", methods=["POST"])
+def claim():
+    worker = current_worker()
+    body = _json_body()
+    max_jobs = body.get("max_jobs", 1)
+    wait_s = body.get("wait_s", 0)
+    if not isinstance(max_jobs, int) or isinstance(max_jobs, bool) or not 0 <= max_jobs <= 64:
+        raise ValidationError("max_jobs must be an integer between 0 and 64", code="invalid_max_jobs")
+    cfg = state().config
+    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or \
+            not 0 <= wait_s <= cfg.claim_wait_max_s:
+        raise ValidationError(f"wait_s must be between 0 and {cfg.claim_wait_max_s:g}",
+                              code="invalid_wait")
+    conn = get_conn()
+    deadline = time.monotonic() + wait_s
+    while True:
+        jobs = dispatch.claim(conn, worker, max_jobs, **_lease_args())
+        if jobs or max_jobs == 0 or time.monotonic() >= deadline:
+            break
+        _wait_for_work(conn, worker, deadline)
+    drain = dispatch.get_worker(conn, worker["id"])["state"] == WorkerState.DRAINING.value
+    return jsonify({"jobs": [_claimed_json(j) for j in jobs], "drain": drain})
+
+
+def _wait_for_work(conn, worker: dict, deadline: float) -> None:
+    # Cheap read-only look, so idle long-polls do not take the write lock.
+    while time.monotonic() < deadline:
+        time.sleep(min(CLAIM_POLL_S, max(0.0, deadline - time.monotonic())))
+        if conn.query_one(
+                "SELECT 1 AS x FROM jobs WHERE state = ? AND (worker_id IS NULL OR worker_id = ?)"
+                " LIMIT 1", (JobState.QUEUED.value, worker["id"])):
+            return
+
+
+def _claimed_json(job: dict) -> dict:
+    base = f"/api/v1/worker/jobs/{job['id']}"
+    return {
+        "id": job["id"], "attempt": job["attempt"], "name": job["name"], "image": job["image"],
+        "cpus": job["cpus"], "memory_mb": job["memory_mb"], "timeout_s": job["timeout_s"],
+        "gpus": job["gpus"],
+        "script": {"sha256": job["script_sha256"], "size": job["script_size"],
+                   "url": f"{base}/script"},
+        "dataset": ({"sha256": job["dataset_sha256"], "size": job["dataset_size"],
+                     "url": f"{base}/dataset"} if job["dataset_blob"] else None),
+    }
+
+
+@bp.route("/worker/jobs/<job_id>/script", methods=["GET"])
+def download_script(job_id):
+    job = dispatch.held_job(get_conn(), current_worker(), job_id)
+    return send_blob(state().blobs, job["script_blob"], "main.py", "text/x-python")
+
+
+@bp.route("/worker/jobs/<job_id>/dataset", methods=["GET"])
+def download_dataset(job_id):
+    job = dispatch.held_job(get_conn(), current_worker(), job_id)
+    if not job["dataset_blob"]:
+        raise NotFound("this job has no dataset", code="no_dataset")
+    return send_blob(state().blobs, job["dataset_blob"], "dataset.zip", "application/zip")
+
+
+@bp.route("/worker/jobs/<job_id>/logs", methods=["POST"])
+def append_log(job_id):
+    worker = current_worker()
+    body = _json_body()
+    attempt = body.get("attempt")
+    if not isinstance(attempt, int) or isinstance(attempt, bool):
+        raise ValidationError("attempt must be an integer", code="invalid_attempt")
+    return jsonify(dispatch.append_log(
+        get_conn(), worker, job_id, attempt, body.get("stream"), body.get("offset"),
+        body.get("data"), log_max_bytes=state().config.log_max_bytes))
+
+
+@bp.route("/worker/jobs/<job_id>/result", methods=["POST"])
+def post_result(job_id):
+    """The final result: JSON, or multipart with a `result` JSON field and an `outputs` zip."""
+    worker = current_worker()
+    st = state()
+    cfg = st.config
+    mimetype = request.mimetype
+    if mimetype == "application/json":
+        result, upload, form = _json_body(), None, None
+    else:
+        form = parse_form(request.stream, request.headers.get("Content-Type"), FormSpec(
+            files={"outputs": (cfg.max_output_bytes, "the output archive")},
+            texts={"result": 8 * cfg.log_tail_bytes + 65536}, max_parts=4), st.blobs)
+        upload = form.files.get("outputs")
+        try:
+            result = json.loads(form.fields.get("result", ""))
+        except ValueError:
+            form.discard()
+            raise ValidationError("the result field must be a JSON object", code="invalid_json") from None
+    try:
+        parsed = dispatch.parse_result(result, cfg.log_tail_bytes)
+        conn = get_conn()
+        # Refuse a stale lease before keeping any of its files.
+        dispatch.check_lease(conn, worker, job_id, parsed.attempt)
+        output = None
+        if upload is not None:
+            if not zipfile.is_zipfile(upload.path):
+                raise ValidationError("outputs must be a zip archive", code="invalid_outputs")
+            blob = st.blobs.commit(upload)
+            output = (blob, blob, upload.size)
+        job, applied = dispatch.record_result(conn, worker, job_id, parsed, output)
+    finally:
+        if form is not None:
+            form.discard()
+    return jsonify({"job_id": job["id"], "state": job["state"], "applied": applied})
+
+
+@bp.route("/worker/deregister", methods=["POST"])
+def deregister():
+    worker = current_worker()
+    dispatch.set_worker_state(get_conn(), worker["id"], WorkerState.GONE,
+                              max_attempts=state().config.max_attempts)
+    return jsonify({"worker_id": worker["id"], "state": WorkerState.GONE.value})

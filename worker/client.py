@@ -1,0 +1,110 @@
+"""HTTP client for the worker protocol (see the proxy's /api/v1/openapi.json).
+
+The worker only ever opens connections to the proxy. Transport errors and
+error answers are translated here into `ProtocolError` subclasses.
+"""
+from __future__ import annotations
+
+import json
+
+import requests
+
+
+class ProtocolError(Exception):
+    """Raised when the proxy refuses a request or cannot be reached."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ProxyUnreachable(ProtocolError):
+    """Raised when the proxy cannot be reached (connection refused, timeout, 5xx)."""
+
+
+class LeaseLost(ProtocolError):
+    """Raised when the proxy says this worker no longer holds a job (404/409 on a job call)."""
+
+
+class WorkerClient:
+    """One worker's session with the proxy.
+
+    Args:
+        base_url: the proxy, e.g. http://127.0.0.1:3000
+        secret: the worker secret from `register`, if already registered.
+    """
+
+    def __init__(self, base_url: str, secret: str | None = None, timeout: float = 30.0,
+                 session: requests.Session | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.secret = secret
+        self.worker_id: str | None = None
+        self.timeout = timeout
+        self.http = session or requests.Session()
+
+    # ---------------------------------------------------------------- protocol
+
+    def register(self, enrollment_token: str, name: str, *, cpus: float, memory_mb: int,
+                 gpus: int, slots: int, images: list[str]) -> dict:
+        answer = self._call("POST", "/api/v1/workers/register", token=enrollment_token, json={
+            "name": name, "cpus": cpus, "memory_mb": memory_mb, "gpus": gpus, "slots": slots,
+            "images": images})
+        self.secret, self.worker_id = answer["secret"], answer["worker_id"]
+        return answer
+
+    def heartbeat(self, running: list[str]) -> dict:
+        return self._call("POST", "/api/v1/worker/heartbeat", json={"running": running})
+
+    def claim(self, max_jobs: int = 1, wait_s: float = 0) -> list[dict]:
+        return self._call("POST", "/api/v1/worker/claim",
+                          json={"max_jobs": max_jobs, "wait_s": wait_s},
+                          timeout=self.timeout + wait_s)["jobs"]
+
+    def download(self, url: str, dest) -> None:
+        """Stream one of a held job's inputs (script or dataset url from the claim) to `dest`."""
+        response = self._send("GET", url, stream=True)
+        with open(dest, "wb") as f:
+            for chunk in response.iter_content(1024 * 1024):
+                f.write(chunk)
+
+    def append_log(self, job_id: str, attempt: int, stream: str, offset: int, data: str) -> dict:
+        return self._call("POST", f"/api/v1/worker/jobs/{job_id}/logs", json={
+            "attempt": attempt, "stream": stream, "offset": offset, "data": data})
+
+    def post_result(self, job_id: str, result: dict, outputs_path=None) -> dict:
+        path = f"/api/v1/worker/jobs/{job_id}/result"
+        if outputs_path is None:
+            return self._call("POST", path, json=result)
+        with open(outputs_path, "rb") as f:
+            return self._call("POST", path, files={
+                "result": (None, json.dumps(result), "application/json"),
+                "outputs": ("outputs.zip", f, "application/zip")})
+
+    def deregister(self) -> dict:
+        return self._call("POST", "/api/v1/worker/deregister")
+
+    # --------------------------------------------------------------- transport
+
+    def _call(self, method: str, path: str, **kwargs) -> dict:
+        return self._send(method, path, **kwargs).json()
+
+    def _send(self, method: str, path: str, token: str | None = None, timeout=None, **kwargs):
+        headers = {"Authorization": f"Bearer {token or self.secret}"}
+        try:
+            response = self.http.request(method, self.base_url + path, headers=headers,
+                                         timeout=timeout or self.timeout, **kwargs)
+        except requests.RequestException as e:
+            raise ProxyUnreachable(f"cannot reach the proxy at {self.base_url}: {e}") from e
+        if response.status_code >= 500:
+            raise ProxyUnreachable(f"the proxy answered {response.status_code}",
+                                   status=response.status_code)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"error": "http_error", "detail": response.text[:200]}
+            cls = LeaseLost if response.status_code in (404, 409) and "/jobs/" in path else ProtocolError
+            raise cls(f"{body.get('error')}: {body.get('detail')}", status=response.status_code,
+                      code=body.get("error"))
+        return response

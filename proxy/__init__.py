@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from .blobs import BlobStore, human_size
@@ -96,7 +96,12 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         code = (e.name or "error").lower().replace(" ", "_")
-        return _error_response(e.code or 500, code, e.description or e.name)
+        response = _error_response(e.code or 500, code, e.description or e.name)
+        # Keep what the exception says about the answer, e.g. Allow on a 405.
+        for name, value in e.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception):
@@ -106,8 +111,12 @@ def _register_error_handlers(app: Flask) -> None:
 
 def _error_response(status: int, code: str, detail: str):
     if _wants_json():
-        return jsonify({"error": code, "detail": detail}), status
-    return render_template("error.html", status=status, code=code, detail=detail), status
+        body = jsonify({"error": code, "detail": detail})
+    else:
+        body = render_template("error.html", status=status, code=code, detail=detail)
+    response = make_response(body)
+    response.status_code = status
+    return response
 
 
 def _security_headers(response):

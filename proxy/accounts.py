@@ -109,6 +109,11 @@ def set_password(conn, user_id: str, password: str, *, must_change: bool = False
         (generate_password_hash(password), int(must_change), user_id))
 
 
+def end_sessions(conn, user_id: str) -> None:
+    """Invalidate every session cookie of a user (they carry the old epoch)."""
+    conn.execute("UPDATE users SET session_epoch = session_epoch + 1 WHERE id = ?", (user_id,))
+
+
 def ensure_first_admin(conn) -> str | None:
     """Create the first admin account if there are no users.
 

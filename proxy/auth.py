@@ -63,9 +63,14 @@ def api_user() -> dict:
         raise Unauthorized("log in or send 'Authorization: Bearer <API token>'", code="unauthorized")
     if g.auth == "session" and request.method not in ("GET", "HEAD", "OPTIONS"):
         check_csrf(request.headers.get("X-CSRF-Token"))
-    if user["must_change_password"] and g.auth == "session":
+    if password_change_pending(user):
         raise Forbidden("change your one-time password first", code="password_change_required")
     return user
+
+
+def password_change_pending(user: dict) -> bool:
+    """True for a browser session still on a one-time password: it may only change it."""
+    return bool(user["must_change_password"]) and g.auth == "session"
 
 
 def api_admin() -> dict:
@@ -82,7 +87,7 @@ def login_required(view):
         user = load_user()
         if user is None:
             return redirect(url_for("auth.login", next=request.path))
-        if user["must_change_password"] and g.auth == "session" and request.endpoint != "auth.password":
+        if password_change_pending(user) and request.endpoint != "auth.password":
             flash("Choose your own password before going on.")
             return redirect(url_for("auth.password"))
         return view(**kwargs)
@@ -119,17 +124,32 @@ def login():
             session.clear()
             session["uid"], session["epoch"] = user["id"], user["session_epoch"]
             session["csrf"] = secrets.token_urlsafe(32)
-            target = request.args.get("next", "")
-            # Only local paths: no open redirect through ?next=.
-            if not target.startswith("/") or target.startswith("//") or "\\" in target:
-                target = url_for("web.index")
-            return redirect(target)
+            return redirect(_local_path(request.args.get("next", "")) or url_for("web.index"))
     return render_template("login.html", error=error), (401 if error else 200)
+
+
+def _local_path(target: str) -> str | None:
+    """`target` when it is a path on this site, else None: no open redirect through ?next=.
+
+    Browsers drop tabs and newlines inside URLs and read '\\' as '/', so
+    '/<TAB>/evil.example' leaves the site like '//evil.example' does; any
+    control character, space or backslash is refused.
+    """
+    if not target.startswith("/") or target.startswith("//"):
+        return None
+    if any(c == "\\" or ord(c) <= 0x20 or ord(c) == 0x7F for c in target):
+        return None
+    return target
 
 
 @bp.route("/logout", methods=["POST"])
 def logout():
     check_csrf(request.form.get("csrf_token"))
+    user = load_user()
+    if user is not None and g.auth == "session":
+        # The session is a signed cookie: clearing it here does not stop a copy
+        # of it from working. A new epoch does (for all of this user's sessions).
+        accounts.end_sessions(get_conn(), user["id"])
     session.clear()
     return redirect(url_for("auth.login"))
 

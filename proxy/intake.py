@@ -54,18 +54,19 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
             check_zip(dataset.path, ZipLimits(cfg.zip_max_total_bytes, cfg.zip_max_entries,
                                               cfg.zip_max_ratio))
         fields = _resources(form.fields, cfg)
-        name = _display_name(form.fields.get("name", ""), "name") or \
+        # A job name is free text, not a path: "CNN w/ dropout" keeps its slash.
+        name = _display_text(form.fields.get("name", ""), "name") or \
             os.path.splitext(script_name)[0] or "job"
+        # Every check runs before the first commit: a refusal must not leave blobs behind.
+        dataset_name = (_display_name(form.filenames.get("dataset", ""), "dataset file name")
+                        or "dataset.zip") if dataset is not None else None
         script_blob = blobs.commit(script)
         dataset_blob = blobs.commit(dataset) if dataset is not None else None
         with conn.transaction():
             return create_job(conn, NewJob(
                 owner_id=user["id"], name=name, script_name=script_name, script_blob=script_blob,
-                script_size=script.size,
-                dataset_name=(_display_name(form.filenames.get("dataset", ""), "dataset file name")
-                              or "dataset.zip") if dataset else None,
-                dataset_blob=dataset_blob, dataset_size=dataset.size if dataset else None,
-                **fields))
+                script_size=script.size, dataset_name=dataset_name, dataset_blob=dataset_blob,
+                dataset_size=dataset.size if dataset else None, **fields))
     finally:
         form.discard()
 
@@ -92,8 +93,13 @@ def _script(form, cfg: Config, blobs: BlobStore) -> tuple[Upload, str]:
 
 
 def _display_name(value: str, what: str) -> str:
-    """User-given text kept only for display: the last path component, printable, bounded."""
-    value = (value or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    """A user's file name kept only for display: its last path component, as display text."""
+    return _display_text((value or "").replace("\\", "/").rsplit("/", 1)[-1], what)
+
+
+def _display_text(value: str, what: str) -> str:
+    """User-given text kept only for display: printable, bounded."""
+    value = (value or "").strip()
     if len(value) > NAME_MAX:
         raise ValidationError(f"the {what} is longer than {NAME_MAX} characters", code="invalid_name")
     if any(unicodedata.category(c).startswith("C") for c in value):

@@ -36,12 +36,12 @@ LIVE_WORKER_STATES = (WorkerState.ACTIVE.value, WorkerState.DRAINING.value)
 
 
 def new_id(prefix: str = "") -> str:
-    """A time-ordered id: 12 hex digits of milliseconds, then 64 random bits.
+    """A time-ordered id: 14 hex digits of microseconds, then 64 random bits.
 
     Sorting by id sorts by creation time, so "newest first" and FIFO need no
     extra column, and ids are not guessable.
     """
-    return f"{prefix}{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+    return f"{prefix}{time.time_ns() // 1000:014x}{secrets.token_hex(8)}"
 
 
 def iso(ts: float | None) -> str | None:

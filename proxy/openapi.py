@@ -110,6 +110,66 @@ SCHEMAS = {
 }
 
 
+# The browser pages are part of the served surface too: documented so the
+# document lists every route, with the session cookie and a form CSRF token.
+SESSION = [{"session": []}]
+HTML = {"description": "HTML page", "content": {"text/html": {}}}
+REDIRECT = {"description": "Redirect (to the login page when not logged in)"}
+CSRF_FORM = {"403": {"description": "The form's csrf_token is missing or wrong",
+                     "content": {"text/html": {}}}}
+
+
+def _page(summary, *, form=None, params=(), ok="200"):
+    responses = {ok: REDIRECT if ok == "302" else HTML, "302": REDIRECT}
+    if form is not None:
+        responses.update(CSRF_FORM)
+    op = _op(summary, SESSION, responses, params=params, tag="pages")
+    if form is not None:
+        props = {"csrf_token": {"type": "string"}, **form}
+        op["requestBody"] = {"required": True, "content": {
+            "application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "required": ["csrf_token"], "properties": props}}}}
+    return op
+
+
+def _pages() -> dict:
+    return {
+        "/": {"get": _page("The job upload form")},
+        "/login": {
+            "get": {**_page("The login form"), "security": []},
+            "post": {**_page("Log in; redirects to ?next= (a local path only)", ok="302",
+                             form={"username": {"type": "string"},
+                                   "password": {"type": "string"}}), "security": []},
+        },
+        "/logout": {"post": _page("Log out", ok="302", form={})},
+        "/account/password": {
+            "get": _page("The password form (forced after a one-time password)"),
+            "post": _page("Change the password", ok="302", form={
+                "current_password": {"type": "string"}, "new_password": {"type": "string"},
+                "confirm_password": {"type": "string"}}),
+        },
+        "/account/tokens": {
+            "get": _page("My API tokens"),
+            "post": _page("Create (label) or revoke (revoke=<token id>) an API token",
+                          form={"label": {"type": "string"}, "revoke": {"type": "string"}}),
+        },
+        "/jobs": {"post": {**_page("Submit a job from the upload form", ok="302", form={}),
+                           "requestBody": {"required": True, "content": {
+                               "multipart/form-data": {"schema": {
+                                   "type": "object", "required": ["csrf_token"], "properties": {
+                                       "csrf_token": {"type": "string"},
+                                       **SUBMIT_FORM["content"]["multipart/form-data"]
+                                       ["schema"]["properties"]}}}}}}},
+        "/jobs/{job_id}": {"get": _page("One job: state, facts, logs", params=[JOB_ID])},
+        "/jobs/{job_id}/cancel": {"post": _page("Cancel a job", ok="302", form={},
+                                                params=[JOB_ID])},
+        "/jobs/{job_id}/outputs": {"get": {**_page("Download the output archive", params=[JOB_ID]),
+                                           "responses": {"200": {"description": "zip attachment",
+                                                                 "content": {"application/zip": {}}},
+                                                         "302": REDIRECT}}},
+    }
+
+
 def build_document() -> dict:
     paths = {
         "/api/v1/me": {"get": _op("The caller's account", USER,
@@ -247,6 +307,7 @@ def build_document() -> dict:
         "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["ops"], "security": [],
                              "responses": {"200": {"description": "text",
                                                    "content": {"text/plain": {}}}}}},
+        **_pages(),
     }
     return {
         "openapi": "3.1.0",

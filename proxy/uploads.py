@@ -23,6 +23,10 @@ from .errors import TooLarge, ValidationError
 READ_CHUNK = 256 * 1024
 # Text fields other than pasted code are short (a name, a number).
 SMALL_FIELD_BYTES = 1024
+# The decoder buffers what is outside part data (preamble, part headers,
+# epilogue) until it is complete; browsers send a few hundred bytes of it.
+# Without a cap, an endless header would be held whole in memory.
+MAX_FRAMING_BYTES = 64 * 1024
 # After a 413 we read (and drop) at most this much more so the client sees the
 # answer instead of a reset connection; past it we close.
 DRAIN_LIMIT = 64 * 1024 * 1024
@@ -87,7 +91,9 @@ def parse_form(stream, content_type: str | None, spec: FormSpec, blobs: BlobStor
 
 
 def _decode(stream, boundary: bytes, spec: FormSpec, blobs: BlobStore, form: ParsedForm) -> None:
-    decoder = MultipartDecoder(boundary)
+    # Part data is handed on as it arrives, so the buffer holds at most one
+    # chunk plus what is still being framed.
+    decoder = MultipartDecoder(boundary, max_form_memory_size=READ_CHUNK + MAX_FRAMING_BYTES)
     parts = 0
     seen: set[str] = set()
     current = None            # the part being received
@@ -119,7 +125,11 @@ def _decode(stream, boundary: bytes, spec: FormSpec, blobs: BlobStore, form: Par
                     if not event.more_data:
                         _finish_part(current, sink, form)
                 event = decoder.next_event()
-        except (ValueError, RequestEntityTooLarge) as e:
+        except RequestEntityTooLarge:
+            raise ValidationError(
+                "the multipart body is malformed: its preamble, a part's headers or its epilogue "
+                f"is longer than {human_size(MAX_FRAMING_BYTES)}", code="malformed_form") from None
+        except ValueError as e:
             raise ValidationError(f"the multipart body is malformed: {e}", code="malformed_form") from None
         if isinstance(event, Epilogue):
             return

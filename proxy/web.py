@@ -5,10 +5,10 @@ from flask import (Blueprint, current_app, flash, g, jsonify, redirect, render_t
                    url_for)
 
 from . import accounts, store
-from .auth import check_csrf, load_user, login_required
+from .auth import check_csrf, load_user, login_required, password_change_pending
 from .db import get_conn
 from .downloads import send_outputs
-from .errors import NotFound, ProxyError, Unauthorized
+from .errors import Forbidden, NotFound, ProxyError, Unauthorized
 from .intake import submit_job
 from .models import ACTIVE_STATES, JobState
 
@@ -48,6 +48,10 @@ def job_status(user):
         if wants_json:
             raise Unauthorized("log in or send 'Authorization: Bearer <API token>'")
         return redirect(url_for("auth.login", next=request.path))
+    if password_change_pending(viewer):
+        if wants_json:
+            raise Forbidden("change your one-time password first", code="password_change_required")
+        return redirect(url_for("auth.password"))
     conn = get_conn()
     owner = accounts.get_user_by_name(conn, user) if len(user) <= 64 else None
     if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):

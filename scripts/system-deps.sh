@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs the system packages the test suite needs (PostgreSQL server), on a
-# fresh Debian/Ubuntu machine. Idempotent: does nothing when all is present.
+# Installs the system packages the test suite needs (PostgreSQL server; Chromium,
+# which tests/test_browser.py drives through Playwright), on a fresh
+# Debian/Ubuntu machine. Idempotent: does nothing when all is present.
 set -euo pipefail
 
 need=()
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 [[ -n "$pg_bin" && -x "$pg_bin/initdb" && -x "$pg_bin/pg_ctl" ]] || need+=(postgresql)
+# Debian's own build: Playwright's browser download is not used.
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
 
 if ((${#need[@]} == 0)); then
     exit 0

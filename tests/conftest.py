@@ -175,7 +175,8 @@ def login(client, name: str, password: str):
     response = client.post("/login", data={"username": name, "password": password,
                                            "csrf_token": token})
     assert response.status_code == 302, response.get_data(as_text=True)
-    return token
+    # Logging in issues a new CSRF token: hand back the one the session now holds.
+    return csrf_from(client, "/account/password")
 
 
 def csrf_from(client, path: str = "/") -> str:
@@ -210,8 +211,8 @@ def start_gunicorn(env: dict, port: int, workers: int = 4) -> subprocess.Popen:
         if proc.poll() is not None:
             raise AssertionError(f"gunicorn exited: {proc.stderr.read().decode()[-2000:]}")
         try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
             return False
 
     wait_until(up, timeout=30, what="gunicorn to answer /healthz")

@@ -41,8 +41,8 @@ def _stop(proc):
 
 def _up(url):
     try:
-        return requests.get(url + "/healthz", timeout=1).status_code == 200
-    except requests.ConnectionError:
+        return requests.get(url + "/healthz", timeout=2).status_code == 200
+    except requests.RequestException:
         return False
 
 

@@ -1,0 +1,88 @@
+"""A real Chromium, driven by Playwright, against the live gunicorn server:
+first login with a one-time password, the forced password change, a pasted
+job through the upload form, its page, and the user's job list.
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def console_errors() -> list[str]:
+    """What the page logged as errors: a CSP violation or a missing resource shows up here."""
+    return []
+
+
+@pytest.fixture
+def page(console_errors):
+    """A fresh page in a real Chromium; its console errors go to `console_errors`."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    require(sync_playwright is not None,
+            "the playwright package is not installed (pip install playwright)")
+    require(CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium "
+                               "(scripts/system-deps.sh does)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page()
+            tab.set_default_timeout(15_000)
+            tab.on("console", lambda m: console_errors.append(f"{m.text} ({m.location['url']})")
+                   if m.type == "error" else None)
+            tab.on("pageerror", lambda e: console_errors.append(str(e)))
+            yield tab
+        finally:
+            browser.close()
+
+
+@pytest.mark.live
+def test_first_login_password_change_upload_and_job_list(page, console_errors, live_server):
+    from playwright.sync_api import expect
+
+    created = live_server.admin("user", "add", "alice")
+    one_time = re.search(r"one-time password: (\S+)", created).group(1)
+
+    page.goto(live_server.url + "/")
+    expect(page).to_have_url(re.compile(r"/login\?next=/$"))
+    page.get_by_label("User name").fill("alice")
+    page.get_by_label("Password").fill(one_time)
+    page.get_by_role("button", name="Log in").click()
+
+    # Forced to choose a password before anything else.
+    expect(page).to_have_url(live_server.url + "/account/password")
+    expect(page.locator("main")).to_contain_text("one-time password")
+    page.get_by_role("link", name="New job").click()
+    expect(page).to_have_url(live_server.url + "/account/password")
+    page.get_by_label("Current password").fill(one_time)
+    page.get_by_label("New password (at least 10 characters)").fill("alice-own-pass-1")
+    page.get_by_label("New password again").fill("alice-own-pass-1")
+    page.get_by_role("button", name="Change password").click()
+
+    # The upload form: paste code and submit.
+    expect(page).to_have_url(live_server.url + "/")
+    expect(page.locator(".flash")).to_contain_text("Password changed")
+    page.get_by_label("Job name").fill("browser-job")
+    page.get_by_label("… or paste code").fill("print('hello from the browser')\n")
+    page.get_by_role("button", name="Submit job").click()
+
+    expect(page).to_have_url(re.compile(r"/jobs/j[0-9a-f]+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#state")).to_have_text("queued")
+    expect(page.locator("h1")).to_contain_text("browser-job")
+
+    page.get_by_role("link", name="My jobs").click()
+    expect(page).to_have_url(live_server.url + "/job-status/alice")
+    row = page.locator("#jobs tr", has_text=job_id)
+    expect(row).to_have_count(1)
+    expect(row.locator(".badge")).to_have_text("queued")
+    expect(row.get_by_role("link", name="browser-job")).to_have_attribute("href", f"/jobs/{job_id}")
+    assert console_errors == []

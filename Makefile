@@ -7,12 +7,17 @@ PIP := $(VENV)/bin/pip
 DATA_DIR ?= $(CURDIR)/var
 HOST ?= 127.0.0.1
 PORT ?= 3000
+# Images `make run` builds; `make images` builds these too. The ML image takes
+# several minutes the first time (Debian's numpy/scipy/pandas/sklearn/torch/opencv).
+IMAGES ?= python ml
 
-.PHONY: run test bench venv system-deps clean help
+.PHONY: run test bench venv system-deps docker images clean help
 
 help:
-	@echo "make run    - install what is needed and start jobcloud on http://$(HOST):$(PORT)"
+	@echo "make run    - install what is needed, build the job images, start the proxy and"
+	@echo "              a local worker on http://$(HOST):$(PORT)"
 	@echo "make test   - install test needs, start the real services, run pytest"
+	@echo "make images - build the job images (jobcloud/python, jobcloud/ml) offline"
 	@echo "make bench  - run the benchmarks and rewrite docs/PERFORMANCE.md"
 
 # The venv is rebuilt only when setup.cfg changes.
@@ -27,13 +32,22 @@ venv: $(VENV)/.installed
 system-deps:
 	scripts/system-deps.sh
 
-run: venv
-	JOBCLOUD_DATA_DIR=$(DATA_DIR) $(VENV)/bin/jobcloud-proxy serve --bind $(HOST):$(PORT)
+docker:
+	scripts/docker-up.sh
 
-test: venv system-deps
+images: system-deps docker
+	scripts/build-images.sh $(IMAGES)
+
+run: venv images
+	DATA_DIR=$(DATA_DIR) HOST=$(HOST) PORT=$(PORT) PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
+		scripts/run-local.sh
+
+# The tests need only the small python image; the ML image is built by `make images`.
+test: venv system-deps docker
+	scripts/build-images.sh python
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/run-tests.sh $(PYTEST_ARGS)
 
-bench: venv
+bench: venv docker
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench $(BENCH_ARGS)
 
 clean:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite needs (PostgreSQL server; Chromium,
-# which tests/test_browser.py drives through Playwright), on a fresh
+# which tests/test_browser.py drives through Playwright; debootstrap for the job
+# images), on a fresh
 # Debian/Ubuntu machine. Idempotent: does nothing when all is present.
 set -euo pipefail
 
@@ -9,6 +10,8 @@ pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true
 [[ -n "$pg_bin" && -x "$pg_bin/initdb" && -x "$pg_bin/pg_ctl" ]] || need+=(postgresql)
 # Debian's own build: Playwright's browser download is not used.
 [[ -x /usr/bin/chromium ]] || need+=(chromium)
+# The job images are debootstrapped Debian root filesystems (no registry here).
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 
 if ((${#need[@]} == 0)); then
     exit 0

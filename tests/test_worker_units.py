@@ -1,0 +1,144 @@
+"""The worker's pure parts, no Docker needed: safe extraction, the dataset
+cache, output collection, bounded logs, configuration."""
+from __future__ import annotations
+
+import io
+import os
+import stat
+import zipfile
+
+import pytest
+
+from worker.config import load_config
+from worker.errors import ConfigError, InputError, UnsafeArchive
+from worker.inputs import DatasetCache, extract_dataset, sha256_of
+from worker.logs import LogStream
+from worker.outputs import collect_outputs
+
+LIMITS = dict(max_bytes=1 << 20, max_members=100, max_ratio=200.0)
+
+
+def make_zip(path, members):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data, mode in members:
+            info = zipfile.ZipInfo(name)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../escape.txt", "a/../../escape.txt",
+                                  "a\\..\\b.txt", "C:/windows.txt"])
+def test_unsafe_member_paths_are_refused(tmp_path, name):
+    archive = make_zip(tmp_path / "d.zip", [(name, b"x", None)])
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchive):
+        extract_dataset(archive, dest, **LIMITS)
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_symlink_members_are_refused(tmp_path):
+    archive = make_zip(tmp_path / "d.zip", [("link", b"/etc/passwd", stat.S_IFLNK | 0o777)])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UnsafeArchive, match="symlink"):
+        extract_dataset(archive, tmp_path / "out", **LIMITS)
+
+
+def test_size_and_ratio_limits_hold_whatever_the_headers_say(tmp_path):
+    bomb = make_zip(tmp_path / "bomb.zip", [("zeros", b"\0" * (8 << 20), stat.S_IFREG | 0o644)])
+    (tmp_path / "a").mkdir()
+    with pytest.raises(UnsafeArchive, match="ratio"):
+        extract_dataset(bomb, tmp_path / "a", **LIMITS)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(UnsafeArchive, match="more than"):
+        extract_dataset(bomb, tmp_path / "b", max_bytes=1 << 20, max_members=10, max_ratio=1e9)
+
+
+def test_a_good_dataset_is_extracted(tmp_path):
+    archive = make_zip(tmp_path / "d.zip", [("dir/", b"", stat.S_IFDIR | 0o755),
+                                            ("dir/a.csv", b"1,2\n", None), ("b.txt", b"b", None)])
+    dest = tmp_path / "out"
+    dest.mkdir()
+    assert extract_dataset(archive, dest, **LIMITS) == 5
+    assert (dest / "dir" / "a.csv").read_bytes() == b"1,2\n"
+    with pytest.raises(InputError):
+        extract_dataset(tmp_path / "out" / "b.txt", dest, **LIMITS)
+
+
+def test_dataset_cache_fetches_once_checks_hash_and_evicts_lru(tmp_path):
+    cache = DatasetCache(tmp_path / "cache", max_bytes=25)
+    blobs = {}
+    fetched = []
+
+    def fetcher(data):
+        def fetch(dest):
+            fetched.append(data)
+            dest.write_bytes(data)
+        return fetch
+
+    for i in range(3):
+        data = bytes([i]) * 10
+        (tmp_path / "x").write_bytes(data)
+        blobs[i] = (sha256_of(tmp_path / "x"), data)
+    sha0, d0 = blobs[0]
+    assert cache.acquire(sha0, fetcher(d0)).read_bytes() == d0
+    cache.acquire(sha0, fetcher(d0))
+    assert fetched == [d0]  # the second use came from the cache
+    cache.release(sha0)
+    cache.release(sha0)
+    for i in (1, 2):
+        cache.acquire(blobs[i][0], fetcher(blobs[i][1]))
+        cache.release(blobs[i][0])
+    names = sorted(p.stem for p in (tmp_path / "cache").glob("*.zip"))
+    assert names == sorted([blobs[1][0], blobs[2][0]])  # 30 bytes > 25: the oldest went
+    with pytest.raises(InputError, match="mismatch"):
+        cache.acquire("0" * 64, fetcher(b"not that"))
+    assert not list((tmp_path / "cache").glob("*.partial"))
+
+
+def test_outputs_skip_symlinks_fifos_and_respect_bounds(tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "a.txt").write_text("a")
+    (out / "sub" / "b.txt").write_text("bb")
+    os.symlink("/etc/passwd", out / "passwd")
+    os.symlink("/etc", out / "etcdir")
+    os.mkfifo(out / "fifo")
+    got = collect_outputs(out, tmp_path / "o.zip", max_bytes=100, max_files=10)
+    assert zipfile.ZipFile(tmp_path / "o.zip").namelist() == ["a.txt", "sub/b.txt"]
+    assert got.files == 2 and not got.truncated
+    got = collect_outputs(out, tmp_path / "p.zip", max_bytes=100, max_files=1)
+    assert got.truncated and got.files == 1
+    (tmp_path / "empty").mkdir()
+    assert collect_outputs(tmp_path / "empty", tmp_path / "e.zip", max_bytes=1, max_files=1) is None
+
+
+def test_log_stream_is_bounded_keeps_a_tail_and_utf8_offsets():
+    s = LogStream("stdout", max_bytes=1024, tail_bytes=16)
+    s.feed("é".encode() * 300)          # 600 bytes
+    s.feed(b"x" * 1000 + b"THE END")
+    offset, chunk = s.take(limit=100)
+    assert offset == 0 and len(chunk.encode()) == 100
+    s.sent_ok(chunk)
+    offset, rest = s.take()
+    assert offset == 100 and len((chunk + rest).encode()) <= 1024
+    assert s.truncated and s.seen == 1607
+    assert s.tail().endswith("THE END")
+
+
+def test_config_precedence_and_validation(tmp_path):
+    cfg_file = tmp_path / "w.json"
+    cfg_file.write_text('{"slots": 2, "name": "from-file", "images": ["a", "b"]}')
+    env = {"JOBCLOUD_WORKER_ENROLLMENT_TOKEN": "jce_x", "JOBCLOUD_WORKER_NAME": "from-env"}
+    cfg = load_config(["--config", str(cfg_file), "--slots", "4"], env=env)
+    assert (cfg.slots, cfg.name, cfg.images) == (4, "from-env", ("a", "b"))
+    with pytest.raises(ConfigError, match="enrollment"):
+        load_config([], env={})
+    with pytest.raises(ConfigError, match="slots"):
+        load_config(["--slots", "0"], env=env)
+    with pytest.raises(ConfigError, match="unknown"):
+        cfg_file.write_text('{"slotz": 1}')
+        load_config(["--config", str(cfg_file)], env=env)

@@ -1,0 +1,165 @@
+"""The worker's configuration: read once at the entry point (flags, then
+JOBCLOUD_WORKER_* environment variables, then one config file, then the
+defaults below), validated, and passed inward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+ENV_PREFIX = "JOBCLOUD_WORKER_"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    proxy_url: str = "http://127.0.0.1:3000"
+    enrollment_token: str = ""
+    # One name per host is what an admin expects to see in the worker list.
+    name: str = field(default_factory=socket.gethostname)
+    # One job per core leaves the machine responsive on small VMs.
+    slots: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    data_dir: str = "/var/lib/jobcloud-worker"
+    images: tuple[str, ...] = ("jobcloud/python", "jobcloud/ml")
+    # The proxy caps a long-poll at 30 s by default; shorter keeps shutdown snappy.
+    claim_wait_s: float = 20.0
+    # Used until the proxy's register answer says otherwise.
+    heartbeat_interval_s: float = 10.0
+    # Capped exponential backoff while the proxy is unreachable.
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    # First SIGTERM: running jobs get this long to finish before they are stopped.
+    grace_s: float = 60.0
+    # Same default as the proxy's log_max_bytes: more is discarded and marked truncated.
+    log_max_bytes: int = 10 * MiB
+    # What goes into the result document as stdout/stderr tails (the proxy keeps 64 KiB).
+    log_tail_bytes: int = 64 * 1024
+    # Log chunks are posted at least this often while a job runs.
+    log_flush_s: float = 0.5
+    # Datasets already here are not fetched again; least recently used go first.
+    dataset_cache_bytes: int = 10 * GiB
+    # Unpacked datasets: a zip bomb stops here (the proxy checks too; never trust it).
+    dataset_max_bytes: int = 8 * GiB
+    dataset_max_members: int = 100_000
+    dataset_max_ratio: float = 200.0
+    # The proxy refuses output archives above 1 GiB.
+    output_max_bytes: int = 1 * GiB
+    output_max_files: int = 10_000
+    # The sandbox: enough processes for torch/BLAS threads, few enough to stop a fork bomb.
+    pids_limit: int = 256
+    tmpfs_mb: int = 256
+    nofile: int = 1024
+    # Largest file a job may write (RLIMIT_FSIZE), in bytes.
+    fsize_bytes: int = 2 * GiB
+    log_level: str = "INFO"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def load_config(argv: list[str] | None = None, env: dict | None = None) -> WorkerConfig:
+    """Build the configuration from flags, environment and an optional JSON file.
+
+    Precedence: flags > JOBCLOUD_WORKER_* environment > config file > defaults.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, or an invalid value.
+    """
+    env = dict(os.environ if env is None else env)
+    args = _parser().parse_args(argv)
+    values: dict = {}
+    config_file = args.config or env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        values.update(_read_file(config_file))
+    for f in fields(WorkerConfig):
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            values[f.name] = env[key]
+    for f in fields(WorkerConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return _validate(_coerce(values))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobcloud-worker",
+                                description="Run jobcloud jobs in locked-down Docker containers.")
+    p.add_argument("--config", help="JSON config file (keys as the long flags, with underscores)")
+    p.add_argument("--proxy-url", dest="proxy_url")
+    p.add_argument("--enrollment-token", dest="enrollment_token",
+                   help="better passed as JOBCLOUD_WORKER_ENROLLMENT_TOKEN (flags show in ps)")
+    p.add_argument("--name")
+    p.add_argument("--slots", type=int)
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--images", help="comma-separated allowed images")
+    p.add_argument("--claim-wait-s", dest="claim_wait_s", type=float)
+    p.add_argument("--grace-s", dest="grace_s", type=float)
+    p.add_argument("--log-level", dest="log_level")
+    return p
+
+
+def _read_file(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def _coerce(values: dict) -> dict:
+    known = {f.name: f for f in fields(WorkerConfig)}
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}")
+        kind = type(getattr(_DEFAULTS, key))
+        try:
+            if kind is tuple:
+                items = value.split(",") if isinstance(value, str) else list(value)
+                out[key] = tuple(i.strip() for i in items if i.strip())
+            elif kind in (int, float):
+                out[key] = kind(value)
+            else:
+                out[key] = str(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: {value!r} is not a valid {kind.__name__}") from e
+    return out
+
+
+_DEFAULTS = WorkerConfig(name="x", slots=1)
+
+
+def _validate(values: dict) -> WorkerConfig:
+    cfg = WorkerConfig(**values)
+    checks = [
+        (cfg.proxy_url.startswith(("http://", "https://")), "proxy_url must be an http(s) URL"),
+        (bool(cfg.enrollment_token), "an enrollment token is required "
+                                     f"({ENV_PREFIX}ENROLLMENT_TOKEN or --enrollment-token)"),
+        (1 <= len(cfg.name) <= 100, "name must be 1-100 characters"),
+        (1 <= cfg.slots <= 64, "slots must be between 1 and 64"),
+        (len(cfg.images) >= 1, "images must list at least one image"),
+        (0 <= cfg.claim_wait_s <= 300, "claim_wait_s must be between 0 and 300"),
+        (cfg.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive"),
+        (0 < cfg.backoff_initial_s <= cfg.backoff_max_s, "backoff must satisfy 0 < initial <= max"),
+        (cfg.grace_s >= 0, "grace_s must not be negative"),
+        (cfg.log_max_bytes >= 1024, "log_max_bytes must be at least 1024"),
+        (1024 <= cfg.log_tail_bytes <= cfg.log_max_bytes, "log_tail_bytes must be in [1024, log_max_bytes]"),
+        (cfg.pids_limit >= 16, "pids_limit must be at least 16"),
+        (cfg.tmpfs_mb >= 1, "tmpfs_mb must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg

@@ -25,8 +25,8 @@ from .db import PG_DISPATCH_LOCK
 from .errors import Conflict, NotFound, ValidationError
 from .models import FINAL_STATES, LIVE_WORKER_STATES, JobState, WorkerState, new_id
 
-# How many queued jobs one dispatch pass looks at; bounds the cost of a claim
-# whatever the queue length.
+# How many queued jobs one dispatch query reads; a pass reads further batches
+# only while free slots remain and the previous batch was full.
 DISPATCH_BATCH = 256
 WORKER_LOST_REASON = "worker lost"
 
@@ -224,38 +224,52 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
         " FROM workers w WHERE w.state = ? AND w.last_seen_at >= ?",
         (JobState.QUEUED.value, JobState.RUNNING.value, WorkerState.ACTIVE.value,
          now - lease_timeout_s))
-    free = [dict(w, images=set(json.loads(w["images"]))) for w in workers if w["used"] < w["slots"]]
+    # A worker that lists no images can run nothing (and would make `IN ()`,
+    # which PostgreSQL refuses).
+    free = [w for w in (dict(w, images=set(json.loads(w["images"]))) for w in workers)
+            if w["used"] < w["slots"] and w["images"]]
     if not free:
         return 0
-    # Only look at jobs at least one free worker could run, so a head of
-    # unrunnable jobs (say gpus=1 with no GPU worker) cannot block the rest.
+    next_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM workers")["m"] + 1
+    reserved, after = 0, ""
+    while True:
+        jobs = _queued_batch(conn, free, after)
+        for job in jobs:
+            fits = [w for w in free if w["used"] < w["slots"] and _fits(job, w)]
+            if not fits:
+                continue
+            w = min(fits, key=lambda w: (w["rr_seq"], w["id"]))
+            n = conn.execute(
+                "UPDATE jobs SET worker_id = ?, reserved_at = ? WHERE id = ? AND state = ?"
+                " AND worker_id IS NULL", (w["id"], now, job["id"], JobState.QUEUED.value))
+            if n:
+                w["used"] += 1
+                w["rr_seq"] = next_seq
+                conn.execute("UPDATE workers SET rr_seq = ? WHERE id = ?", (next_seq, w["id"]))
+                next_seq += 1
+                reserved += 1
+            if all(w["used"] >= w["slots"] for w in free):
+                return reserved
+        # A whole batch can fit the free workers' combined limits and yet none
+        # of them alone (a GPU on one, the memory on another): read on, or
+        # such a head would block the runnable jobs behind it for ever.
+        if len(jobs) < DISPATCH_BATCH:
+            return reserved
+        after = jobs[-1]["id"]
+
+
+def _queued_batch(conn, free: list[dict], after: str) -> list[dict]:
+    """The next unreserved queued jobs after id `after` that at least one free worker could run."""
+    # Filtering on the free workers' combined limits keeps a head of jobs no
+    # one can run (say gpus=1 with no GPU worker) out of the scan altogether.
     images = sorted(set().union(*(w["images"] for w in free)))
     placeholders = ", ".join("?" for _ in images)
-    jobs = conn.query(
+    return conn.query(
         "SELECT id, cpus, memory_mb, gpus, image FROM jobs WHERE state = ? AND worker_id IS NULL"
         f" AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
-        " ORDER BY id LIMIT ?",
+        " AND id > ? ORDER BY id LIMIT ?",
         (JobState.QUEUED.value, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
-         max(w["memory_mb"] for w in free), *images, DISPATCH_BATCH))
-    next_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM workers")["m"] + 1
-    reserved = 0
-    for job in jobs:
-        fits = [w for w in free if w["used"] < w["slots"] and _fits(job, w)]
-        if not fits:
-            continue
-        w = min(fits, key=lambda w: (w["rr_seq"], w["id"]))
-        n = conn.execute(
-            "UPDATE jobs SET worker_id = ?, reserved_at = ? WHERE id = ? AND state = ?"
-            " AND worker_id IS NULL", (w["id"], now, job["id"], JobState.QUEUED.value))
-        if n:
-            w["used"] += 1
-            w["rr_seq"] = next_seq
-            conn.execute("UPDATE workers SET rr_seq = ? WHERE id = ?", (next_seq, w["id"]))
-            next_seq += 1
-            reserved += 1
-        if all(w["used"] >= w["slots"] for w in free):
-            break
-    return reserved
+         max(w["memory_mb"] for w in free), *images, after, DISPATCH_BATCH))
 
 
 def _fits(job: dict, worker: dict) -> bool:
@@ -316,9 +330,12 @@ def _requeue(conn, job_id: str, now: float, max_attempts: int) -> None:
             " started_at = NULL WHERE id = ? AND state = ?",
             (JobState.QUEUED.value, job_id, JobState.RUNNING.value))
         return
+    # worker_id is cleared: no worker posted this outcome, so a late result
+    # from the old holder is stale (409), not a harmless duplicate.
     conn.execute(
-        "UPDATE jobs SET state = ?, failure_reason = ?, finished_at = ?, lease_expires_at = NULL"
-        " WHERE id = ? AND state = ?", (final.value, reason, now, job_id, JobState.RUNNING.value))
+        "UPDATE jobs SET state = ?, failure_reason = ?, finished_at = ?, lease_expires_at = NULL,"
+        " worker_id = NULL WHERE id = ? AND state = ?",
+        (final.value, reason, now, job_id, JobState.RUNNING.value))
 
 
 # ------------------------------------------------------------ inputs, logs, results
@@ -329,11 +346,19 @@ def held_job(conn, worker: dict, job_id: str, attempt: int | None = None) -> dic
     Raises:
         NotFound: the worker does not hold this job (never held it, or lost it).
     """
-    job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    job = _get_job(conn, job_id)
     if (job is None or job["worker_id"] != worker["id"] or job["state"] != JobState.RUNNING.value
             or (attempt is not None and job["attempt"] != attempt)):
         raise NotFound("this worker holds no lease on that job", code="no_lease")
     return job
+
+
+def _get_job(conn, job_id: str) -> dict | None:
+    # A NUL (a %00 in the URL) is in no stored id, and PostgreSQL refuses it
+    # as a parameter: answer "no such job" instead of a server error.
+    if "\x00" in job_id:
+        return None
+    return conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
 
 def append_log(conn, worker: dict, job_id: str, attempt: int, stream: str, offset: int, data: str,
@@ -346,6 +371,7 @@ def append_log(conn, worker: dict, job_id: str, attempt: int, stream: str, offse
     if not isinstance(data, str):
         raise ValidationError("data must be a string", code="invalid_data")
     held_job(conn, worker, job_id, attempt)
+    data = storable_text(data)
     size = len(data.encode("utf-8"))
     if offset + size > log_max_bytes:
         conn.execute(f"UPDATE jobs SET {stream}_truncated = 1 WHERE id = ?", (job_id,))
@@ -354,6 +380,16 @@ def append_log(conn, worker: dict, job_id: str, attempt: int, stream: str, offse
         "INSERT INTO job_logs (job_id, attempt, stream, byte_offset, data) VALUES (?, ?, ?, ?, ?)"
         " ON CONFLICT DO NOTHING", (job_id, attempt, stream, offset, data))
     return {"stored": True, "truncated": False}
+
+
+def storable_text(text: str) -> str:
+    """`text` with what neither database can store replaced, byte for byte.
+
+    PostgreSQL TEXT refuses NUL, and a lone surrogate (valid in JSON, not in
+    UTF-8) cannot be encoded at all. Each becomes a one-byte "?", so the byte
+    offsets the worker counted for later log chunks still line up.
+    """
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "?")
 
 
 RESULT_STATES = {s.value for s in FINAL_STATES}
@@ -407,14 +443,14 @@ def parse_result(data: dict, tail_bytes: int) -> Result:
         v = data.get(key) or ""
         if not isinstance(v, str):
             raise ValidationError(f"{key} must be a string", code="invalid_result")
-        raw = v.encode("utf-8")
+        raw = storable_text(v).encode("utf-8")
         return raw[-tail_bytes:].decode("utf-8", "ignore"), len(raw) > tail_bytes
 
     stdout, out_cut = text("stdout")
     stderr, err_cut = text("stderr")
     return Result(
         attempt=attempt, state=state, exit_code=exit_code,
-        failure_reason=(reason or None) and reason[:1000],
+        failure_reason=(reason or None) and storable_text(reason[:1000]),
         stdout=stdout, stderr=stderr,
         stdout_truncated=bool(data.get("stdout_truncated")) or out_cut,
         stderr_truncated=bool(data.get("stderr_truncated")) or err_cut,
@@ -431,7 +467,7 @@ def check_lease(conn, worker: dict, job_id: str, attempt: int) -> dict:
         NotFound: no such job.
         Conflict: another attempt or another worker holds it.
     """
-    job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    job = _get_job(conn, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
     if job["worker_id"] != worker["id"] or job["attempt"] != attempt or \

@@ -19,3 +19,10 @@ accesslog = os.environ.get("JOBCLOUD_ACCESS_LOG", "-")
 errorlog = "-"
 # Uploads are streamed by the app; do not let gunicorn cap request lines below defaults.
 limit_request_line = 8190
+# gunicorn >= 25.1 opens a control socket at one fixed per-user path, which
+# several proxies on one host (and the tests) would fight over: off unless a
+# path is given.
+_control = os.environ.get("JOBCLOUD_GUNICORN_CONTROL_SOCKET", "")
+control_socket_disable = not _control
+if _control:
+    control_socket = _control

@@ -263,7 +263,8 @@ def build_document() -> dict:
             "Claim jobs (round-robin across live workers; may long-poll)", WORKER,
             {"200": _json({"type": "object", "properties": {
                 "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/ClaimedJob"}},
-                "drain": {"type": "boolean"}}}), **_errors(400, 401, 404)},
+                "drain": {"type": "boolean"},
+                "cancel": {"type": "array", "items": {"type": "string"}}}}), **_errors(400, 401, 404)},
             body=_json_body({"type": "object", "properties": {
                 "max_jobs": {"type": "integer", "minimum": 0, "maximum": 64},
                 "wait_s": {"type": "number", "minimum": 0}}}, required=False), tag="worker")},

@@ -8,17 +8,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .errors import Conflict, NotFound
+from .errors import Conflict, NotFound, ValidationError
 from .models import ACTIVE_STATES, JobState, iso, new_id
-
-JOB_COLUMNS = (
-    "id, owner_id, name, script_name, script_blob, script_sha256, script_size, dataset_name,"
-    " dataset_blob, dataset_sha256, dataset_size, image, cpus, memory_mb, timeout_s, gpus,"
-    " state, attempt, worker_id, reserved_at, lease_expires_at, cancel_requested, submitted_at,"
-    " started_at, finished_at, exit_code, failure_reason, stdout_truncated, stderr_truncated,"
-    " output_blob, output_sha256, output_size, cpu_seconds, peak_memory_bytes, wall_seconds"
-)
-
 
 @dataclass(frozen=True)
 class NewJob:
@@ -54,7 +45,7 @@ def create_job(conn, job: NewJob, now: float | None = None) -> dict:
 
 def get_job(conn, job_id: str) -> dict | None:
     return conn.query_one(
-        f"SELECT j.*, u.name AS owner FROM jobs j JOIN users u ON u.id = j.owner_id WHERE j.id = ?",
+        "SELECT j.*, u.name AS owner FROM jobs j JOIN users u ON u.id = j.owner_id WHERE j.id = ?",
         (job_id,))
 
 
@@ -64,7 +55,9 @@ def get_visible_job(conn, job_id: str, viewer: dict) -> dict:
     Raises:
         NotFound: no such job, or not the viewer's (indistinguishable on purpose).
     """
-    job = get_job(conn, job_id) if isinstance(job_id, str) and len(job_id) < 64 else None
+    # A NUL (%00 in a URL) is in no stored id, and PostgreSQL refuses it as a parameter.
+    plausible = isinstance(job_id, str) and len(job_id) < 64 and "\x00" not in job_id
+    job = get_job(conn, job_id) if plausible else None
     if job is None or (job["owner_id"] != viewer["id"] and not viewer["is_admin"]):
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
     return job
@@ -78,6 +71,8 @@ def list_jobs(conn, owner_id: str, *, before: str | None = None, limit: int = 50
         (jobs, cursor for the next page or None).
     """
     where, params = ["j.owner_id = ?"], [owner_id]
+    if before and (len(before) > 64 or "\x00" in before):
+        raise ValidationError("before must be a job id", code="invalid_parameter")
     if before:
         where.append("j.id < ?")
         params.append(before)

@@ -104,16 +104,27 @@ def claim():
             break
         _wait_for_work(conn, worker, deadline)
     drain = dispatch.get_worker(conn, worker["id"])["state"] == WorkerState.DRAINING.value
-    return jsonify({"jobs": [_claimed_json(j) for j in jobs], "drain": drain})
+    # Cancellations ride on the claim answer too, so a worker learns of them on
+    # whichever call comes first.
+    cancel = [r["id"] for r in conn.query(
+        "SELECT id FROM jobs WHERE worker_id = ? AND state = ? AND cancel_requested = 1",
+        (worker["id"], JobState.RUNNING.value))]
+    return jsonify({"jobs": [_claimed_json(j) for j in jobs], "drain": drain, "cancel": cancel})
 
 
 def _wait_for_work(conn, worker: dict, deadline: float) -> None:
-    # Cheap read-only look, so idle long-polls do not take the write lock.
+    # A cheap read-only look, so idle long-polls do not take the write lock;
+    # it counts only jobs this worker could run, so a queued job nobody here
+    # can take (say a GPU job) does not turn the long-poll into a busy loop.
+    images = json.loads(worker["images"]) or [""]
+    marks = ", ".join("?" for _ in images)
+    sql = ("SELECT 1 AS x FROM jobs WHERE state = ? AND (worker_id = ? OR (worker_id IS NULL"
+           f" AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({marks}))) LIMIT 1")
+    params = (JobState.QUEUED.value, worker["id"], worker["gpus"], worker["cpus"],
+              worker["memory_mb"], *images)
     while time.monotonic() < deadline:
         time.sleep(min(CLAIM_POLL_S, max(0.0, deadline - time.monotonic())))
-        if conn.query_one(
-                "SELECT 1 AS x FROM jobs WHERE state = ? AND (worker_id IS NULL OR worker_id = ?)"
-                " LIMIT 1", (JobState.QUEUED.value, worker["id"])):
+        if conn.query_one(sql, params):
             return
 
 

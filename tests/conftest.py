@@ -215,7 +215,11 @@ def start_gunicorn(env: dict, port: int, workers: int = 4) -> subprocess.Popen:
         except requests.RequestException:
             return False
 
-    wait_until(up, timeout=30, what="gunicorn to answer /healthz")
+    try:
+        wait_until(up, timeout=30, what="gunicorn to answer /healthz")
+    except BaseException:
+        stop_gunicorn(proc)
+        raise
     return proc
 
 

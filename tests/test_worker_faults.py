@@ -51,6 +51,10 @@ def test_second_signal_stops_now_and_a_restart_cleans_up(fresh):
     job_id = fresh.submit("import time\nprint('started', flush=True)\ntime.sleep(120)")
     wait_until(lambda: "started" in fresh.logs(job_id)["data"], timeout=30, what="job to start")
     fresh.worker.send_signal(signal.SIGTERM)
+    # Two standard signals sent back to back can merge into one pending signal:
+    # send the second once the first has been acted on.
+    wait_until(lambda: "stopping: waiting up to" in fresh.log_tail(), timeout=20,
+               what="the worker to act on the first SIGTERM")
     fresh.worker.send_signal(signal.SIGTERM)
     assert fresh.worker.wait(timeout=20) == 130, fresh.log_tail()
     client = docker.from_env()

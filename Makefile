@@ -42,9 +42,10 @@ run: venv images
 	DATA_DIR=$(DATA_DIR) HOST=$(HOST) PORT=$(PORT) PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
 		scripts/run-local.sh
 
-# The tests need only the small python image; the ML image is built by `make images`.
+# The end-to-end tests train a scikit-learn model, so both images are built
+# (the ML one takes minutes the first time, seconds after).
 test: venv system-deps docker
-	scripts/build-images.sh python
+	scripts/build-images.sh python ml
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/run-tests.sh $(PYTEST_ARGS)
 
 bench: venv docker

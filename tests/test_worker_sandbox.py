@@ -98,7 +98,8 @@ def start_worker(url: str, enrollment: str, data_dir: Path, log_path: Path, **ex
                JOBCLOUD_WORKER_PROXY_URL=url, JOBCLOUD_WORKER_ENROLLMENT_TOKEN=enrollment,
                JOBCLOUD_WORKER_NAME=extra.pop("name", f"test-{os.getpid()}"),
                JOBCLOUD_WORKER_SLOTS=str(extra.pop("slots", 3)),
-               JOBCLOUD_WORKER_DATA_DIR=str(data_dir), JOBCLOUD_WORKER_IMAGES=IMAGE,
+               JOBCLOUD_WORKER_DATA_DIR=str(data_dir),
+               JOBCLOUD_WORKER_IMAGES=extra.pop("images", IMAGE),
                JOBCLOUD_WORKER_CLAIM_WAIT_S="5", JOBCLOUD_WORKER_GRACE_S="10",
                JOBCLOUD_WORKER_BACKOFF_MAX_S="1", JOBCLOUD_WORKER_LOG_LEVEL="INFO",
                **{f"JOBCLOUD_WORKER_{k.upper()}": str(v) for k, v in extra.items()})
@@ -118,12 +119,19 @@ def stop_worker(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_cluster(base: Path, *, slots: int, gunicorn_workers: int) -> Cluster:
-    """The real proxy (1 s heartbeats) with one user and one worker subprocess."""
+def start_cluster(base: Path, *, slots: int, gunicorn_workers: int, proxy_env: dict | None = None,
+                  worker_images: str = IMAGE) -> Cluster:
+    """The real proxy (1 s heartbeats) with one user and one worker subprocess.
+
+    Args:
+        proxy_env: JOBCLOUD_* settings for the proxy that win over these defaults.
+        worker_images: the worker's allowed images, comma-separated.
+    """
     port = free_port()
     env = dict(os.environ, JOBCLOUD_DATA_DIR=str(base / "proxy"), JOBCLOUD_BIND=f"127.0.0.1:{port}",
                JOBCLOUD_LOG_LEVEL="WARNING", JOBCLOUD_HEARTBEAT_INTERVAL_S="1",
                JOBCLOUD_LEASE_TIMEOUT_S="20")
+    env.update(proxy_env or {})
     env.pop("JOBCLOUD_CONFIG", None)
     env.pop("JOBCLOUD_DATABASE_URL", None)
     server = LiveServer(f"http://127.0.0.1:{port}", start_gunicorn(env, port, gunicorn_workers), env,
@@ -132,7 +140,8 @@ def start_cluster(base: Path, *, slots: int, gunicorn_workers: int) -> Cluster:
     token = re.search(r"jcu_\S+", server.admin("token", "create", "--user", "alice")).group(0)
     enrollment = re.search(r"jce_\S+", server.admin("enroll", "create")).group(0)
     worker_log = base / "worker.log"
-    worker, worker_env = start_worker(server.url, enrollment, base / "worker", worker_log, slots=slots)
+    worker, worker_env = start_worker(server.url, enrollment, base / "worker", worker_log, slots=slots,
+                                      images=worker_images)
     c = Cluster(server, token, worker, base / "worker", worker_log, worker_env)
     c.enrollment, c.port = enrollment, port
     return c

@@ -1,0 +1,145 @@
+"""End to end in a real browser: a user logs in, uploads a training script and
+a zipped CSV through the form, watches the status page until the job has
+succeeded, and downloads its outputs. Everything is real: gunicorn, the worker
+subprocess, the Docker engine with jobcloud/ml, Chromium driven by Playwright.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import random
+import re
+import zipfile
+
+import pytest
+
+from tests.conftest import require, stop_gunicorn
+from tests.test_browser import console_errors, page  # noqa: F401  (fixtures)
+from tests.test_worker_sandbox import IMAGE, docker_ready, start_cluster, stop_worker
+
+ML_IMAGE = "jobcloud/ml"
+SPECIES = ["setosa", "versicolor", "virginica"]
+
+TRAIN_SCRIPT = '''\
+"""Train a classifier on the uploaded CSV; write the model and its metrics."""
+import json
+import os
+import pickle
+
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+
+frame = pd.read_csv(os.path.join(os.environ["JOBCLOUD_DATA"], "iris.csv"))
+X, y = frame.drop(columns="species").to_numpy(), frame["species"].to_numpy()
+X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+model = LogisticRegression(max_iter=1000).fit(X_train, y_train)
+accuracy = float(model.score(X_test, y_test))
+out = os.environ["JOBCLOUD_OUTPUT"]
+with open(os.path.join(out, "model.pkl"), "wb") as f:
+    pickle.dump(model, f)
+with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump({"accuracy": accuracy, "classes": sorted(set(y)), "n_train": len(y_train),
+               "n_test": len(y_test)}, f)
+print(f"accuracy {accuracy:.3f}")
+'''
+
+
+def iris_like_csv(rows_per_class: int = 50, seed: int = 3) -> str:
+    """150 rows of synthetic iris: four features drawn around per-species means."""
+    rng = random.Random(seed)
+    means = {"setosa": (5.0, 3.4, 1.5, 0.2), "versicolor": (5.9, 2.8, 4.3, 1.3),
+             "virginica": (6.6, 3.0, 5.6, 2.0)}
+    lines = ["sepal_length,sepal_width,petal_length,petal_width,species"]
+    for name in SPECIES:
+        for _ in range(rows_per_class):
+            values = (round(rng.gauss(m, 0.3), 2) for m in means[name])
+            lines.append(",".join(map(str, values)) + f",{name}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def ml_cluster(tmp_path):
+    ok, reason = docker_ready()
+    require(ok, reason)
+    import docker
+    try:
+        docker.from_env(timeout=10).images.get(ML_IMAGE)
+        has_ml = True
+    except docker.errors.DockerException:
+        has_ml = False
+    require(has_ml, f"image {ML_IMAGE} missing; run scripts/build-images.sh ml")
+    # A 1 s refresh keeps the wait for the status page short.
+    c = start_cluster(tmp_path / "cluster", slots=1, gunicorn_workers=2,
+                      proxy_env={"JOBCLOUD_STATUS_REFRESH_S": "1"},
+                      worker_images=f"{IMAGE},{ML_IMAGE}")
+    try:
+        yield c
+    finally:
+        stop_worker(c.worker)
+        stop_gunicorn(c.server.proc)
+
+
+@pytest.mark.live
+def test_browser_upload_train_and_download_outputs(page, console_errors, ml_cluster, tmp_path):
+    from playwright.sync_api import expect
+
+    url = ml_cluster.server.url
+    one_time = re.search(r"one-time password: (\S+)",
+                         ml_cluster.server.admin("user", "add", "carol")).group(1)
+    script = tmp_path / "train_iris.py"
+    script.write_text(TRAIN_SCRIPT)
+    dataset = tmp_path / "iris.zip"
+    with zipfile.ZipFile(dataset, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("iris.csv", iris_like_csv())
+
+    # First login: the one-time password must be replaced before anything else.
+    page.goto(url + "/login")
+    page.get_by_label("User name").fill("carol")
+    page.get_by_label("Password").fill(one_time)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(url + "/account/password")
+    page.get_by_label("Current password").fill(one_time)
+    page.get_by_label("New password (at least 10 characters)").fill("carol-own-pass-1")
+    page.get_by_label("New password again").fill("carol-own-pass-1")
+    page.get_by_role("button", name="Change password").click()
+    expect(page).to_have_url(url + "/")
+
+    page.get_by_label("Job name").fill("iris-training")
+    page.get_by_label("A .py file").set_input_files(str(script))
+    page.get_by_label("Dataset, optional").set_input_files(str(dataset))
+    page.locator("select[name=image]").select_option(ML_IMAGE)
+    page.get_by_role("button", name="Submit job").click()
+    expect(page).to_have_url(re.compile(r"/jobs/j[0-9a-f]+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+
+    # The status page refreshes itself while the job is active: wait for the badge.
+    page.goto(f"{url}/job-status/carol")
+    row = page.locator("#jobs tr", has_text=job_id)
+    try:
+        expect(row.locator(".badge")).to_have_text("succeeded", timeout=120_000)
+    except AssertionError:
+        raise AssertionError(f"job page: {page.content()[-3000:]}\n"
+                             f"worker log:\n{ml_cluster.log_tail()}") from None
+
+    row.get_by_role("link", name="iris-training").click()
+    expect(page).to_have_url(f"{url}/jobs/{job_id}")
+    expect(page.locator("#state")).to_have_text("succeeded")
+    expect(page.locator("#stdout")).to_contain_text("accuracy")
+    with page.expect_download() as info:
+        page.get_by_role("link", name=re.compile("Download outputs")).click()
+    saved = tmp_path / "outputs.zip"
+    info.value.save_as(saved)
+
+    with zipfile.ZipFile(saved) as zf:
+        assert sorted(zf.namelist()) == ["metrics.json", "model.pkl"]
+        metrics = json.loads(zf.read("metrics.json"))
+        model_bytes = zf.read("model.pkl")
+    # Three balanced classes: chance is 1/3; well-separated clusters give far more.
+    assert metrics["accuracy"] > 0.6, metrics
+    assert metrics["classes"] == SPECIES and metrics["n_train"] + metrics["n_test"] == 150
+    # A pickled scikit-learn estimator, not an empty file (unpickling it would need
+    # scikit-learn in the tests' venv: look at the pickle's opcodes instead).
+    assert model_bytes[:1] == pickle.PROTO and b"LogisticRegression" in model_bytes
+    assert console_errors == []

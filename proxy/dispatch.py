@@ -114,6 +114,14 @@ def worker_for_secret(conn, secret: str) -> dict | None:
                           (accounts.hash_token(secret), *LIVE_WORKER_STATES))
 
 
+def is_lost_worker_secret(conn, secret: str) -> bool:
+    """True when `secret` belongs to a worker the proxy marked lost (it may register again)."""
+    if not secret.startswith(accounts.WORKER_SECRET_PREFIX):
+        return False
+    return conn.query_one("SELECT id FROM workers WHERE secret_hash = ? AND state = ?",
+                          (accounts.hash_token(secret), WorkerState.LOST.value)) is not None
+
+
 def get_worker(conn, worker_id: str) -> dict | None:
     return conn.query_one("SELECT * FROM workers WHERE id = ?", (worker_id,))
 

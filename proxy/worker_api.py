@@ -38,8 +38,14 @@ def _lease_args() -> dict:
 
 def current_worker() -> dict:
     secret = bearer_token()
-    worker = dispatch.worker_for_secret(get_conn(), secret)
+    conn = get_conn()
+    worker = dispatch.worker_for_secret(conn, secret)
     if worker is None:
+        # A worker that was only silent too long (a network cut, a frozen VM)
+        # is told so, and registers again; a revoked or unknown one is not.
+        if dispatch.is_lost_worker_secret(conn, secret):
+            raise Unauthorized("this worker was marked lost (silent past its lease) and its jobs "
+                               "were requeued; register again", code="worker_lost")
         raise Unauthorized("the worker secret is not valid (unknown, retired or not a worker secret)",
                            code="invalid_worker_secret")
     g.worker = worker

@@ -307,8 +307,16 @@ def test_a_silent_worker_is_lost_and_its_job_requeued_until_max_attempts(hub):
     assert (job["state"], job["failure_reason"], job["attempt"]) == ("failed", "worker lost", 3)
     assert job["finished_at"] is not None
 
-    # A lost worker's secret is dead: it must register again.
+    # A lost worker's secret is dead, and the answer says why: it must register again.
     r = a.post("heartbeat", {"running": [job_id]})
+    assert (r.status_code, r.get_json()["error"]) == (401, "worker_lost")
+
+
+def test_a_revoked_worker_is_not_invited_to_register_again(hub):
+    a = hub.register("a")
+    r = hub.admin_action(a, "revoke")
+    assert r.status_code == 200 and r.get_json()["state"] == "revoked"
+    r = a.post("heartbeat", {"running": []})
     assert (r.status_code, r.get_json()["error"]) == (401, "invalid_worker_secret")
 
 

@@ -13,10 +13,12 @@ import requests
 class ProtocolError(Exception):
     """Raised when the proxy refuses a request or cannot be reached."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 secret: str | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.secret = secret  # the credential the refused request carried
 
 
 class ProxyUnreachable(ProtocolError):
@@ -106,5 +108,5 @@ class WorkerClient:
                 body = {"error": "http_error", "detail": response.text[:200]}
             cls = LeaseLost if response.status_code in (404, 409) and "/jobs/" in path else ProtocolError
             raise cls(f"{body.get('error')}: {body.get('detail')}", status=response.status_code,
-                      code=body.get("error"))
+                      code=body.get("error"), secret=token or self.secret)
         return response

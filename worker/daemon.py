@@ -53,6 +53,7 @@ class Worker:
         self._lock = threading.Lock()
         self._slot_freed = threading.Event()
         self._signals = 0
+        self._register_lock = threading.Lock()
 
     # ------------------------------------------------------------------ entry
 
@@ -146,9 +147,10 @@ class Worker:
             except ProxyUnreachable as e:
                 log.info("heartbeat: %s", e)
             except ProtocolError as e:
-                log.error("heartbeat refused (%s): this worker is no longer registered", e)
-                self.stop_jobs("lost")
-                self.stopping.set()
+                if not self.recover_lost(e):
+                    log.error("heartbeat refused (%s): this worker is no longer registered", e)
+                    self.stop_jobs("lost")
+                    self.stopping.set()
             except Exception:  # the loop boundary
                 log.exception("heartbeat")
             self.giving_up.wait(self.heartbeat_interval)
@@ -178,6 +180,8 @@ class Worker:
                 self.stopping.wait(delay)
                 continue
             except ProtocolError as e:
+                if self.recover_lost(e):
+                    continue
                 log.error("claim refused (%s); stopping", e)
                 self.stopping.set()
                 return
@@ -199,6 +203,22 @@ class Worker:
             runner.stop("shutdown")
         log.info("job %s (attempt %s): starting in %s", runner.job_id, job["attempt"], job["image"])
         runner.start()
+
+    def recover_lost(self, error: ProtocolError) -> bool:
+        """After the proxy marked this worker lost: drop its jobs and register again.
+
+        The proxy has already requeued the jobs, so their results would be
+        refused; they are stopped without a result. Returns False when the
+        error is not "worker_lost" (revoked, unknown secret): nothing to recover.
+        """
+        if error.code != "worker_lost":
+            return False
+        with self._register_lock:
+            if error.secret != self.client.secret:
+                return True  # the other loop registered again already
+            log.warning("the proxy marked this worker lost; stopping its jobs and registering again")
+            self.stop_jobs("lost")
+            return self.register()
 
     def finish_running_jobs(self) -> None:
         deadline = time.monotonic() + self.config.grace_s

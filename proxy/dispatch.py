@@ -25,9 +25,12 @@ from .db import PG_DISPATCH_LOCK
 from .errors import Conflict, NotFound, ValidationError
 from .models import FINAL_STATES, LIVE_WORKER_STATES, JobState, WorkerState, new_id
 
-# How many queued jobs one dispatch query reads; a pass reads further batches
-# only while free slots remain and the previous batch was full.
+# How many queued jobs one dispatch query reads at most; a pass reads further
+# batches only while free slots remain and the previous batch was full. A
+# batch is sized from the free slots: most claims reserve one job, and
+# building hundreds of rows for that was most of a claim's cost (bench/claim).
 DISPATCH_BATCH = 256
+DISPATCH_BATCH_PER_SLOT = 4
 WORKER_LOST_REASON = "worker lost"
 
 
@@ -170,13 +173,20 @@ def heartbeat(conn, worker: dict, running_ids: list[str], *, lease_timeout_s: fl
         holds them, and whether the worker is draining.
     """
     now = time.time() if now is None else now
-    with conn.transaction(lock=PG_DISPATCH_LOCK):
+    # Not durable: a claim or heartbeat lost in a power cut costs a rerun of
+    # the job (its lease is gone, so the late result is refused), never the job.
+    with conn.transaction(lock=PG_DISPATCH_LOCK, durable=False):
         reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
         if not _touch(conn, worker["id"], now):
             raise NotFound("this worker was retired; register again", code="worker_retired")
-        conn.execute(
-            "UPDATE jobs SET lease_expires_at = ? WHERE worker_id = ? AND state = ?",
-            (now + lease_timeout_s, worker["id"], JobState.RUNNING.value))
+        # Only the jobs the worker says it runs: one it holds without knowing
+        # (the answer to a claim was lost on the way) then expires and is
+        # requeued, instead of being kept alive for ever by heartbeats.
+        for chunk in (running_ids[i:i + 500] for i in range(0, len(running_ids), 500)):
+            conn.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE worker_id = ? AND state = ?"
+                f" AND id IN ({', '.join('?' for _ in chunk)})",
+                (now + lease_timeout_s, worker["id"], JobState.RUNNING.value, *chunk))
         held = conn.query("SELECT id, cancel_requested FROM jobs WHERE worker_id = ? AND state = ?",
                           (worker["id"], JobState.RUNNING.value))
         state = get_worker(conn, worker["id"])["state"]
@@ -203,7 +213,9 @@ def claim(conn, worker: dict, max_jobs: int, *, lease_timeout_s: float, max_atte
         The jobs now running under the worker's lease (possibly none).
     """
     now = time.time() if now is None else now
-    with conn.transaction(lock=PG_DISPATCH_LOCK):
+    # Not durable: a claim or heartbeat lost in a power cut costs a rerun of
+    # the job (its lease is gone, so the late result is refused), never the job.
+    with conn.transaction(lock=PG_DISPATCH_LOCK, durable=False):
         reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
         if not _touch(conn, worker["id"], now):
             raise NotFound("this worker was retired; register again", code="worker_retired")
@@ -239,9 +251,11 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
     if not free:
         return 0
     next_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM workers")["m"] + 1
+    slots = sum(w["slots"] - w["used"] for w in free)
+    batch = min(DISPATCH_BATCH, max(16, DISPATCH_BATCH_PER_SLOT * slots))
     reserved, after = 0, ""
     while True:
-        jobs = _queued_batch(conn, free, after)
+        jobs = _queued_batch(conn, free, after, batch)
         for job in jobs:
             fits = [w for w in free if w["used"] < w["slots"] and _fits(job, w)]
             if not fits:
@@ -261,12 +275,12 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
         # A whole batch can fit the free workers' combined limits and yet none
         # of them alone (a GPU on one, the memory on another): read on, or
         # such a head would block the runnable jobs behind it for ever.
-        if len(jobs) < DISPATCH_BATCH:
+        if len(jobs) < batch:
             return reserved
         after = jobs[-1]["id"]
 
 
-def _queued_batch(conn, free: list[dict], after: str) -> list[dict]:
+def _queued_batch(conn, free: list[dict], after: str, limit: int) -> list[dict]:
     """The next unreserved queued jobs after id `after` that at least one free worker could run."""
     # Filtering on the free workers' combined limits keeps a head of jobs no
     # one can run (say gpus=1 with no GPU worker) out of the scan altogether.
@@ -277,7 +291,7 @@ def _queued_batch(conn, free: list[dict], after: str) -> list[dict]:
         f" AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
         " AND id > ? ORDER BY id LIMIT ?",
         (JobState.QUEUED.value, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
-         max(w["memory_mb"] for w in free), *images, after, DISPATCH_BATCH))
+         max(w["memory_mb"] for w in free), *images, after, limit))
 
 
 def _fits(job: dict, worker: dict) -> bool:

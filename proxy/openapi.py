@@ -103,7 +103,9 @@ SCHEMAS = {
         "stdout": {"type": "string"}, "stderr": {"type": "string"},
         "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
         "cpu_seconds": {"type": "number"}, "peak_memory_bytes": {"type": "integer"},
-        "wall_seconds": {"type": "number"}}},
+        "wall_seconds": {"type": "number"},
+        "claim_next": {"type": "integer", "minimum": 0, "maximum": 64,
+                       "description": "also claim up to this many jobs; they come back in `jobs`"}}},
     "Worker": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
         "slots": {"type": "integer"}, "running": {"type": ["integer", "null"]}}},
@@ -286,7 +288,11 @@ def build_document() -> dict:
                                             "data": {"type": "string"}}}), tag="worker")},
         "/api/v1/worker/jobs/{job_id}/result": {"post": _op(
             "Post the final result (JSON, or multipart: result + outputs zip); idempotent", WORKER,
-            {"200": _json({"type": "object"}), **_errors(400, 401, 404, 409, 413)}, params=[JOB_ID],
+            {"200": _json({"type": "object", "properties": {
+                "job_id": {"type": "string"}, "state": {"type": "string"},
+                "applied": {"type": "boolean"},
+                "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/ClaimedJob"}}}}),
+             **_errors(400, 401, 404, 409, 413)}, params=[JOB_ID],
             body={"required": True, "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
                 "multipart/form-data": {"schema": {"type": "object", "properties": {

@@ -194,6 +194,7 @@ def post_result(job_id):
             raise ValidationError("the result field must be a JSON object", code="invalid_json") from None
     try:
         parsed = dispatch.parse_result(result, cfg.log_tail_bytes)
+        claim_next = _claim_next(result)
         conn = get_conn()
         # Refuse a stale lease before keeping any of its files.
         dispatch.check_lease(conn, worker, job_id, parsed.attempt)
@@ -207,7 +208,20 @@ def post_result(job_id):
     finally:
         if form is not None:
             form.discard()
-    return jsonify({"job_id": job["id"], "state": job["state"], "applied": applied})
+    answer = {"job_id": job["id"], "state": job["state"], "applied": applied}
+    if claim_next:
+        # Result and next claim in one round trip: the freed slot is filled at
+        # once, and a busy worker makes half the requests (bench/claim).
+        answer["jobs"] = [_claimed_json(j) for j in
+                          dispatch.claim(conn, worker, claim_next, **_lease_args())]
+    return jsonify(answer)
+
+
+def _claim_next(result: dict) -> int:
+    value = result.get("claim_next", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise ValidationError("claim_next must be an integer between 0 and 64", code="invalid_result")
+    return value
 
 
 @bp.route("/worker/deregister", methods=["POST"])

@@ -101,10 +101,11 @@ def test_serve_refuses_bad_configuration(tmp_path):
 def test_migrations_apply_once(database_url):
     db = open_database(database_url)
     try:
-        assert db.migrate() == [1]
+        assert db.migrate() == [1, 2]
         assert db.migrate() == []
         with db.connection() as conn:
-            versions = [r["version"] for r in conn.query("SELECT version FROM schema_migrations")]
-        assert versions == [1]
+            versions = [r["version"] for r in
+                        conn.query("SELECT version FROM schema_migrations ORDER BY version")]
+        assert versions == [1, 2]
     finally:
         db.close()

@@ -382,6 +382,41 @@ def test_heartbeats_extend_the_lease(hub):
     assert (job["state"], job["attempt"], job["worker_id"]) == ("running", 1, a.id)
 
 
+def test_a_job_the_worker_never_learned_of_expires_despite_heartbeats(hub):
+    # The answer to a claim was lost on the way: the proxy thinks a holds the
+    # job, a does not know it. a's heartbeats (which list what it runs) must
+    # not keep that job alive; it is requeued when its lease runs out.
+    T = hub.config.lease_timeout_s
+    t = time.time()
+    job_id, a = hub.claimed_at("a", t)
+    for late in (10, 5):
+        hub.heartbeat_at(a, [], t + T - late)
+    assert hub.row(job_id)["lease_expires_at"] == pytest.approx(t + T)
+    # The claim's lease ran out: requeued, and handed out again as attempt 2.
+    assert [(j["id"], j["attempt"]) for j in hub.claim_at(a, t + T + 1)] == [(job_id, 2)]
+
+
+def test_a_result_can_claim_the_next_job_in_the_same_request(hub):
+    a = hub.register("a", slots=1)
+    first, second = hub.submit(), hub.submit()
+    [job] = a.claim()
+    assert job["id"] == first
+    r = a.result(first, job["attempt"], claim_next=1)
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert (body["state"], body["applied"]) == ("succeeded", True)
+    assert [(j["id"], j["attempt"]) for j in body["jobs"]] == [(second, 1)]
+    assert hub.job(second)["state"] == "running"
+    # Nothing left: the answer says so, and a bad value is refused before anything is stored.
+    r = a.result(second, 1, claim_next=1)
+    assert r.get_json()["jobs"] == []
+    third = hub.submit()
+    [job] = a.claim()
+    r = a.result(third, job["attempt"], claim_next=-1)
+    assert (r.status_code, r.get_json()["error"]) == (400, "invalid_result")
+    assert hub.job(third)["state"] == "running"
+
+
 def test_heartbeat_reports_jobs_the_worker_does_not_hold(hub):
     a = hub.register("a", slots=1)
     mine = hub.submit()

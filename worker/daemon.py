@@ -195,7 +195,8 @@ class Worker:
     def start_job(self, job: dict) -> None:
         runner = JobRunner(job, client=self.client, sandbox=self.sandbox, cache=self.cache,
                            config=self.config, backoff=self.backoff, giving_up=self.giving_up,
-                           on_done=self._job_done)
+                           on_done=self._job_done,
+                           next_jobs=(self._claim_with_result, self._start_claimed))
         with self._lock:
             self._runners[runner.job_id] = runner
         if self.stopping.is_set():
@@ -260,6 +261,15 @@ class Worker:
         if runner is not None:
             log.info("job %s: stopping (%s)", job_id, reason)
             runner.stop(reason)
+
+    def _claim_with_result(self) -> int:
+        # The finishing job's slot is about to be free: take its successor in
+        # the same request, unless this worker is stopping or draining.
+        return 0 if self.stopping.is_set() or self.draining else 1
+
+    def _start_claimed(self, jobs: list[dict]) -> None:
+        for job in jobs:
+            self.start_job(job)
 
     def _job_done(self, runner: JobRunner) -> None:
         with self._lock:

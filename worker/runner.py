@@ -32,7 +32,8 @@ class JobRunner(threading.Thread):
     """
 
     def __init__(self, claimed: dict, *, client: WorkerClient, sandbox: Sandbox, cache: DatasetCache,
-                 config: WorkerConfig, backoff, giving_up: threading.Event, on_done):
+                 config: WorkerConfig, backoff, giving_up: threading.Event, on_done,
+                 next_jobs=None):
         super().__init__(name=f"job-{claimed['id']}", daemon=True)
         self.job = claimed
         self.client = client
@@ -42,6 +43,9 @@ class JobRunner(threading.Thread):
         self.backoff = backoff
         self.giving_up = giving_up
         self.on_done = on_done
+        # (want, take): how many jobs to claim along with the result, and where
+        # the claimed ones go; None to post results alone.
+        self.next_jobs = next_jobs
         self.job_dir = config.data_path / "jobs" / f"{claimed['id']}-{claimed['attempt']}"
         self._stop_reason: str | None = None
         self._shipper: LogShipper | None = None
@@ -164,8 +168,11 @@ class JobRunner(threading.Thread):
                 # Logs go first: once the result is in, the proxy takes no more chunks.
                 if self._shipper is not None and not self._shipper.flush():
                     raise ProxyUnreachable("log chunks not delivered yet")
-                answer = self.client.post_result(self.job_id, result, archive)
+                want = self.next_jobs[0]() if self.next_jobs else 0
+                answer = self.client.post_result(self.job_id, dict(result, claim_next=want), archive)
                 log.info("job %s: %s (applied=%s)", self.job_id, answer.get("state"), answer.get("applied"))
+                if answer.get("jobs"):
+                    self.next_jobs[1](answer["jobs"])
                 return
             except ProxyUnreachable as e:
                 tries += 1

@@ -7,6 +7,7 @@ own prefix and table, so a worker secret can never pass as a user token.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -94,7 +95,7 @@ def authenticate(conn, name: str, password: str) -> dict | None:
     user = get_user_by_name(conn, name or "")
     if user is None:
         # Same work as a real check, so timing does not reveal which names exist.
-        check_password_hash(_DUMMY_HASH(), password or "")
+        check_password_hash(_dummy_hash(), password or "")
         return None
     if not check_password_hash(user["password_hash"], password or ""):
         return None
@@ -128,13 +129,10 @@ def ensure_first_admin(conn) -> str | None:
         return password
 
 
-_dummy = []
-
-
-def _DUMMY_HASH() -> str:
-    if not _dummy:
-        _dummy.append(generate_password_hash(secrets.token_hex(8)))
-    return _dummy[0]
+@functools.cache
+def _dummy_hash() -> str:
+    # Made on first use, not at import: hashing is deliberately slow.
+    return generate_password_hash(secrets.token_hex(8))
 
 
 # ----------------------------------------------------------------------- API tokens

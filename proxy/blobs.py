@@ -10,13 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import shutil
 from pathlib import Path
 
 from .errors import TooLarge
-
-CHUNK = 1024 * 1024
-
 
 class BlobStore:
     def __init__(self, data_dir: str):
@@ -87,14 +83,6 @@ class Upload:
             pass
 
 
-def copy_stream(src, upload: Upload) -> None:
-    while True:
-        chunk = src.read(CHUNK)
-        if not chunk:
-            return
-        upload.write(chunk)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -114,6 +102,3 @@ def _human(n: int) -> str:
 def human_size(n: int) -> str:
     return _human(n)
 
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
@@ -132,7 +132,7 @@ def _read_file(path: str) -> dict:
 def _coerce(name: str, value):
     if name not in _FIELDS:
         raise ConfigError(f"unknown setting {name!r}")
-    kind = type(getattr(Config, name)) if not isinstance(_FIELDS[name].default, tuple) else tuple
+    kind = type(_FIELDS[name].default)
     try:
         if kind is tuple:
             if isinstance(value, str):

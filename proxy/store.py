@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import Conflict, NotFound, ValidationError
-from .models import ACTIVE_STATES, JobState, iso, new_id
+from .models import JobState, iso, new_id
 
 @dataclass(frozen=True)
 class NewJob:
@@ -84,13 +84,6 @@ def list_jobs(conn, owner_id: str, *, before: str | None = None, limit: int = 50
         f" WHERE {' AND '.join(where)} ORDER BY j.id DESC LIMIT ?", (*params, limit + 1))
     cursor = rows[limit - 1]["id"] if len(rows) > limit else None
     return rows[:limit], cursor
-
-
-def count_active(conn, owner_id: str) -> int:
-    row = conn.query_one(
-        "SELECT COUNT(*) AS n FROM jobs WHERE owner_id = ? AND state IN (?, ?)",
-        (owner_id, *[s.value for s in ACTIVE_STATES]))
-    return row["n"]
 
 
 def cancel_job(conn, job: dict, now: float | None = None) -> dict:

@@ -280,9 +280,6 @@ def test_kill_9_one_of_two_workers_requeues_and_the_other_finishes_once(clusters
     job = c.wait(job_id, timeout=40)
     assert job["state"] == "succeeded" and job["attempt"] == 2, job
     assert c.outputs(job_id).read("attempt.txt") == b"2"
-    # Marked lost while frozen, the worker registers again and carries on.
-    wait_until(lambda: frozen_log.read_text().count("registered as") == 2 and frozen_proc.poll() is None,
-               timeout=30, what="the woken worker to register again")
     assert survivor_log.read_text().count(f"job {job_id}: succeeded (applied=True)") == 1
     # The killed worker's container outlived it; nothing of it reached the proxy.
     leftover = containers_of(docker_client, job_id, 1)

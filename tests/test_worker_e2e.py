@@ -5,7 +5,6 @@ subprocess, the Docker engine with jobcloud/ml, Chromium driven by Playwright.
 """
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import random

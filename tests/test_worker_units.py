@@ -2,7 +2,6 @@
 cache, output collection, bounded logs, configuration."""
 from __future__ import annotations
 
-import io
 import os
 import stat
 import zipfile

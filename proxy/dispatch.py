@@ -41,6 +41,7 @@ class Capacity:
     gpus: int
     slots: int
     images: tuple[str, ...]
+    disk_mb: int | None = None
 
 
 def parse_capacity(data: dict) -> Capacity:
@@ -56,6 +57,8 @@ def parse_capacity(data: dict) -> Capacity:
             gpus=_num(data, "gpus", int, 0, 1024),
             slots=_num(data, "slots", int, 1, 1024),
             images=tuple(_images(data.get("images"))),
+            disk_mb=(_num(data, "disk_mb", int, 0, 2**53) if data.get("disk_mb") is not None
+                     else None),
         )
     except (TypeError, AttributeError):
         raise ValidationError("capacity must be a JSON object", code="invalid_capacity") from None
@@ -102,11 +105,11 @@ def register_worker(conn, enrollment: dict, name: str, cap: Capacity, *, lease_t
                             LIVE_WORKER_STATES)["m"]
         conn.execute(
             "INSERT INTO workers (id, name, secret_hash, enrollment_id, state, cpus, memory_mb,"
-            " gpus, slots, images, registered_at, last_seen_at, rr_seq)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " gpus, slots, images, registered_at, last_seen_at, rr_seq, disk_mb)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (worker_id, name, accounts.hash_token(secret), enrollment["id"],
              WorkerState.ACTIVE.value, cap.cpus, cap.memory_mb, cap.gpus, cap.slots,
-             json.dumps(list(cap.images)), now, now, rr))
+             json.dumps(list(cap.images)), now, now, rr, cap.disk_mb))
     return get_worker(conn, worker_id), secret
 
 
@@ -141,6 +144,7 @@ def worker_json(w: dict) -> dict:
 
     return {"id": w["id"], "name": w["name"], "state": w["state"], "cpus": w["cpus"],
             "memory_mb": w["memory_mb"], "gpus": w["gpus"], "slots": w["slots"],
+            "disk_mb": w.get("disk_mb"),
             "images": json.loads(w["images"]), "running": w.get("running"),
             "registered_at": iso(w["registered_at"]), "last_seen_at": iso(w["last_seen_at"])}
 

@@ -90,6 +90,8 @@ SCHEMAS = {
                  "properties": {"name": {"type": "string"}, "cpus": {"type": "number"},
                                 "memory_mb": {"type": "integer"}, "gpus": {"type": "integer"},
                                 "slots": {"type": "integer"},
+                                "disk_mb": {"type": ["integer", "null"],
+                                            "description": "free disk of the worker's data dir"},
                                 "images": {"type": "array", "items": {"type": "string"}}}},
     "ClaimedJob": {"type": "object", "properties": {
         "id": {"type": "string"}, "attempt": {"type": "integer"}, "image": {"type": "string"},

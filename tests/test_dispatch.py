@@ -705,3 +705,18 @@ def test_a_worker_downloads_inputs_only_of_jobs_it_holds(hub):
 
     assert a.result(with_data, claimed[with_data]["attempt"]).status_code == 200
     assert a.get(f"/api/v1/worker/jobs/{with_data}/script").status_code == 404
+
+
+def test_workers_report_free_disk_and_bad_capacity_is_refused(hub):
+    r = hub.client.post("/api/v1/workers/register",
+                        headers={"Authorization": f"Bearer {hub.enrollment}"},
+                        json=dict(_capacity("disky"), disk_mb=51200))
+    assert r.status_code == 201
+    r = hub.client.get("/api/v1/admin/workers", headers=hub.admin["headers"])
+    [listed] = [w for w in r.get_json()["workers"] if w["name"] == "disky"]
+    assert listed["disk_mb"] == 51200
+    for bad in ({"disk_mb": -1}, {"disk_mb": "lots"}, {"slots": 0}, {"images": "jobcloud/python"}):
+        r = hub.client.post("/api/v1/workers/register",
+                            headers={"Authorization": f"Bearer {hub.enrollment}"},
+                            json=dict(_capacity("bad"), **bad))
+        assert (r.status_code, r.get_json()["error"]) == (400, "invalid_capacity"), bad

@@ -48,10 +48,10 @@ class WorkerClient:
     # ---------------------------------------------------------------- protocol
 
     def register(self, enrollment_token: str, name: str, *, cpus: float, memory_mb: int,
-                 gpus: int, slots: int, images: list[str]) -> dict:
+                 gpus: int, slots: int, images: list[str], disk_mb: int | None = None) -> dict:
         answer = self._call("POST", "/api/v1/workers/register", token=enrollment_token, json={
             "name": name, "cpus": cpus, "memory_mb": memory_mb, "gpus": gpus, "slots": slots,
-            "images": images})
+            "images": images, "disk_mb": disk_mb})
         self.secret, self.worker_id = answer["secret"], answer["worker_id"]
         return answer
 

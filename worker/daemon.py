@@ -135,6 +135,7 @@ class Worker:
     def capacity(self) -> dict:
         return {"cpus": float(psutil.cpu_count() or 1),
                 "memory_mb": int(psutil.virtual_memory().total // (1024 * 1024)),
+                "disk_mb": int(psutil.disk_usage(str(self.config.data_path)).free // (1024 * 1024)),
                 "gpus": count_nvidia_gpus(), "slots": self.config.slots,
                 "images": self.sandbox.images_present(self.config.images)}
 

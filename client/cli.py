@@ -1,0 +1,510 @@
+"""The `jobcloud` command.
+
+User commands (run anywhere, against the proxy's API with a stored token):
+login, submit, status, logs, fetch, cancel, resubmit. Admin commands (user,
+token, enroll) run on the proxy host against its store and are handed to
+`proxy.cli.jobcloud_main`, imported only then: a user's machine needs no Flask.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from . import config as cfgmod
+from .api import Client, MultipartBody
+from .errors import ClientError, UnsafeArchive
+
+ADMIN_GROUPS = ("user", "token", "enroll")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
+
+# Exit codes. A followed job's own exit code is passed through (1-255), so a
+# CLI failure (1) and a job that exited 1 read alike; use --json to tell them apart.
+EXIT_OK = 0
+EXIT_ERROR = 1        # a client error, or a job that failed without an exit code of its own
+EXIT_USAGE = 2        # argparse: wrong arguments
+EXIT_TIMED_OUT = 124  # the job hit its time limit (as timeout(1) exits)
+EXIT_CANCELLED = 125  # the job was cancelled
+EXIT_INTERRUPTED = 130  # Ctrl-C while following; the job keeps running
+
+# Log polling: quick while output flows, backing off to this when the job is quiet.
+POLL_MIN_S, POLL_MAX_S = 0.2, 2.0
+# Redraw the upload progress bar at most this often.
+PROGRESS_EVERY_S = 0.1
+
+EPILOG = f"""\
+admin commands (on the proxy host, against its store):
+  jobcloud user add NAME [--admin] | user passwd NAME | user list
+  jobcloud token create --user NAME [--label L] | token list --user NAME | token revoke ID --user NAME
+  jobcloud enroll create [--label L] [--expires S] | enroll list | enroll revoke ID
+
+exit codes: 0 ok; 1 error; 2 wrong arguments; with submit --follow, resubmit --follow
+and logs -f the job's: 0 succeeded, its exit code when it failed with one (else 1),
+{EXIT_TIMED_OUT} timed out, {EXIT_CANCELLED} cancelled, {EXIT_INTERRUPTED} interrupted (the job keeps running).
+
+The URL and API token are kept in {cfgmod.config_path()}
+(or ${cfgmod.ENV_CONFIG}), mode 0600.
+"""
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ADMIN_GROUPS:
+        from proxy.cli import jobcloud_main  # Flask and the store: proxy host only
+        return jobcloud_main(argv)
+    args = build_parser().parse_args(argv)
+    # Job output is whatever the job printed: never die on an unencodable character.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    try:
+        return args.run(args, cfgmod.config_path())
+    except ClientError as e:
+        print(f"jobcloud: {e.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\njobcloud: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobcloud", description="Run Python ML jobs on a jobcloud proxy.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("login", help="store the proxy URL and your API token")
+    p.add_argument("url", nargs="?", metavar="URL",
+                   help=f"the proxy (default: the last one, else {cfgmod.DEFAULT_URL})")
+    p.add_argument("--token", help="an API token (jcu_...); asked for when not given")
+    p.set_defaults(run=cmd_login)
+
+    p = sub.add_parser("submit", help="submit a script as a job")
+    p.add_argument("script", metavar="SCRIPT", help="the .py file to run")
+    p.add_argument("--data", metavar="ZIP|DIR", help="a .zip dataset, or a directory (zipped for you)")
+    _add_settings(p)
+    _add_follow(p)
+    p.set_defaults(run=cmd_submit)
+
+    p = sub.add_parser("status", help="one job, or a table of your jobs")
+    p.add_argument("job", nargs="?", metavar="JOB")
+    p.add_argument("--limit", type=int, default=50, help="jobs listed (default 50, newest first)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("logs", help="a job's output")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="follow until the job ends; exit with the job's code")
+    p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+    p.set_defaults(run=cmd_logs)
+
+    p = sub.add_parser("fetch", help="download and unpack a job's outputs")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-o", "--output", metavar="DIR", help="where to unpack (default: ./JOB)")
+    p.set_defaults(run=cmd_fetch)
+
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.set_defaults(run=cmd_cancel)
+
+    p = sub.add_parser(
+        "resubmit", help="submit a job again with the same script, data and settings",
+        description="Submit a job again. The API does not hand a job's script back to its "
+                    "owner, so this reads the script and data again from the paths recorded "
+                    "when `jobcloud submit` sent the job from this machine (kept beside the "
+                    "config file); a job submitted elsewhere, or whose files were moved, "
+                    "cannot be resubmitted. Edited files are sent as they are now.")
+    p.add_argument("job", metavar="JOB")
+    _add_follow(p)
+    p.set_defaults(run=cmd_resubmit)
+
+    for group in ADMIN_GROUPS:  # listed in --help; main() hands them to proxy.cli first
+        sub.add_parser(group, help="(admin, on the proxy host) see below", add_help=False)
+    return parser
+
+
+def _add_settings(p) -> None:
+    p.add_argument("--image", help="job image, e.g. jobcloud/ml (default: the proxy's)")
+    p.add_argument("--cpus", type=float)
+    p.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB")
+    p.add_argument("--timeout", type=int, metavar="S", help="time limit in seconds")
+    p.add_argument("--gpus", type=int)
+    p.add_argument("--name", help="a display name (default: the script's)")
+
+
+def _add_follow(p) -> None:
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="print the job's output as it runs; exit with the job's code")
+    p.add_argument("--json", action="store_true",
+                   help="print the job as JSON (with --follow: the final job; output goes to stderr)")
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_login(args, path: Path) -> int:
+    url = _normal_url(args.url or cfgmod.stored_url(path) or cfgmod.DEFAULT_URL)
+    token = args.token or _ask_token()
+    if not token:
+        raise ClientError("no token given: create one on the proxy's API tokens page")
+    me = Client(url, token).me()
+    cfgmod.save_config(path, cfgmod.ClientConfig(url=url, token=token))
+    print(f"logged in to {url} as {me['name']}{' (admin)' if me.get('is_admin') else ''}")
+    return EXIT_OK
+
+
+def cmd_submit(args, path: Path) -> int:
+    record = {"script": os.path.abspath(args.script),
+              "data": os.path.abspath(args.data) if args.data else None,
+              "settings": {k: getattr(args, k) for k in ("image", "cpus", "memory", "timeout",
+                                                         "gpus", "name")}}
+    return _submit_and_report(args, path, record)
+
+
+def cmd_resubmit(args, path: Path) -> int:
+    record = cfgmod.find_submission(path, args.job)
+    if record is None:
+        raise ClientError(f"no local record of how job {args.job} was submitted: resubmit works "
+                          "for jobs sent with `jobcloud submit` from this machine")
+    return _submit_and_report(args, path, record)
+
+
+def cmd_status(args, path: Path) -> int:
+    client = _client(path)
+    if args.job:
+        job = client.job(args.job)
+        print(json.dumps(job, indent=2) if args.json else _describe(job))
+        return EXIT_OK
+    jobs = client.jobs(limit=args.limit)
+    if args.json:
+        print(json.dumps({"jobs": jobs}, indent=2))
+    else:
+        print(_table(jobs) if jobs else "no jobs yet")
+    return EXIT_OK
+
+
+def cmd_logs(args, path: Path) -> int:
+    client = _client(path)
+    stream = "stderr" if args.stderr else "stdout"
+    out = sys.stderr if args.stderr else sys.stdout
+    if args.follow:
+        return job_exit_code(follow(client, args.job, {stream: out}))
+    offset = 0
+    while True:  # one answer carries at most ~1 MiB: read until nothing is left
+        page = client.logs(args.job, stream, offset)
+        if not page["data"]:
+            return EXIT_OK
+        out.write(page["data"])
+        out.flush()
+        offset = page["next_offset"]
+
+
+def cmd_fetch(args, path: Path) -> int:
+    client = _client(path)
+    dest = Path(args.output or args.job)
+    with tempfile.TemporaryFile() as tmp:
+        size = client.download_outputs(args.job, tmp)
+        tmp.seek(0)
+        names = extract_safely(tmp, dest)
+    print(f"{len(names)} file(s), {_human(size)} zipped, into {dest}/")
+    return EXIT_OK
+
+
+def cmd_cancel(args, path: Path) -> int:
+    job = _client(path).cancel(args.job)
+    if args.json:
+        print(json.dumps(job, indent=2))
+    elif job["state"] in FINAL_STATES:
+        print(f"job {job['id']} is {job['state']}")
+    else:
+        print(f"cancel requested for job {job['id']} ({job['state']})")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ submit
+
+def _submit_and_report(args, path: Path, record: dict) -> int:
+    client = _client(path)
+    job = submit(client, record)
+    cfgmod.record_submission(path, job["id"], record)
+    if not args.follow:
+        print(json.dumps(job, indent=2) if args.json else
+              f"submitted job {job['id']} ({job['name']}, {job['state']})")
+        return EXIT_OK
+    if args.json:
+        final = follow(client, job["id"], {"stdout": sys.stderr, "stderr": sys.stderr})
+        print(json.dumps(final, indent=2))
+    else:
+        print(f"submitted job {job['id']} ({job['name']}); following its output", file=sys.stderr)
+        final = follow(client, job["id"], {"stdout": sys.stdout, "stderr": sys.stderr})
+        print(f"job {final['id']} {_outcome(final)}", file=sys.stderr)
+    return job_exit_code(final)
+
+
+def submit(client: Client, record: dict) -> dict:
+    """Send one job described by a submission record (absolute paths + settings).
+
+    Raises:
+        ClientError: a file is missing; any API error of the submission.
+    """
+    script = record["script"]
+    if not os.path.isfile(script):
+        raise ClientError(f"no such script: {script}")
+    s = record["settings"]
+    fields = {key: str(s[opt]) for key, opt in (("name", "name"), ("image", "image"),
+                                                  ("cpus", "cpus"), ("memory_mb", "memory"),
+                                                  ("timeout_s", "timeout"), ("gpus", "gpus"))
+              if s.get(opt) is not None}
+    files = {"script": (os.path.basename(script), script, "text/x-python")}
+    with _dataset(record["data"]) as data:
+        if data:
+            files["dataset"] = (data[0], data[1], "application/zip")
+        progress = Progress() if sys.stderr.isatty() else None
+        body = MultipartBody(fields, files, on_progress=progress)
+        try:
+            return client.submit(body)
+        finally:
+            if progress:
+                progress.done()
+
+
+class _dataset:
+    """The dataset to send as (file name, path): a zip as is, a directory zipped to a temp file."""
+
+    def __init__(self, data: str | None):
+        self.data = data
+        self.tmp: str | None = None
+
+    def __enter__(self):
+        if not self.data:
+            return None
+        if os.path.isdir(self.data):
+            self.tmp = zip_directory(self.data)
+            return (os.path.basename(os.path.normpath(self.data)) or "data") + ".zip", self.tmp
+        if os.path.isfile(self.data):
+            return os.path.basename(self.data), self.data
+        raise ClientError(f"no such file or directory: {self.data}")
+
+    def __exit__(self, *exc):
+        if self.tmp:
+            os.unlink(self.tmp)
+
+
+def zip_directory(directory: str) -> str:
+    """Zip the regular files under `directory` into a temp file; returns its path.
+
+    Symbolic links are left out: the proxy refuses them in datasets, and one
+    could point anywhere on this machine.
+    """
+    fd, tmp = tempfile.mkstemp(prefix="jobcloud-data-", suffix=".zip")
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+            for root, dirs, files in os.walk(directory):
+                dirs.sort()
+                for name in sorted(files):
+                    full = os.path.join(root, name)
+                    if os.path.islink(full) or not os.path.isfile(full):
+                        continue
+                    zf.write(full, os.path.relpath(full, directory).replace(os.sep, "/"))
+    except OSError as e:
+        os.unlink(tmp)
+        raise ClientError(f"cannot zip {directory}: {e}") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+class Progress:
+    """An upload progress bar on stderr (only used when stderr is a terminal)."""
+
+    def __init__(self):
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, sent: int, total: int) -> None:
+        now = time.monotonic()
+        if sent < total and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last, self.shown = now, True
+        width = 30
+        filled = width * sent // max(total, 1)
+        sys.stderr.write(f"\ruploading [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{100 * sent // max(total, 1):3d}% {_human(sent)} / {_human(total)} ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# ------------------------------------------------------------------ follow
+
+def follow(client: Client, job_id: str, outputs: dict) -> dict:
+    """Print the job's streams as they grow, until it is final; returns the final job.
+
+    Args:
+        outputs: stream name ("stdout", "stderr") -> the text file to write it to.
+
+    Each answer carries the job's state read before its logs, so an answer in
+    a final state with no new data means the stream is complete. Offsets come
+    only from next_offset: nothing is printed twice or skipped. A job that is
+    requeued (its worker was lost) starts a new attempt whose output starts
+    again at offset 0; that is announced on stderr.
+    """
+    offsets = dict.fromkeys(outputs, 0)
+    attempt = None
+    delay = POLL_MIN_S
+    while True:
+        complete, progressed = True, False
+        for stream, out in outputs.items():
+            page = client.logs(job_id, stream, offsets[stream])
+            if attempt is not None and page["attempt"] != attempt:
+                print(f"--- job {job_id} was requeued: attempt {page['attempt']}, "
+                      "its output starts again ---", file=sys.stderr)
+                offsets = dict.fromkeys(outputs, 0)
+                attempt, complete, progressed = page["attempt"], False, True
+                break
+            attempt = page["attempt"]
+            if page["data"]:
+                out.write(page["data"])
+                out.flush()
+                progressed = True
+            offsets[stream] = page["next_offset"]
+            if page["data"] or page["state"] not in FINAL_STATES:
+                complete = False
+        if complete:
+            return client.job(job_id)
+        delay = POLL_MIN_S if progressed else min(delay * 1.5, POLL_MAX_S)
+        if not progressed:
+            time.sleep(delay)
+
+
+def job_exit_code(job: dict) -> int:
+    """The CLI's exit code for a final job (see EPILOG)."""
+    state = job["state"]
+    if state == "succeeded":
+        return EXIT_OK
+    if state == "timed_out":
+        return EXIT_TIMED_OUT
+    if state == "cancelled":
+        return EXIT_CANCELLED
+    code = job.get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else EXIT_ERROR
+
+
+# ------------------------------------------------------------------ fetch
+
+def extract_safely(archive, dest: Path) -> list[str]:
+    """Unpack a zip into `dest` after checking every entry.
+
+    Raises:
+        UnsafeArchive: an entry is absolute, climbs out with '..', or is a link;
+            nothing is written then.
+    """
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise UnsafeArchive("the output archive is not a valid zip") from None
+    with zf:
+        members = [(info, _safe_parts(info)) for info in zf.infolist()]
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        written = []
+        for info, parts in members:
+            target = root.joinpath(*parts)
+            # An existing symlink inside dest must not redirect a write outside it.
+            if not target.parent.resolve().is_relative_to(root) or target.is_symlink():
+                raise UnsafeArchive(f"refusing to write through a link at {target}")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            written.append(info.filename)
+    return written
+
+
+def _safe_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
+    name = info.filename
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise UnsafeArchive(f"the output archive holds a link: {name!r}")
+    path = PurePosixPath(name)
+    parts = tuple(p for p in path.parts if p not in ("", "."))
+    if (path.is_absolute() or "\\" in name or ".." in parts or not parts
+            or (parts and ":" in parts[0])):
+        raise UnsafeArchive(f"the output archive holds an unsafe path: {name!r}")
+    return parts
+
+
+# ------------------------------------------------------------------ helpers
+
+def _client(path: Path) -> Client:
+    cfg = cfgmod.load_config(path)
+    return Client(cfg.url, cfg.token)
+
+
+def _normal_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    return url if "://" in url else "http://" + url
+
+
+def _ask_token() -> str:
+    if sys.stdin.isatty():
+        return getpass.getpass("API token (from the proxy's API tokens page): ").strip()
+    return sys.stdin.readline().strip()
+
+
+def _outcome(job: dict) -> str:
+    text = job["state"]
+    if job.get("exit_code") is not None and job["state"] != "succeeded":
+        text += f" (exit code {job['exit_code']})"
+    if job.get("failure_reason"):
+        text += f": {job['failure_reason']}"
+    return text
+
+
+def _describe(job: dict) -> str:
+    r = job["resources"]
+    lines = [
+        ("job", job["id"]), ("name", job["name"]), ("state", _outcome(job)), ("image", job["image"]),
+        ("resources", f"{r['cpus']:g} cpus, {r['memory_mb']} MB, {r['timeout_s']} s, {r['gpus']} gpus"),
+        ("script", job["script"]["name"]),
+        ("dataset", job["dataset"]["name"] if job.get("dataset") else "-"),
+        ("attempt", job["attempt"]), ("submitted", job["submitted_at"]),
+        ("started", job["started_at"] or "-"), ("finished", job["finished_at"] or "-"),
+        ("outputs", _human(job["outputs"]["size"]) if job.get("outputs") else "-"),
+    ]
+    return "\n".join(f"{k + ':':<11}{v}" for k, v in lines)
+
+
+def _table(jobs: list[dict]) -> str:
+    rows = [("ID", "STATE", "EXIT", "NAME", "IMAGE", "SUBMITTED")]
+    rows += [(j["id"], j["state"], "" if j["exit_code"] is None else str(j["exit_code"]),
+              j["name"], j["image"], j["submitted_at"] or "") for j in jobs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _human(n: int | None) -> str:
+    size = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 
-from . import claim, status, submit, upload
+from . import claim, status, submit, upload, worker
 from .harness import machine
 from .report import Outcome, now_iso, update_doc, write_json
 
@@ -22,6 +22,8 @@ BENCHMARKS = {
     "status": ("Job status page latency", status.run),
     "upload": ("1 GiB dataset upload", upload.run),
     "submit-scaling": ("Submissions by store size", submit.run_scaling),
+    "trivial": ("Trivial job end to end vs bare docker run", worker.run_trivial),
+    "throughput": ("Jobs per second, 1 worker, N slots", worker.run_throughput),
 }
 
 INTRO = """# Performance

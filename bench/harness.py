@@ -131,13 +131,18 @@ class Proxy:
 
     # ---------------------------------------------------------------- the server
 
-    def start(self) -> None:
-        """Start gunicorn with the default config and wait for /healthz."""
+    def start(self, settings: dict | None = None) -> None:
+        """Start gunicorn with the default config and wait for /healthz.
+
+        Args:
+            settings: JOBCLOUD_* environment for the proxy on top of the defaults.
+        """
         env = dict(os.environ, JOBCLOUD_DATA_DIR=self.config.data_dir,
                    JOBCLOUD_BIND=f"127.0.0.1:{self.port}")
         for key in ("JOBCLOUD_CONFIG", "JOBCLOUD_DATABASE_URL", "JOBCLOUD_GUNICORN_WORKERS",
                     "JOBCLOUD_GUNICORN_THREADS", "JOBCLOUD_ACCESS_LOG"):
             env.pop(key, None)
+        env.update(settings or {})
         # The access log stays on (the default config logs every request to
         # stdout); it goes to a file in the temp dir, as it would to journald.
         self.log = open(self.dir / "gunicorn.log", "wb")

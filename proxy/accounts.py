@@ -23,6 +23,8 @@ WORKER_SECRET_PREFIX = "jcw_"
 ENROLLMENT_PREFIX = "jce_"
 USERNAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
 MIN_PASSWORD = 10
+# Longest an enrollment token may be valid: ten years.
+MAX_ENROLLMENT_S = 10 * 365 * 24 * 3600
 
 
 def hash_token(token: str) -> str:
@@ -186,8 +188,11 @@ def user_for_token(conn, token: str) -> dict | None:
 def create_enrollment(conn, label: str, created_by: str | None,
                       expires_in_s: float | None = None) -> tuple[dict, str]:
     """Create a worker enrollment token; returns (record, the token shown once)."""
-    if expires_in_s is not None and expires_in_s <= 0:
-        raise ValidationError("expires_in_s must be positive", code="invalid_expiry")
+    # NaN fails both comparisons, so it is refused too; the cap keeps the
+    # stored expiry a finite, listable time.
+    if expires_in_s is not None and not 0 < expires_in_s <= MAX_ENROLLMENT_S:
+        raise ValidationError(f"expires_in_s must be between 0 and {MAX_ENROLLMENT_S} (10 years)",
+                              code="invalid_expiry")
     token = new_secret(ENROLLMENT_PREFIX)
     now = time.time()
     record = {"id": new_id("e"), "label": (label or "workers")[:100], "token_hash": hash_token(token),

@@ -57,10 +57,13 @@ def create_enrollment():
     admin = api_admin()
     body = _body()
     label, expires = body.get("label", "workers"), body.get("expires_in_s")
+    # Bounded: a NaN, an infinity or 1e300 seconds was stored, and then every
+    # listing of the tokens failed on the date it cannot print (a 500).
     if not isinstance(label, str) or (expires is not None and (
-            isinstance(expires, bool) or not isinstance(expires, (int, float)))):
-        raise ValidationError("label must be a string and expires_in_s a number",
-                              code="invalid_enrollment")
+            isinstance(expires, bool) or not isinstance(expires, (int, float))
+            or not 0 < expires <= accounts.MAX_ENROLLMENT_S)):
+        raise ValidationError(f"label must be a string and expires_in_s a number of seconds "
+                              f"between 0 and {accounts.MAX_ENROLLMENT_S}", code="invalid_enrollment")
     record, token = accounts.create_enrollment(get_conn(), label, admin["name"], expires)
     return jsonify(dict(_enrollment_json(record), token=token)), 201
 

@@ -104,7 +104,9 @@ def csrf_token() -> str:
 
 def check_csrf(sent: str | None) -> None:
     expected = session.get("csrf")
-    if not expected or not sent or not hmac.compare_digest(str(expected), str(sent)):
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters
+    # (TypeError, a 500) and a forged form can send any.
+    if not expected or not sent or not hmac.compare_digest(str(expected).encode(), str(sent).encode()):
         raise Forbidden("the form's CSRF token is missing or wrong; reload the page and try again",
                         code="csrf_failed")
 

@@ -17,6 +17,7 @@ around the workers in turn, whichever worker happens to poll first.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -436,6 +437,11 @@ class Result:
     wall_seconds: float | None
 
 
+# Largest usage figure a result may report: 2**53 is exact as a JSON number
+# and as a 64-bit INTEGER, and far above any real byte count or second count.
+MAX_USAGE = 2**53
+
+
 def parse_result(data: dict, tail_bytes: int) -> Result:
     """Validate a worker's result document.
 
@@ -451,8 +457,9 @@ def parse_result(data: dict, tail_bytes: int) -> Result:
     if state not in RESULT_STATES:
         raise ValidationError(f"state must be one of {sorted(RESULT_STATES)}", code="invalid_result")
     exit_code = data.get("exit_code")
-    if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
-        raise ValidationError("exit_code must be an integer or null", code="invalid_result")
+    if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)
+                                  or not -2**31 <= exit_code < 2**31):
+        raise ValidationError("exit_code must be a 32-bit integer or null", code="invalid_result")
     reason = data.get("failure_reason")
     if reason is not None and not isinstance(reason, str):
         raise ValidationError("failure_reason must be a string or null", code="invalid_result")
@@ -461,8 +468,13 @@ def parse_result(data: dict, tail_bytes: int) -> Result:
         v = data.get(key)
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValidationError(f"{key} must be a non-negative number", code="invalid_result")
+        # Bounded and finite: Python's JSON reads Infinity and NaN, which the
+        # job's JSON would then carry (invalid JSON), and a larger integer
+        # overflows the database's 64-bit INTEGER (a 500).
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not 0 <= v <= MAX_USAGE:
+            raise ValidationError(f"{key} must be a number between 0 and {MAX_USAGE}",
+                                  code="invalid_result")
         return kind(v)
 
     def text(key):

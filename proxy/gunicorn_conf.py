@@ -26,3 +26,6 @@ _control = os.environ.get("JOBCLOUD_GUNICORN_CONTROL_SOCKET", "")
 control_socket_disable = not _control
 if _control:
     control_socket = _control
+# Trust no client's forwarding headers (X-Forwarded-*, SCRIPT_NAME) by default,
+# loopback included: a front proxy on this host must be named here explicitly.
+forwarded_allow_ips = os.environ.get("JOBCLOUD_FORWARDED_ALLOW_IPS", "")

@@ -19,11 +19,19 @@ def _json(schema, description="OK"):
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+ERROR_TEXT = {400: "Invalid request", 401: "Missing or invalid credentials", 403: "Not allowed",
+              404: "Not found (or not yours)", 409: "Conflict with the current state",
+              413: "Upload too large", 415: "Wrong content type", 503: "Store unavailable"}
+
+
 def _errors(*codes):
-    text = {400: "Invalid request", 401: "Missing or invalid credentials", 403: "Not allowed",
-            404: "Not found (or not yours)", 409: "Conflict with the current state",
-            413: "Upload too large", 415: "Wrong content type", 503: "Store unavailable"}
-    return {str(c): _json(ERROR, text[c]) for c in codes}
+    return {str(c): _json(ERROR, ERROR_TEXT[c]) for c in codes}
+
+
+def _page_errors(*codes):
+    # A page answers its errors as HTML, or as JSON to Accept: application/json.
+    return {str(c): {"description": ERROR_TEXT[c], "content": {
+        "text/html": {}, "application/json": {"schema": ERROR}}} for c in codes}
 
 
 def _op(summary, security, responses, *, params=(), body=None, tag="jobs"):
@@ -53,6 +61,8 @@ SUBMIT_FORM = {
             "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
         }}}},
 }
+
+USAGE = {"type": ["number", "null"], "minimum": 0, "maximum": 2**53}
 
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error", "detail"],
@@ -101,11 +111,12 @@ SCHEMAS = {
     "Result": {"type": "object", "required": ["attempt", "state"], "properties": {
         "attempt": {"type": "integer"},
         "state": {"type": "string", "enum": ["succeeded", "failed", "cancelled", "timed_out"]},
-        "exit_code": {"type": ["integer", "null"]}, "failure_reason": {"type": ["string", "null"]},
+        "exit_code": {"type": ["integer", "null"], "minimum": -2**31, "maximum": 2**31 - 1},
+        "failure_reason": {"type": ["string", "null"]},
         "stdout": {"type": "string"}, "stderr": {"type": "string"},
         "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
-        "cpu_seconds": {"type": "number"}, "peak_memory_bytes": {"type": "integer"},
-        "wall_seconds": {"type": "number"},
+        "cpu_seconds": USAGE, "peak_memory_bytes": {**USAGE, "type": ["integer", "null"]},
+        "wall_seconds": USAGE,
         "claim_next": {"type": "integer", "minimum": 0, "maximum": 64,
                        "description": "also claim up to this many jobs; they come back in `jobs`"}}},
     "Worker": {"type": "object", "properties": {
@@ -120,11 +131,11 @@ SESSION = [{"session": []}]
 HTML = {"description": "HTML page", "content": {"text/html": {}}}
 REDIRECT = {"description": "Redirect (to the login page when not logged in)"}
 CSRF_FORM = {"403": {"description": "The form's csrf_token is missing or wrong",
-                     "content": {"text/html": {}}}}
+                     "content": {"text/html": {}, "application/json": {"schema": ERROR}}}}
 
 
-def _page(summary, *, form=None, params=(), ok="200"):
-    responses = {ok: REDIRECT if ok == "302" else HTML, "302": REDIRECT}
+def _page(summary, *, form=None, params=(), ok="200", errors=()):
+    responses = {ok: REDIRECT if ok == "302" else HTML, "302": REDIRECT, **_page_errors(*errors)}
     if form is not None:
         responses.update(CSRF_FORM)
     op = _op(summary, SESSION, responses, params=params, tag="pages")
@@ -141,36 +152,41 @@ def _pages() -> dict:
         "/": {"get": _page("The job upload form")},
         "/login": {
             "get": {**_page("The login form"), "security": []},
-            "post": {**_page("Log in; redirects to ?next= (a local path only)", ok="302",
+            "post": {**_page("Log in; redirects to ?next= (a local path only); 401 and the form "
+                             "again on a wrong name or password", ok="302", errors=[401],
                              form={"username": {"type": "string"},
                                    "password": {"type": "string"}}), "security": []},
         },
         "/logout": {"post": _page("Log out", ok="302", form={})},
         "/account/password": {
             "get": _page("The password form (forced after a one-time password)"),
-            "post": _page("Change the password", ok="302", form={
+            "post": _page("Change the password; 400 and the form again on a mistake", ok="302",
+                          errors=[400], form={
                 "current_password": {"type": "string"}, "new_password": {"type": "string"},
                 "confirm_password": {"type": "string"}}),
         },
         "/account/tokens": {
             "get": _page("My API tokens"),
             "post": _page("Create (label) or revoke (revoke=<token id>) an API token",
-                          form={"label": {"type": "string"}, "revoke": {"type": "string"}}),
+                          errors=[404], form={"label": {"type": "string"}, "revoke": {"type": "string"}}),
         },
-        "/jobs": {"post": {**_page("Submit a job from the upload form", ok="302", form={}),
+        "/jobs": {"post": {**_page("Submit a job from the upload form; the form again with the "
+                                   "error's status when refused", ok="302", form={},
+                                   errors=[400, 413, 415]),
                            "requestBody": {"required": True, "content": {
                                "multipart/form-data": {"schema": {
                                    "type": "object", "required": ["csrf_token"], "properties": {
                                        "csrf_token": {"type": "string"},
                                        **SUBMIT_FORM["content"]["multipart/form-data"]
                                        ["schema"]["properties"]}}}}}}},
-        "/jobs/{job_id}": {"get": _page("One job: state, facts, logs", params=[JOB_ID])},
+        "/jobs/{job_id}": {"get": _page("One job: state, facts, logs", params=[JOB_ID],
+                                        errors=[404])},
         "/jobs/{job_id}/cancel": {"post": _page("Cancel a job", ok="302", form={},
-                                                params=[JOB_ID])},
+                                                params=[JOB_ID], errors=[404])},
         "/jobs/{job_id}/outputs": {"get": {**_page("Download the output archive", params=[JOB_ID]),
                                            "responses": {"200": {"description": "zip attachment",
                                                                  "content": {"application/zip": {}}},
-                                                         "302": REDIRECT}}},
+                                                         "302": REDIRECT, **_page_errors(404)}}},
     }
 
 
@@ -231,7 +247,9 @@ def build_document() -> dict:
             "post": _op("Create a worker enrollment token (admin)", USER,
                         {"201": _json({"type": "object"}), **_errors(400, 401, 403)},
                         body=_json_body({"type": "object", "properties": {
-                            "label": {"type": "string"}, "expires_in_s": {"type": "number"}}},
+                            "label": {"type": "string"},
+                            "expires_in_s": {"type": "number", "exclusiveMinimum": 0,
+                                             "maximum": 10 * 365 * 24 * 3600}}},
                             required=False), tag="admin"),
         },
         "/api/v1/admin/enrollment-tokens/{enrollment_id}": {"delete": _op(
@@ -307,9 +325,13 @@ def build_document() -> dict:
                                          "responses": {"200": _json({"type": "object"})}}},
         "/job-status/{user}": {"get": _op(
             "A user's jobs (HTML, or JSON with Accept: application/json)", USER,
-            {"200": _json({"$ref": "#/components/schemas/JobList"}), **_errors(401, 404)},
+            {"200": {"description": "OK", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/JobList"}},
+                "text/html": {}}},
+             "302": REDIRECT, **_page_errors(400, 401, 403, 404)},
             params=[{"name": "user", "in": "path", "required": True, "schema": {"type": "string"}},
-                    {"name": "before", "in": "query", "schema": {"type": "string"}}])},
+                    {"name": "before", "in": "query", "description": "a job id: the page after it",
+                     "schema": {"type": "string", "maxLength": 64}}])},
         "/healthz": {"get": {"summary": "Store reachable", "tags": ["ops"], "security": [],
                              "responses": {"200": _json({"type": "object"}),
                                            "503": _json({"type": "object"})}}},

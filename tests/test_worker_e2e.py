@@ -142,3 +142,33 @@ def test_browser_upload_train_and_download_outputs(page, console_errors, ml_clus
     # scikit-learn in the tests' venv: look at the pickle's opcodes instead).
     assert model_bytes[:1] == pickle.PROTO and b"LogisticRegression" in model_bytes
     assert console_errors == []
+
+
+ML_STACK_SCRIPT = '''\
+import cv2, matplotlib, numpy, pandas, PIL.Image, scipy.linalg, sklearn, torch
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+x = torch.arange(6.0).reshape(2, 3)
+print("torch", float((x @ x.T).sum()))
+image = numpy.zeros((8, 8, 3), numpy.uint8)
+print("cv2", cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).shape)
+print("scipy", round(float(scipy.linalg.det(numpy.eye(3) * 2)), 3))
+print("pandas", int(pandas.DataFrame({"a": [1, 2, 3]})["a"].sum()))
+PIL.Image.fromarray(image).save("tiny.png")
+plt.plot([1, 2, 3]); plt.savefig("plot.png")
+print("sklearn", sklearn.__version__.split(".")[0] >= "1")
+'''
+
+
+@pytest.mark.live
+def test_ml_image_runs_the_whole_stack(ml_cluster):
+    """jobcloud/ml has numpy, scipy, pandas, scikit-learn, PyTorch (CPU), OpenCV,
+    matplotlib and Pillow, usable by the non-root job user on a read-only root."""
+    job_id = ml_cluster.submit(ML_STACK_SCRIPT, image=ML_IMAGE, memory_mb=1024, timeout_s=120)
+    job = ml_cluster.wait(job_id, timeout=120)
+    out = ml_cluster.logs(job_id)["data"]
+    assert job["state"] == "succeeded", (job, out, ml_cluster.logs(job_id, "stderr")["data"])
+    assert "torch 83.0" in out and "cv2 (8, 8)" in out and "scipy 8.0" in out
+    assert "pandas 6" in out and "sklearn True" in out
+    assert sorted(ml_cluster.outputs(job_id).namelist()) == ["plot.png", "tiny.png"]

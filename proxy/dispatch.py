@@ -242,7 +242,15 @@ def claim(conn, worker: dict, max_jobs: int, *, lease_timeout_s: float, max_atte
 
 
 def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
-    """Reserve queued jobs for live workers with free slots, round-robin. Returns how many."""
+    """Reserve queued jobs for live workers with free slots. Returns how many.
+
+    Fair across users: each free slot goes to the user with the fewest jobs
+    running or reserved now; ties go to the user served longest ago
+    (`users.rr_seq`), then to the oldest queued job. So one user's thousand
+    queued jobs cannot starve another's one, and users take turns. Within a
+    user, jobs go in submission order; the job goes to the eligible worker that
+    was served longest ago (round-robin across workers).
+    """
     workers = conn.query(
         "SELECT w.id, w.cpus, w.memory_mb, w.gpus, w.slots, w.images, w.rr_seq,"
         " (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state IN (?, ?)) AS used"
@@ -255,47 +263,108 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
             if w["used"] < w["slots"] and w["images"]]
     if not free:
         return 0
+    owners = _queued_owners(conn)
+    if not owners:
+        return 0
+    load = _owner_load(conn, [w["id"] for w in workers])
     next_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM workers")["m"] + 1
+    user_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM users")["m"] + 1
     slots = sum(w["slots"] - w["used"] for w in free)
     batch = min(DISPATCH_BATCH, max(16, DISPATCH_BATCH_PER_SLOT * slots))
-    reserved, after = 0, ""
+    pending: dict[str, list[dict]] = {}   # owner -> fetched, not yet placed jobs
+    after: dict[str, str] = {}            # owner -> id the next fetch starts after
+    reserved = 0
+    while owners and any(w["used"] < w["slots"] for w in free):
+        owner = min(owners, key=lambda o: (load.get(o, 0), owners[o]["rr_seq"], owners[o]["head"]))
+        job, w = _next_placeable(conn, owner, free, pending, after, batch)
+        if job is None:
+            del owners[owner]   # nothing of theirs fits a free worker now
+            continue
+        n = conn.execute(
+            "UPDATE jobs SET worker_id = ?, reserved_at = ? WHERE id = ? AND state = ?"
+            " AND worker_id IS NULL", (w["id"], now, job["id"], JobState.QUEUED.value))
+        if n:
+            w["used"] += 1
+            w["rr_seq"] = next_seq
+            conn.execute("UPDATE workers SET rr_seq = ? WHERE id = ?", (next_seq, w["id"]))
+            next_seq += 1
+            reserved += 1
+            load[owner] = load.get(owner, 0) + 1
+            owners[owner]["rr_seq"] = user_seq
+            conn.execute("UPDATE users SET rr_seq = ? WHERE id = ?", (user_seq, owner))
+            user_seq += 1
+        if pending.get(owner):
+            owners[owner]["head"] = pending[owner][0]["id"]
+    return reserved
+
+
+def _next_placeable(conn, owner: str, free: list[dict], pending: dict, after: dict,
+                    batch: int) -> tuple[dict | None, dict | None]:
+    """The owner's oldest queued job some free worker can run now, with that worker."""
     while True:
-        jobs = _queued_batch(conn, free, after, batch)
-        for job in jobs:
-            fits = [w for w in free if w["used"] < w["slots"] and _fits(job, w)]
-            if not fits:
-                continue
-            w = min(fits, key=lambda w: (w["rr_seq"], w["id"]))
-            n = conn.execute(
-                "UPDATE jobs SET worker_id = ?, reserved_at = ? WHERE id = ? AND state = ?"
-                " AND worker_id IS NULL", (w["id"], now, job["id"], JobState.QUEUED.value))
-            if n:
-                w["used"] += 1
-                w["rr_seq"] = next_seq
-                conn.execute("UPDATE workers SET rr_seq = ? WHERE id = ?", (next_seq, w["id"]))
-                next_seq += 1
-                reserved += 1
-            if all(w["used"] >= w["slots"] for w in free):
-                return reserved
-        # A whole batch can fit the free workers' combined limits and yet none
-        # of them alone (a GPU on one, the memory on another): read on, or
-        # such a head would block the runnable jobs behind it for ever.
-        if len(jobs) < batch:
-            return reserved
-        after = jobs[-1]["id"]
+        if not pending.get(owner):
+            if after.get(owner) == "":
+                return None, None  # read to the end already
+            jobs = _queued_batch(conn, free, after.get(owner, ""), batch, owner)
+            # A whole batch can fit the free workers' combined limits and yet
+            # none of them alone (a GPU on one, the memory on another): the
+            # next call reads on, so such a head cannot block what is behind it.
+            after[owner] = jobs[-1]["id"] if len(jobs) == batch else ""
+            pending[owner] = jobs
+            if not jobs:
+                return None, None
+        job = pending[owner].pop(0)
+        fits = [w for w in free if w["used"] < w["slots"] and _fits(job, w)]
+        if fits:
+            return job, min(fits, key=lambda w: (w["rr_seq"], w["id"]))
 
 
-def _queued_batch(conn, free: list[dict], after: str, limit: int) -> list[dict]:
-    """The next unreserved queued jobs after id `after` that at least one free worker could run."""
+def _queued_owners(conn) -> dict[str, dict]:
+    """Users with unreserved queued jobs -> {"head": their oldest job's id, "rr_seq"}.
+
+    A loose index scan (one index probe per user on jobs_queue), so its cost
+    grows with the number of users waiting, not with the queue's length.
+    """
+    q = JobState.QUEUED.value
+    rows = conn.query(
+        "WITH RECURSIVE owners(owner_id) AS ("
+        " SELECT MIN(owner_id) FROM jobs WHERE worker_id IS NULL AND state = ?"
+        " UNION ALL"
+        " SELECT (SELECT MIN(j.owner_id) FROM jobs j WHERE j.worker_id IS NULL AND j.state = ?"
+        " AND j.owner_id > owners.owner_id) FROM owners WHERE owners.owner_id IS NOT NULL)"
+        " SELECT owner_id, (SELECT MIN(j.id) FROM jobs j WHERE j.worker_id IS NULL"
+        " AND j.state = ? AND j.owner_id = owners.owner_id) AS head,"
+        " (SELECT u.rr_seq FROM users u WHERE u.id = owners.owner_id) AS rr_seq"
+        " FROM owners WHERE owner_id IS NOT NULL", (q, q, q))
+    return {r["owner_id"]: {"head": r["head"], "rr_seq": r["rr_seq"]} for r in rows}
+
+
+def _owner_load(conn, live_worker_ids: list[str]) -> dict[str, int]:
+    """Jobs each user has running, or reserved on a live worker, right now."""
+    load: dict[str, int] = {}
+    for r in conn.query("SELECT owner_id, COUNT(*) AS n FROM jobs WHERE state = ? GROUP BY owner_id",
+                        (JobState.RUNNING.value,)):
+        load[r["owner_id"]] = r["n"]
+    if live_worker_ids:
+        marks = ", ".join("?" for _ in live_worker_ids)
+        for r in conn.query(
+                f"SELECT owner_id, COUNT(*) AS n FROM jobs WHERE worker_id IN ({marks})"
+                " AND state = ? GROUP BY owner_id", (*live_worker_ids, JobState.QUEUED.value)):
+            load[r["owner_id"]] = load.get(r["owner_id"], 0) + r["n"]
+    return load
+
+
+def _queued_batch(conn, free: list[dict], after: str, limit: int, owner: str) -> list[dict]:
+    """The owner's next unreserved queued jobs after id `after` that a free worker could run."""
     # Filtering on the free workers' combined limits keeps a head of jobs no
     # one can run (say gpus=1 with no GPU worker) out of the scan altogether.
     images = sorted(set().union(*(w["images"] for w in free)))
     placeholders = ", ".join("?" for _ in images)
     return conn.query(
-        "SELECT id, cpus, memory_mb, gpus, image FROM jobs WHERE state = ? AND worker_id IS NULL"
-        f" AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
+        "SELECT id, cpus, memory_mb, gpus, image FROM jobs WHERE worker_id IS NULL AND state = ?"
+        f" AND owner_id = ? AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
         " AND id > ? ORDER BY id LIMIT ?",
-        (JobState.QUEUED.value, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
+        (JobState.QUEUED.value, owner, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
          max(w["memory_mb"] for w in free), *images, after, limit))
 
 

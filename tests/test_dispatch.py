@@ -720,3 +720,35 @@ def test_workers_report_free_disk_and_bad_capacity_is_refused(hub):
                             headers={"Authorization": f"Bearer {hub.enrollment}"},
                             json=dict(_capacity("bad"), **bad))
         assert (r.status_code, r.get_json()["error"]) == (400, "invalid_capacity"), bad
+
+
+# ------------------------------------------------------------------ fair share
+
+def test_one_users_long_queue_does_not_starve_another(hub):
+    # The case: user A queues 200 jobs, then user B queues 2; B's jobs
+    # must start within the next few free slots, not after A's 200.
+    w1, w2 = hub.register("w1", slots=1), hub.register("w2", slots=1)
+    a_jobs = {hub.submit() for _ in range(200)}
+    held = {w1: w1.claim(), w2: w2.claim()}
+    assert {j["id"] for jobs in held.values() for j in jobs} <= a_jobs
+    b_jobs = {hub.submit(user=hub.bob) for _ in range(2)}
+    started = []
+    for w in (w1, w2, w1, w2):
+        [job] = held[w]
+        r = w.result(job["id"], job["attempt"], claim_next=1)
+        held[w] = r.get_json()["jobs"]
+        started += [j["id"] for j in held[w]]
+    assert b_jobs <= set(started[:3]), started
+
+
+def test_free_slots_alternate_between_users_with_queued_jobs(hub):
+    w = hub.register("w", slots=1)
+    a_jobs = [hub.submit() for _ in range(4)]
+    b_jobs = [hub.submit(user=hub.bob) for _ in range(4)]
+    order = []
+    for _ in range(8):
+        [job] = w.claim()
+        order.append("a" if job["id"] in a_jobs else "b")
+        assert w.result(job["id"], job["attempt"]).status_code == 200
+    # Each user's jobs in submission order, users taking turns (A queued first).
+    assert order == ["a", "b"] * 4

@@ -42,7 +42,7 @@ PROGRESS_EVERY_S = 0.1
 
 EPILOG = f"""\
 admin commands (on the proxy host, against its store):
-  jobcloud user add NAME [--admin] | user passwd NAME | user list
+  jobcloud user add NAME [--admin] | user passwd NAME | user list | user limits NAME [--max-running N ...]
   jobcloud token create --user NAME [--label L] | token list --user NAME | token revoke ID --user NAME
   jobcloud enroll create [--label L] [--expires S] | enroll list | enroll revoke ID
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from . import accounts, dispatch
+from . import accounts, dispatch, limits
 from .auth import api_admin
 from .db import get_conn
-from .errors import ValidationError
+from .errors import NotFound, ValidationError
 from .models import WorkerState, iso
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api/v1/admin")
@@ -43,6 +43,28 @@ def create_user():
         user = accounts.create_user(conn, name, password, admin=admin, must_change=True)
     return jsonify({"id": user["id"], "name": user["name"], "is_admin": admin,
                     "one_time_password": password}), 201
+
+
+@bp.route("/users/<name>/limits", methods=["GET"])
+def get_user_limits(name):
+    api_admin()
+    conn = get_conn()
+    return jsonify(dict(limits.get_limits(conn, _user_id(conn, name)), user=name))
+
+
+@bp.route("/users/<name>/limits", methods=["PUT"])
+def set_user_limits(name):
+    api_admin()
+    conn = get_conn()
+    changed = limits.set_limits(conn, _user_id(conn, name), _body())
+    return jsonify(dict(changed, user=name))
+
+
+def _user_id(conn, name: str) -> str:
+    user = accounts.get_user_by_name(conn, name) if len(name) <= 64 and "\x00" not in name else None
+    if user is None:
+        raise NotFound(f"no user {name[:64]!r}", code="user_not_found")
+    return user["id"]
 
 
 @bp.route("/enrollment-tokens", methods=["GET"])

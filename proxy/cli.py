@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from . import accounts, dispatch
+from . import accounts, dispatch, limits
 from .config import load_config
 from .db import open_database
 from .errors import ProxyError
@@ -79,6 +79,12 @@ def jobcloud_main(argv=None) -> int:
     passwd = user.add_parser("passwd", help="give a user a new one-time password")
     passwd.add_argument("name")
     user.add_parser("list", help="list users")
+    lim = user.add_parser("limits", help="show or change a user's limits and priority weight")
+    lim.add_argument("name")
+    for field, (kind, _) in limits.FIELDS.items():
+        lim.add_argument("--" + field.replace("_", "-"), type=kind, metavar="N")
+    lim.add_argument("--clear", action="append", default=[], choices=sorted(limits.FIELDS),
+                     metavar="LIMIT", help="remove a limit (repeatable)")
 
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
     tc = token.add_parser("create", help="create an API token for a user")
@@ -124,6 +130,14 @@ def _admin(conn, args) -> None:
             password = accounts.generate_password()
             accounts.set_password(conn, found["id"], password, must_change=True)
             print(f"new one-time password for {args.name!r}: {password}")
+        elif args.action == "limits":
+            found = _user(conn, args.name)
+            changes = {f: getattr(args, f) for f in limits.FIELDS if getattr(args, f) is not None}
+            changes.update({f: None for f in args.clear})
+            current = (limits.set_limits(conn, found["id"], changes) if changes
+                       else limits.get_limits(conn, found["id"]))
+            for field, value in current.items():
+                print(f"{field}\t{'-' if value is None else f'{value:g}'}")
         else:
             for u in accounts.list_users(conn):
                 print(f"{u['name']}\t{'admin' if u['is_admin'] else 'user'}")

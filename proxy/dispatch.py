@@ -245,8 +245,9 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
     """Reserve queued jobs for live workers with free slots. Returns how many.
 
     Fair across users: each free slot goes to the user with the fewest jobs
-    running or reserved now; ties go to the user served longest ago
-    (`users.rr_seq`), then to the oldest queued job. So one user's thousand
+    running or reserved now, divided by their priority weight (user_limits);
+    ties go to the user served longest ago (`users.rr_seq`), then to the oldest
+    queued job. A user at their max_running gets nothing more. So one user's thousand
     queued jobs cannot starve another's one, and users take turns. Within a
     user, jobs go in submission order; the job goes to the eligible worker that
     was served longest ago (round-robin across workers).
@@ -275,7 +276,12 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
     after: dict[str, str] = {}            # owner -> id the next fetch starts after
     reserved = 0
     while owners and any(w["used"] < w["slots"] for w in free):
-        owner = min(owners, key=lambda o: (load.get(o, 0), owners[o]["rr_seq"], owners[o]["head"]))
+        owner = min(owners, key=lambda o: (load.get(o, 0) / owners[o]["weight"],
+                                           owners[o]["rr_seq"], owners[o]["head"]))
+        cap = owners[owner]["max_running"]
+        if cap is not None and load.get(owner, 0) >= cap:
+            del owners[owner]   # at their max_running: their jobs wait
+            continue
         job, w = _next_placeable(conn, owner, free, pending, after, batch)
         if job is None:
             del owners[owner]   # nothing of theirs fits a free worker now
@@ -320,7 +326,8 @@ def _next_placeable(conn, owner: str, free: list[dict], pending: dict, after: di
 
 
 def _queued_owners(conn) -> dict[str, dict]:
-    """Users with unreserved queued jobs -> {"head": their oldest job's id, "rr_seq"}.
+    """Users with unreserved queued jobs -> their oldest job's id ("head"), their
+    place in the turn ("rr_seq"), weight and max_running.
 
     A loose index scan (one index probe per user on jobs_queue), so its cost
     grows with the number of users waiting, not with the queue's length.
@@ -334,9 +341,12 @@ def _queued_owners(conn) -> dict[str, dict]:
         " AND j.owner_id > owners.owner_id) FROM owners WHERE owners.owner_id IS NOT NULL)"
         " SELECT owner_id, (SELECT MIN(j.id) FROM jobs j WHERE j.worker_id IS NULL"
         " AND j.state = ? AND j.owner_id = owners.owner_id) AS head,"
-        " (SELECT u.rr_seq FROM users u WHERE u.id = owners.owner_id) AS rr_seq"
+        " (SELECT u.rr_seq FROM users u WHERE u.id = owners.owner_id) AS rr_seq,"
+        " (SELECT l.weight FROM user_limits l WHERE l.user_id = owners.owner_id) AS weight,"
+        " (SELECT l.max_running FROM user_limits l WHERE l.user_id = owners.owner_id) AS max_running"
         " FROM owners WHERE owner_id IS NOT NULL", (q, q, q))
-    return {r["owner_id"]: {"head": r["head"], "rr_seq": r["rr_seq"]} for r in rows}
+    return {r["owner_id"]: {"head": r["head"], "rr_seq": r["rr_seq"], "weight": r["weight"] or 1.0,
+                            "max_running": r["max_running"]} for r in rows}
 
 
 def _owner_load(conn, live_worker_ids: list[str]) -> dict[str, int]:

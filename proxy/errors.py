@@ -76,3 +76,10 @@ class StoreUnavailable(ProxyError):
 
     code = "store_unavailable"
     status = 503
+
+
+class TooManyRequests(ProxyError):
+    """Raised when a user is over a rate or count limit (queued jobs, submissions per minute)."""
+
+    code = "limit_exceeded"
+    status = 429

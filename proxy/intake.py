@@ -10,6 +10,7 @@ import math
 import os
 import unicodedata
 
+from . import limits
 from .blobs import BlobStore, Upload
 from .config import Config
 from .errors import ValidationError
@@ -54,6 +55,9 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
             check_zip(dataset.path, ZipLimits(cfg.zip_max_total_bytes, cfg.zip_max_entries,
                                               cfg.zip_max_ratio))
         fields = _resources(form.fields, cfg)
+        user_limits = limits.get_limits(conn, user["id"])
+        limits.check_job(user_limits, fields)
+        limits.check_counts(conn, user["id"], user_limits)
         # A job name is free text, not a path: "CNN w/ dropout" keeps its slash.
         name = _display_text(form.fields.get("name", ""), "name") or \
             os.path.splitext(script_name)[0] or "job"

@@ -12,6 +12,7 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 USER = [{"userToken": []}, {"session": []}]
 WORKER = [{"workerSecret": []}]
 ENROLL = [{"enrollmentToken": []}]
+USER_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
 
 
@@ -21,7 +22,8 @@ def _json(schema, description="OK"):
 
 ERROR_TEXT = {400: "Invalid request", 401: "Missing or invalid credentials", 403: "Not allowed",
               404: "Not found (or not yours)", 409: "Conflict with the current state",
-              413: "Upload too large", 415: "Wrong content type", 503: "Store unavailable"}
+              413: "Upload too large", 415: "Wrong content type",
+              429: "Over a per-user count or rate limit", 503: "Store unavailable"}
 
 
 def _errors(*codes):
@@ -119,6 +121,17 @@ SCHEMAS = {
         "wall_seconds": USAGE,
         "claim_next": {"type": "integer", "minimum": 0, "maximum": 64,
                        "description": "also claim up to this many jobs; they come back in `jobs`"}}},
+    "Limits": {"type": "object", "required": ["user", "weight"], "properties": {
+        "user": {"type": "string"}, "weight": {"type": "number"},
+        **{name: {"type": ["number", "null"]} for name in (
+            "max_running", "max_queued", "max_submissions_per_minute", "max_cpus",
+            "max_memory_mb", "max_gpus", "max_timeout_s")}}},
+    "LimitChanges": {"type": "object", "additionalProperties": False, "properties": {
+        "weight": {"type": ["number", "null"], "minimum": 0.01, "maximum": 1e9},
+        "max_cpus": {"type": ["number", "null"], "minimum": 0.1, "maximum": 1e9},
+        **{name: {"type": ["integer", "null"], "minimum": low, "maximum": 1e9} for name, low in (
+            ("max_running", 0), ("max_queued", 0), ("max_submissions_per_minute", 0),
+            ("max_memory_mb", 6), ("max_gpus", 0), ("max_timeout_s", 1))}}},
     "Worker": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
         "slots": {"type": "integer"}, "running": {"type": ["integer", "null"]}}},
@@ -172,7 +185,7 @@ def _pages() -> dict:
         },
         "/jobs": {"post": {**_page("Submit a job from the upload form; the form again with the "
                                    "error's status when refused", ok="302", form={},
-                                   errors=[400, 413, 415]),
+                                   errors=[400, 413, 415, 429]),
                            "requestBody": {"required": True, "content": {
                                "multipart/form-data": {"schema": {
                                    "type": "object", "required": ["csrf_token"], "properties": {
@@ -202,7 +215,7 @@ def build_document() -> dict:
                                {"name": "state", "in": "query", "schema": {"type": "string"}}]),
             "post": _op("Submit a job", USER,
                         {"201": _json({"$ref": "#/components/schemas/Job"}, "Accepted, durable"),
-                         **_errors(400, 401, 413, 415)}, body=SUBMIT_FORM),
+                         **_errors(400, 401, 413, 415, 429)}, body=SUBMIT_FORM),
         },
         "/api/v1/jobs/{job_id}": {"get": _op(
             "One job", USER, {"200": _json({"$ref": "#/components/schemas/Job"}), **_errors(401, 404)},
@@ -240,6 +253,16 @@ def build_document() -> dict:
                         {"201": _json({"type": "object"}), **_errors(400, 401, 403, 409)},
                         body=_json_body({"type": "object", "required": ["name"], "properties": {
                             "name": {"type": "string"}, "admin": {"type": "boolean"}}}), tag="admin"),
+        },
+        "/api/v1/admin/users/{name}/limits": {
+            "get": _op("A user's limits and priority weight (admin)", USER,
+                       {"200": _json({"$ref": "#/components/schemas/Limits"}), **_errors(401, 403, 404)},
+                       params=[USER_NAME], tag="admin"),
+            "put": _op("Change some of a user's limits; null clears one (admin)", USER,
+                       {"200": _json({"$ref": "#/components/schemas/Limits"}),
+                        **_errors(400, 401, 403, 404)},
+                       params=[USER_NAME], body=_json_body({"$ref": "#/components/schemas/LimitChanges"}),
+                       tag="admin"),
         },
         "/api/v1/admin/enrollment-tokens": {
             "get": _op("List worker enrollment tokens (admin)", USER,

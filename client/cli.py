@@ -370,8 +370,10 @@ def follow(client: Client, job_id: str, outputs: dict) -> dict:
         for stream, out in outputs.items():
             page = client.logs(job_id, stream, offsets[stream])
             if attempt is not None and page["attempt"] != attempt:
-                print(f"--- job {job_id} was requeued: attempt {page['attempt']}, "
-                      "its output starts again ---", file=sys.stderr)
+                # Attempt 0 never ran: its first start is no restart.
+                if attempt > 0:
+                    print(f"--- job {job_id} was requeued: attempt {page['attempt']}, "
+                          "its output starts again ---", file=sys.stderr)
                 offsets = dict.fromkeys(outputs, 0)
                 attempt, complete, progressed = page["attempt"], False, True
                 break

@@ -171,6 +171,7 @@ def test_submit_directory_follow_and_fetch(user_cli, tmp_path):
     assert r.stdout == "total 6 nested\n"
     job_id = _job_id(r.stderr)
     assert f"job {job_id} succeeded" in r.stderr
+    assert "requeued" not in r.stderr
 
     r = user_cli("fetch", job_id, "-o", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
@@ -240,3 +241,45 @@ def test_cancel_and_resubmit(user_cli, tmp_path):
         assert r.stdout in ("", "started\n")
     r = user_cli("cancel", first["id"])  # 409 from the API
     assert r.returncode == 1 and r.stderr == f"jobcloud: job {first['id']} is already cancelled\n"
+
+
+class ScriptedProxyAnswers:
+    """The log pages a proxy would answer, in order (for the follow loop's own logic)."""
+
+    def __init__(self, pages):
+        self.pages = list(pages)
+
+    def logs(self, job_id, stream, offset):
+        self.last = self.pages.pop(0)
+        assert offset == self.last["offset"], "the follow loop asked from the wrong offset"
+        return self.last
+
+    def job(self, job_id):
+        return {"id": job_id, "state": self.last["state"]}
+
+
+def test_follow_announces_a_restart_only_when_a_started_attempt_is_replaced():
+    import io
+
+    from client.cli import follow
+
+    def page(attempt, state, data, start, end):
+        return {"attempt": attempt, "state": state, "data": data, "offset": start,
+                "next_offset": end, "job_id": "j1", "stream": "stdout"}
+
+    # Queued (attempt 0) -> first run: no restart notice, output printed once.
+    out, err = io.StringIO(), io.StringIO()
+    answers = ScriptedProxyAnswers([page(0, "queued", "", 0, 0), page(1, "running", "a\n", 0, 2),
+                                    page(1, "running", "a\n", 0, 2), page(1, "succeeded", "", 2, 2)])
+    import contextlib
+    with contextlib.redirect_stderr(err):
+        follow(answers, "j1", {"stdout": out})
+    assert out.getvalue() == "a\n" and "requeued" not in err.getvalue()
+
+    # A run that was under way is replaced by attempt 2: announced, output starts over.
+    out, err = io.StringIO(), io.StringIO()
+    answers = ScriptedProxyAnswers([page(1, "running", "x\n", 0, 2), page(2, "running", "", 2, 2),
+                                    page(2, "running", "y\n", 0, 2), page(2, "succeeded", "", 2, 2)])
+    with contextlib.redirect_stderr(err):
+        follow(answers, "j1", {"stdout": out})
+    assert out.getvalue() == "x\ny\n" and "attempt 2" in err.getvalue()

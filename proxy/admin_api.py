@@ -6,20 +6,11 @@ from flask import Blueprint, current_app, jsonify, request
 from . import accounts, dispatch, limits
 from .auth import api_admin
 from .db import get_conn
+from .jsonbody import json_object
 from .errors import NotFound, ValidationError
-from .models import WorkerState, iso
+from .models import WorkerState, is_lookup_key, iso
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api/v1/admin")
-
-
-def _body() -> dict:
-    body = request.get_json(silent=True)
-    if body is None and not request.data:
-        body = {}
-    if not isinstance(body, dict):
-        raise ValidationError("send a JSON object with Content-Type: application/json",
-                              code="invalid_json")
-    return body
 
 
 @bp.route("/users", methods=["GET"])
@@ -33,7 +24,7 @@ def list_users():
 @bp.route("/users", methods=["POST"])
 def create_user():
     api_admin()
-    body = _body()
+    body = json_object()
     name, admin = body.get("name"), body.get("admin", False)
     if not isinstance(name, str) or not isinstance(admin, bool):
         raise ValidationError("name must be a string and admin a boolean", code="invalid_user")
@@ -56,12 +47,12 @@ def get_user_limits(name):
 def set_user_limits(name):
     api_admin()
     conn = get_conn()
-    changed = limits.set_limits(conn, _user_id(conn, name), _body())
+    changed = limits.set_limits(conn, _user_id(conn, name), json_object())
     return jsonify(dict(changed, user=name))
 
 
 def _user_id(conn, name: str) -> str:
-    user = accounts.get_user_by_name(conn, name) if len(name) <= 64 and "\x00" not in name else None
+    user = accounts.get_user_by_name(conn, name) if is_lookup_key(name) else None
     if user is None:
         raise NotFound(f"no user {name[:64]!r}", code="user_not_found")
     return user["id"]
@@ -77,7 +68,7 @@ def list_enrollments():
 @bp.route("/enrollment-tokens", methods=["POST"])
 def create_enrollment():
     admin = api_admin()
-    body = _body()
+    body = json_object()
     label, expires = body.get("label", "workers"), body.get("expires_in_s")
     # Bounded: a NaN, an infinity or 1e300 seconds was stored, and then every
     # listing of the tokens failed on the date it cannot print (a 500).

@@ -13,6 +13,7 @@ from .db import get_conn
 from .downloads import send_outputs
 from .errors import ValidationError
 from .intake import submit_job
+from .jsonbody import json_object
 from .models import JobState, iso
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -90,10 +91,7 @@ def list_tokens():
 @bp.route("/tokens", methods=["POST"])
 def create_token():
     user = api_user()
-    body = request.get_json(silent=True) or {}
-    if not isinstance(body, dict):
-        raise ValidationError("send a JSON object", code="invalid_json")
-    label = body.get("label", "")
+    label = json_object().get("label", "")
     if not isinstance(label, str):
         raise ValidationError("label must be a string", code="invalid_label")
     record, token = accounts.create_token(get_conn(), user["id"], label)

@@ -63,7 +63,7 @@ class Upload:
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
-            raise TooLarge(f"{self.what} is larger than the limit of {_human(self.limit)}")
+            raise TooLarge(f"{self.what} is larger than the limit of {human_size(self.limit)}")
         self.hash.update(data)
         self.file.write(data)
 
@@ -91,14 +91,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:g} {unit}" if unit == "bytes" else f"{n:.4g} {unit}"
         n /= 1024
     return str(n)
 
-
-def human_size(n: int) -> str:
-    return _human(n)
 

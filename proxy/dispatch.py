@@ -16,6 +16,7 @@ around the workers in turn, whichever worker happens to poll first.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 from . import accounts
 from .db import PG_DISPATCH_LOCK
 from .errors import Conflict, NotFound, ValidationError
-from .models import FINAL_STATES, LIVE_WORKER_STATES, JobState, WorkerState, new_id
+from .models import (FINAL_STATES, LIVE_WORKER_STATES, JobState, WorkerState, is_lookup_key, iso,
+                     new_id)
 
 # How many queued jobs one dispatch query reads at most; a pass reads further
 # batches only while free slots remain and the previous batch was full. A
@@ -141,8 +143,6 @@ def list_workers(conn, include_gone: bool = False) -> list[dict]:
 
 
 def worker_json(w: dict) -> dict:
-    from .models import iso
-
     return {"id": w["id"], "name": w["name"], "state": w["state"], "cpus": w["cpus"],
             "memory_mb": w["memory_mb"], "gpus": w["gpus"], "slots": w["slots"],
             "disk_mb": w.get("disk_mb"),
@@ -178,12 +178,7 @@ def heartbeat(conn, worker: dict, running_ids: list[str], *, lease_timeout_s: fl
         holds them, and whether the worker is draining.
     """
     now = time.time() if now is None else now
-    # Not durable: a claim or heartbeat lost in a power cut costs a rerun of
-    # the job (its lease is gone, so the late result is refused), never the job.
-    with conn.transaction(lock=PG_DISPATCH_LOCK, durable=False):
-        reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
-        if not _touch(conn, worker["id"], now):
-            raise NotFound("this worker was retired; register again", code="worker_retired")
+    with _worker_call(conn, worker, now, lease_timeout_s, max_attempts):
         # Only the jobs the worker says it runs: one it holds without knowing
         # (the answer to a claim was lost on the way) then expires and is
         # requeued, instead of being kept alive for ever by heartbeats.
@@ -203,6 +198,20 @@ def heartbeat(conn, worker: dict, running_ids: list[str], *, lease_timeout_s: fl
     }
 
 
+@contextlib.contextmanager
+def _worker_call(conn, worker: dict, now: float, lease_timeout_s: float, max_attempts: int):
+    """The transaction of a heartbeat or a claim: lost workers reaped, this one marked seen.
+
+    Not durable: a claim or heartbeat lost in a power cut costs a rerun of the
+    job (its lease is gone, so the late result is refused), never the job.
+    """
+    with conn.transaction(lock=PG_DISPATCH_LOCK, durable=False):
+        reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
+        if not _touch(conn, worker["id"], now):
+            raise NotFound("this worker was retired; register again", code="worker_retired")
+        yield
+
+
 def _touch(conn, worker_id: str, now: float) -> bool:
     return bool(conn.execute("UPDATE workers SET last_seen_at = ? WHERE id = ? AND state IN (?, ?)",
                              (now, worker_id, *LIVE_WORKER_STATES)))
@@ -218,12 +227,7 @@ def claim(conn, worker: dict, max_jobs: int, *, lease_timeout_s: float, max_atte
         The jobs now running under the worker's lease (possibly none).
     """
     now = time.time() if now is None else now
-    # Not durable: a claim or heartbeat lost in a power cut costs a rerun of
-    # the job (its lease is gone, so the late result is refused), never the job.
-    with conn.transaction(lock=PG_DISPATCH_LOCK, durable=False):
-        reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
-        if not _touch(conn, worker["id"], now):
-            raise NotFound("this worker was retired; register again", code="worker_retired")
+    with _worker_call(conn, worker, now, lease_timeout_s, max_attempts):
         _dispatch(conn, now, lease_timeout_s)
         mine = conn.query(
             "SELECT id FROM jobs WHERE state = ? AND worker_id = ? ORDER BY id LIMIT ?",
@@ -460,9 +464,7 @@ def held_job(conn, worker: dict, job_id: str, attempt: int | None = None) -> dic
 
 
 def _get_job(conn, job_id: str) -> dict | None:
-    # A NUL (a %00 in the URL) is in no stored id, and PostgreSQL refuses it
-    # as a parameter: answer "no such job" instead of a server error.
-    if "\x00" in job_id:
+    if not is_lookup_key(job_id):
         return None
     return conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 

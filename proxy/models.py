@@ -44,6 +44,15 @@ def new_id(prefix: str = "") -> str:
     return f"{prefix}{time.time_ns() // 1000:014x}{secrets.token_hex(8)}"
 
 
+def is_lookup_key(value) -> bool:
+    """True for a string that could name a stored row (a job id, a user name).
+
+    Keys are short and never hold a NUL, which PostgreSQL refuses as a query
+    parameter: callers answer "not found" (or 400) instead of a server error.
+    """
+    return isinstance(value, str) and 0 < len(value) <= 64 and "\x00" not in value
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import Conflict, NotFound, ValidationError
-from .models import JobState, iso, new_id
+from .models import JobState, is_lookup_key, iso, new_id
 
 @dataclass(frozen=True)
 class NewJob:
@@ -55,9 +55,7 @@ def get_visible_job(conn, job_id: str, viewer: dict) -> dict:
     Raises:
         NotFound: no such job, or not the viewer's (indistinguishable on purpose).
     """
-    # A NUL (%00 in a URL) is in no stored id, and PostgreSQL refuses it as a parameter.
-    plausible = isinstance(job_id, str) and len(job_id) < 64 and "\x00" not in job_id
-    job = get_job(conn, job_id) if plausible else None
+    job = get_job(conn, job_id) if is_lookup_key(job_id) else None
     if job is None or (job["owner_id"] != viewer["id"] and not viewer["is_admin"]):
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
     return job
@@ -71,7 +69,7 @@ def list_jobs(conn, owner_id: str, *, before: str | None = None, limit: int = 50
         (jobs, cursor for the next page or None).
     """
     where, params = ["j.owner_id = ?"], [owner_id]
-    if before and (len(before) > 64 or "\x00" in before):
+    if before and not is_lookup_key(before):
         raise ValidationError("before must be a job id", code="invalid_parameter")
     if before:
         where.append("j.id < ?")
@@ -115,8 +113,7 @@ def read_logs(conn, job: dict, stream: str, offset: int = 0, limit: int = 1024 *
         " AND byte_offset >= ? ORDER BY byte_offset LIMIT 1000",
         (job["id"], job["attempt"], stream, offset))
     if not rows and offset == 0:
-        tail = conn.query_one(f"SELECT {stream}_tail AS t FROM jobs WHERE id = ?", (job["id"],))
-        text = (tail or {}).get("t") or ""
+        text = job[f"{stream}_tail"] or ""
         return {"stream": stream, "offset": 0, "next_offset": len(text.encode()), "data": text,
                 "truncated": bool(job[f"{stream}_truncated"]), "source": "tail"}
     parts, size, next_offset = [], 0, offset

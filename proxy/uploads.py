@@ -199,6 +199,7 @@ def check_script(upload: Upload) -> None:
     if upload.size == 0:
         raise ValidationError("the script is empty", code="empty_script")
     decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text = False
     with open(upload.path, "rb") as f:
         try:
             while chunk := f.read(READ_CHUNK):
@@ -206,19 +207,12 @@ def check_script(upload: Upload) -> None:
                     raise ValidationError("the script is binary, not Python source text",
                                           code="invalid_script")
                 decoder.decode(chunk)
+                has_text = has_text or bool(chunk.strip())
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise ValidationError("the script is not valid UTF-8 text", code="invalid_script") from None
-    if upload.size and not _has_non_whitespace(upload):
+    if not has_text:
         raise ValidationError("the script is empty (only whitespace)", code="empty_script")
-
-
-def _has_non_whitespace(upload: Upload) -> bool:
-    with open(upload.path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            if chunk.strip():
-                return True
-    return False
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from .db import get_conn
 from .downloads import send_outputs
 from .errors import Forbidden, NotFound, ProxyError, Unauthorized
 from .intake import submit_job
-from .models import ACTIVE_STATES, JobState
+from .models import ACTIVE_STATES, JobState, is_lookup_key
 
 bp = Blueprint("web", __name__)
 
@@ -53,7 +53,7 @@ def job_status(user):
             raise Forbidden("change your one-time password first", code="password_change_required")
         return redirect(url_for("auth.password"))
     conn = get_conn()
-    owner = accounts.get_user_by_name(conn, user) if len(user) <= 64 else None
+    owner = accounts.get_user_by_name(conn, user) if is_lookup_key(user) else None
     if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):
         raise NotFound(f"no job list for {user[:64]!r}", code="user_not_found")
     before = request.args.get("before") or None

@@ -17,6 +17,7 @@ from . import accounts, dispatch
 from .auth import bearer_token
 from .db import get_conn
 from .downloads import send_blob
+from .jsonbody import json_object
 from .errors import NotFound, Unauthorized, ValidationError
 from .models import JobState, WorkerState
 from .uploads import FormSpec, parse_form
@@ -54,16 +55,6 @@ def current_worker() -> dict:
     return worker
 
 
-def _json_body() -> dict:
-    body = request.get_json(silent=True)
-    if body is None and request.content_length in (None, 0) and not request.data:
-        body = {}
-    if not isinstance(body, dict):
-        raise ValidationError("send a JSON object with Content-Type: application/json",
-                              code="invalid_json")
-    return body
-
-
 @bp.route("/workers/register", methods=["POST"])
 def register():
     conn = get_conn()
@@ -71,7 +62,7 @@ def register():
     if enrollment is None:
         raise Unauthorized("the enrollment token is not valid (unknown, expired or revoked)",
                            code="invalid_enrollment_token")
-    body = _json_body()
+    body = json_object()
     cap = dispatch.parse_capacity(body)
     worker, secret = dispatch.register_worker(conn, enrollment, body.get("name"), cap,
                                               **_lease_args())
@@ -84,7 +75,7 @@ def register():
 @bp.route("/worker/heartbeat", methods=["POST"])
 def heartbeat():
     worker = current_worker()
-    body = _json_body()
+    body = json_object()
     running = body.get("running", [])
     if not isinstance(running, list) or not all(isinstance(i, str) for i in running) or len(running) > 10_000:
         raise ValidationError("running must be a list of job ids", code="invalid_running")
@@ -94,7 +85,7 @@ def heartbeat():
 @bp.route("/worker/claim", methods=["POST"])
 def claim():
     worker = current_worker()
-    body = _json_body()
+    body = json_object()
     max_jobs = body.get("max_jobs", 1)
     wait_s = body.get("wait_s", 0)
     if not isinstance(max_jobs, int) or isinstance(max_jobs, bool) or not 0 <= max_jobs <= 64:
@@ -166,7 +157,7 @@ def download_dataset(job_id):
 @bp.route("/worker/jobs/<job_id>/logs", methods=["POST"])
 def append_log(job_id):
     worker = current_worker()
-    body = _json_body()
+    body = json_object()
     attempt = body.get("attempt")
     if not isinstance(attempt, int) or isinstance(attempt, bool):
         raise ValidationError("attempt must be an integer", code="invalid_attempt")
@@ -183,7 +174,7 @@ def post_result(job_id):
     cfg = st.config
     mimetype = request.mimetype
     if mimetype == "application/json":
-        result, upload, form = _json_body(), None, None
+        result, upload, form = json_object(), None, None
     else:
         form = parse_form(request.stream, request.headers.get("Content-Type"), FormSpec(
             files={"outputs": (cfg.max_output_bytes, "the output archive")},

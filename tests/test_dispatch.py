@@ -752,3 +752,18 @@ def test_free_slots_alternate_between_users_with_queued_jobs(hub):
         assert w.result(job["id"], job["attempt"]).status_code == 200
     # Each user's jobs in submission order, users taking turns (A queued first).
     assert order == ["a", "b"] * 4
+
+
+def test_keys_with_a_nul_are_not_found_on_either_database(hub):
+    # PostgreSQL refuses a NUL in a query parameter; every lookup by a key from
+    # the URL answers as for any unknown key instead of failing.
+    json_headers = dict(hub.alice["headers"], Accept="application/json")
+    assert hub.client.get("/job-status/al%00ice", headers=json_headers).status_code == 404
+    assert hub.client.get("/api/v1/jobs/j%00x", headers=hub.alice["headers"]).status_code == 404
+    assert hub.client.get("/api/v1/admin/users/al%00ice/limits",
+                          headers=hub.admin["headers"]).status_code == 404
+    r = hub.client.get("/api/v1/jobs?before=j%00x", headers=hub.alice["headers"])
+    assert (r.status_code, r.get_json()["error"]) == (400, "invalid_parameter")
+    w = hub.register("w")
+    assert w.post("jobs/j%00x/logs", {"attempt": 1, "stream": "stdout", "offset": 0,
+                                       "data": "x"}).status_code == 404

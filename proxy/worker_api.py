@@ -101,7 +101,8 @@ def claim():
         jobs = dispatch.claim(conn, worker, max_jobs, **_lease_args())
         if jobs or max_jobs == 0 or time.monotonic() >= deadline:
             break
-        _wait_for_work(conn, worker, deadline)
+        if not _wait_for_work(conn, worker, deadline):
+            break
     drain = dispatch.get_worker(conn, worker["id"])["state"] == WorkerState.DRAINING.value
     # Cancellations ride on the claim answer too, so a worker learns of them on
     # whichever call comes first.
@@ -111,20 +112,32 @@ def claim():
     return jsonify({"jobs": [_claimed_json(j) for j in jobs], "drain": drain, "cancel": cancel})
 
 
-def _wait_for_work(conn, worker: dict, deadline: float) -> None:
-    # A cheap read-only look, so idle long-polls do not take the write lock;
-    # it counts only jobs this worker could run, so a queued job nobody here
-    # can take (say a GPU job) does not turn the long-poll into a busy loop.
+def _wait_for_work(conn, worker: dict, deadline: float) -> bool:
+    """Sleep until a job this worker could run is queued (True) or the deadline
+    passes (True: the caller claims once more and answers).
+
+    Returns False as soon as the worker leaves the active state (deregistered,
+    drained, revoked, marked lost): a long-poll must not keep a stopping worker,
+    or the gunicorn process shutting down beside it, waiting out the deadline.
+    The look is a cheap read, so idle long-polls do not take the write lock; it
+    counts only jobs this worker could run, so a queued job nobody here can take
+    (say a GPU job) does not turn the long-poll into a busy loop.
+    """
     images = json.loads(worker["images"]) or [""]
     marks = ", ".join("?" for _ in images)
-    sql = ("SELECT 1 AS x FROM jobs WHERE state = ? AND (worker_id = ? OR (worker_id IS NULL"
-           f" AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({marks}))) LIMIT 1")
-    params = (JobState.QUEUED.value, worker["id"], worker["gpus"], worker["cpus"],
-              worker["memory_mb"], *images)
+    sql = ("SELECT w.state AS state, EXISTS (SELECT 1 FROM jobs WHERE state = ? AND"
+           " (worker_id = w.id OR (worker_id IS NULL AND gpus <= w.gpus AND cpus <= w.cpus"
+           f" AND memory_mb <= w.memory_mb AND image IN ({marks})))) AS work"
+           " FROM workers w WHERE w.id = ?")
+    params = (JobState.QUEUED.value, *images, worker["id"])
     while time.monotonic() < deadline:
         time.sleep(min(CLAIM_POLL_S, max(0.0, deadline - time.monotonic())))
-        if conn.query_one(sql, params):
-            return
+        row = conn.query_one(sql, params)
+        if row is None or row["state"] != WorkerState.ACTIVE.value:
+            return False
+        if row["work"]:
+            return True
+    return True
 
 
 def _claimed_json(job: dict) -> dict:

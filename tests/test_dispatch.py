@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import random
+import threading
 import time
 import zipfile
 
@@ -593,6 +594,35 @@ def test_a_drained_worker_keeps_its_job_and_gets_no_new_ones(hub):
     assert hub.admin_action(a, "resume").get_json()["state"] == "active"
     later = hub.submit()
     assert ids(a.claim()) == [later]
+
+
+@pytest.mark.parametrize("leave", ["deregister", "drain"])
+def test_a_waiting_claim_ends_when_its_worker_stops_being_active(hub, leave):
+    """A worker's long-poll answers as soon as the worker deregisters or is
+    drained, instead of holding a server thread (and a gunicorn shutdown) until
+    its deadline."""
+    a = hub.register("a")
+    # Back-date the worker's last contact a little: the claim touches it when it
+    # starts, which tells the test the long-poll is under way.
+    marker = time.time() - 1
+    hub.call(lambda conn: conn.execute("UPDATE workers SET last_seen_at = ? WHERE id = ?",
+                                       (marker, a.id)))
+    answers = []
+    poll = threading.Thread(target=lambda: answers.append(
+        a.post("claim", {"max_jobs": 1, "wait_s": 30})))
+    started = time.monotonic()
+    poll.start()
+    wait_until(lambda: a.row()["last_seen_at"] > marker, what="the claim to start")
+    if leave == "deregister":
+        assert a.post("deregister").status_code == 200
+    else:
+        assert hub.admin_action(a, "drain").status_code == 200
+    poll.join(timeout=25)
+    assert not poll.is_alive(), "the long-poll went on after its worker left"
+    assert time.monotonic() - started < 25
+    [r] = answers
+    assert r.status_code == 200 and r.get_json()["jobs"] == []
+    assert r.get_json()["drain"] is (leave == "drain")
 
 
 def test_deregistering_requeues_the_running_jobs(hub):

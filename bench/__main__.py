@@ -1,6 +1,6 @@
 """`python -m bench [NAMES...]`: run benchmarks, rewrite docs/PERFORMANCE.md.
 
-With no names, runs them all (about 3 minutes on 2 cores). Each benchmark's
+With no names, runs them all (about 8 minutes on 2 cores). Each benchmark's
 section of the document is replaced; sections of benchmarks not run are kept.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 
-from . import claim, status, submit, upload, worker
+from . import claim, loadtest, status, submit, upload, vm, worker
 from .harness import machine
 from .report import Outcome, now_iso, update_doc, write_json
 
@@ -24,6 +24,11 @@ BENCHMARKS = {
     "submit-scaling": ("Submissions by store size", submit.run_scaling),
     "trivial": ("Trivial job end to end vs bare docker run", worker.run_trivial),
     "throughput": ("Jobs per second, 1 worker, N slots", worker.run_throughput),
+    "claim-scaling": ("Claim cost by queue depth", claim.run_scaling),
+    "worker-memory": ("Worker memory, 1 and 8 slots", worker.run_memory),
+    "load": ("200 concurrent clients (locust)", loadtest.run),
+    "vm-clone": ("Worker VM clone cost by template size", vm.run_clone),
+    "vm-scaleup": ("Queue to first job on a new worker VM", vm.run_scaleup),
 }
 
 INTRO = """# Performance
@@ -92,6 +97,10 @@ def parse_args(argv):
     p.add_argument("--processes", type=int, default=2, help="client processes")
     p.add_argument("--threads", type=int, default=4, help="client threads per process")
     p.add_argument("--status-requests", type=int, default=300, help="requests per status row")
+    p.add_argument("--claim-scaling-duration", type=float, default=5,
+                   help="claim-scaling window per depth, s")
+    p.add_argument("--load-clients", type=int, default=200, help="locust users for load")
+    p.add_argument("--load-duration", type=float, default=60, help="load window, s")
     p.add_argument("--upload-mib", type=int, default=1024, help="dataset size for upload, MiB")
     p.add_argument("--tmp", help="where temp data dirs go (default: system temp dir)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/PERFORMANCE.md")

@@ -11,9 +11,13 @@ Scenarios: 1,000 and 100,000 runnable jobs queued (the issue's targets), and
 1,000 runnable jobs queued behind 100,000 that no worker can run (gpus=1 with
 no GPU worker online): a long queue of jobs waiting for a kind of worker that
 is offline must not slow everyone else down either.
+
+`claim-scaling`: the first scenario's cycle at 10^3, 10^4 and 10^5 jobs queued,
+one shorter round each: how the cost of a claim grows with the queue.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from worker.client import WorkerClient
@@ -185,3 +189,37 @@ def run(opts) -> tuple[list[Row], list[str], dict]:
             for s in SCENARIOS) + " (other includes the feeder).",
     ]
     return rows, notes, raw
+
+
+SCALING_DEPTHS = (1_000, 10_000, 100_000)
+
+
+def run_scaling(opts) -> tuple[list[Row], list[str], dict]:
+    """`claim-scaling`: claim+result cost at 10^3, 10^4 and 10^5 runnable jobs queued."""
+    short = argparse.Namespace(**vars(opts))
+    short.claim_duration = opts.claim_scaling_duration
+    raw, rows = {}, []
+    for depth in SCALING_DEPTHS:
+        raw[depth] = pooled([measure(short, Scenario(str(depth), f"{depth:,} queued", depth))],
+                            opts.processes * opts.threads)
+        r = raw[depth]
+        rows.append(Row(f"{depth:,} jobs queued: cycles/s", r["cycles_per_s"], "/s",
+                        f"≥ {TARGET_PER_S:,}/s", r["cycles_per_s"] / TARGET_PER_S, "target",
+                        r["cycles_per_s"] >= TARGET_PER_S))
+        rows.append(Row(f"{depth:,} jobs queued: cycle p50 / p99", r["p50_ms"],
+                        f"/ {r['p99_ms']:.1f} ms"))
+        rows.append(Row(f"{depth:,} jobs queued: server CPU per cycle", r["server_cpu_ms_per_op"],
+                        "ms"))
+    first, last = raw[SCALING_DEPTHS[0]], raw[SCALING_DEPTHS[-1]]
+    ratio = last["server_cpu_ms_per_op"] / first["server_cpu_ms_per_op"]
+    rows.append(Row(f"Server CPU per cycle, {SCALING_DEPTHS[-1]:,} vs {SCALING_DEPTHS[0]:,} queued",
+                    ratio, "×", "≤ 1.25× (cost does not grow with the queue)", ratio, "",
+                    ratio <= 1.25))
+    notes = [f"As `claim`, one round per depth on a fresh proxy, a {opts.claim_scaling_duration:g} s"
+             f" window after {opts.warmup:g} s warm-up, {opts.processes * opts.threads} simulated"
+             " workers; the feeder keeps the queue at its depth. Errors: "
+             + ", ".join(str(raw[d]["errors"]) for d in SCALING_DEPTHS) + ". Cores busy"
+             f" (of {opts.machine['nproc']}), server / simulated workers / other: "
+             + "; ".join(f"{d:,}: {raw[d]['cores_server']} / {raw[d]['cores_clients']} /"
+                         f" {raw[d]['cores_other']}" for d in SCALING_DEPTHS) + "."]
+    return rows, notes, {str(k): v for k, v in raw.items()}

@@ -145,7 +145,7 @@ class Proxy:
         env.update(settings or {})
         # The access log stays on (the default config logs every request to
         # stdout); it goes to a file in the temp dir, as it would to journald.
-        self.log = open(self.dir / "gunicorn.log", "wb")
+        self.log = open(self.dir / "gunicorn.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "python:proxy.gunicorn_conf",
              "proxy:create_app()"],
@@ -158,7 +158,7 @@ class Proxy:
                 raise BenchError(f"gunicorn did not answer /healthz in {START_TIMEOUT_S}s")
             time.sleep(0.1)
         # Every worker process must be up, or the first seconds measure forking.
-        want = self.gunicorn_settings()["workers"]
+        want = int(env.get("JOBCLOUD_GUNICORN_WORKERS") or self.gunicorn_settings()["workers"])
         while len(self.processes()) < want + 1 and time.monotonic() < deadline:
             time.sleep(0.1)
 
@@ -211,6 +211,14 @@ class Proxy:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+
+    def kill(self) -> None:
+        """kill -9 the master and its workers: requests in flight are cut."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         if self.log is not None:
             self.log.close()
 

@@ -9,6 +9,8 @@ behind are removed.
 being visible through GET /api/v1/jobs/<id>, against a bare `docker run` of
 the same thing, alternating so both see the same machine. `throughput`: a
 batch of trivial jobs submitted at once to one worker with 1, 2 and 4 slots.
+`worker-memory`: the daemon's resident memory idle, and with 1 and 8 slots all
+running a job.
 """
 from __future__ import annotations
 
@@ -117,6 +119,51 @@ def run_throughput(opts) -> tuple[list[Row], list[str], dict]:
     return rows, notes, {str(k): v for k, v in raw.items()}
 
 
+MEMORY_SLOTS = (1, 8)
+MEMORY_JOB_S = 4
+MEMORY_SAMPLE_S = 0.1
+
+
+def run_memory(opts) -> tuple[list[Row], list[str], dict]:
+    """`worker-memory`: the daemon's resident memory idle and with every slot running a job."""
+    deadline = time.monotonic() + DEADLINE_S
+    raw = {}
+    for slots in MEMORY_SLOTS:
+        with cluster(opts, slots=slots) as (jobs, worker, proxy):
+            jobs.run(deadline)  # warm-up: one job through every code path once
+            idle = worker.rss()
+            # 1 MiB of output each, so log buffers and shipping are part of the figure.
+            script = (f"import time\nfor i in range(10240):\n    print('%099d' % i)\n"
+                      f"time.sleep({MEMORY_JOB_S})\n")
+            ids = [jobs.submit(script.encode()) for _ in range(slots)]
+            peak, busy, samples = idle, 0, 0
+            while not all(jobs.get(i)["state"] in FINAL for i in ids):
+                jobs._check(deadline)
+                peak = max(peak, worker.rss())
+                busy = max(busy, len(worker.containers()) if samples % 10 == 0 else 0)
+                samples += 1
+                time.sleep(MEMORY_SAMPLE_S)
+            states = sorted({jobs.get(i)["state"] for i in ids})
+        raw[slots] = {"idle_mib": idle / 2**20, "peak_mib": peak / 2**20, "containers_seen": busy,
+                      "samples": samples, "states": states}
+    rows = []
+    for slots in MEMORY_SLOTS:
+        r = raw[slots]
+        rows.append(Row(f"{slots} slot{'s' if slots > 1 else ''}: idle / peak with {slots} job"
+                        f"{'s' if slots > 1 else ''} running", r["idle_mib"],
+                        f"/ {r['peak_mib']:.1f} MiB"))
+    first, last = raw[MEMORY_SLOTS[0]], raw[MEMORY_SLOTS[-1]]
+    per_slot = (last["peak_mib"] - first["peak_mib"]) / (MEMORY_SLOTS[-1] - MEMORY_SLOTS[0])
+    rows.append(Row("Each running job adds", per_slot, "MiB", "informational: slots are cheap"))
+    notes = [f"RSS of the `jobcloud-worker` process and its children (psutil), sampled every"
+             f" {MEMORY_SAMPLE_S * 1000:.0f} ms while as many jobs as slots (each prints 1 MiB,"
+             f" then `time.sleep({MEMORY_JOB_S})`, {IMAGE}) ran at once; the containers' own memory is the engine's,"
+             " not counted. Idle is after one warm-up job. Containers seen at once: "
+             + ", ".join(f"{s} slots: {raw[s]['containers_seen']}" for s in MEMORY_SLOTS)
+             + "; final states: " + ", ".join(f"{raw[s]['states']}" for s in MEMORY_SLOTS) + "."]
+    return rows, notes, {str(k): v for k, v in raw.items()}
+
+
 # ------------------------------------------------------------------ rows, notes
 
 def _trivial_rows(raw: dict) -> list[Row]:
@@ -176,29 +223,35 @@ def cluster(opts, *, slots: int):
 
 
 class LocalWorker:
-    """A `jobcloud-worker` subprocess with its own data dir under the proxy's temp dir."""
+    """A `jobcloud-worker` subprocess with its own data dir under the proxy's temp dir.
 
-    def __init__(self, proxy: Proxy, enrollment: str, slots: int):
+    Args:
+        name: the worker's name (its containers' label); a new unique one by default.
+        url: where the worker finds the proxy (default: the proxy itself).
+        env: JOBCLOUD_WORKER_* settings on top of these.
+    """
+
+    def __init__(self, proxy: Proxy, enrollment: str, slots: int, *, name: str | None = None,
+                 url: str | None = None, env: dict | None = None):
         self.proxy = proxy
-        self.name = f"bench-{os.getpid()}-{secrets.token_hex(3)}"
-        self.data_dir = proxy.dir / "worker"
-        self.log_path = proxy.dir / "worker.log"
+        self.name = name or f"bench-{os.getpid()}-{secrets.token_hex(3)}"
+        self.data_dir = proxy.dir / (self.name if name else "worker")
+        self.log_path = proxy.dir / f"{self.name if name else 'worker'}.log"
         self.env = dict(os.environ,
-                        JOBCLOUD_WORKER_PROXY_URL=proxy.url,
+                        JOBCLOUD_WORKER_PROXY_URL=url or proxy.url,
                         JOBCLOUD_WORKER_ENROLLMENT_TOKEN=enrollment,
                         JOBCLOUD_WORKER_NAME=self.name, JOBCLOUD_WORKER_SLOTS=str(slots),
                         JOBCLOUD_WORKER_DATA_DIR=str(self.data_dir),
                         JOBCLOUD_WORKER_IMAGES=IMAGE, JOBCLOUD_WORKER_CLAIM_WAIT_S="20",
                         JOBCLOUD_WORKER_GRACE_S="10", JOBCLOUD_WORKER_BACKOFF_MAX_S="1",
                         JOBCLOUD_WORKER_LOG_LEVEL="INFO")
+        self.env.update(env or {})
         self.env.pop("JOBCLOUD_WORKER_CONFIG", None)
         self.proc: subprocess.Popen | None = None
         self._log = None
 
     def __enter__(self) -> "LocalWorker":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli"], cwd=ROOT, env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.start()
         deadline = time.monotonic() + WORKER_START_S
         while not self._registered():
             self.check_alive()
@@ -213,6 +266,18 @@ class LocalWorker:
         finally:
             self.remove_containers()
 
+    def start(self) -> None:
+        """Start the process (again, after a kill: same name, same data dir)."""
+        if self._log is None or self._log.closed:
+            self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli"], cwd=ROOT, env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        """kill -9: no deregistration, containers left running."""
+        self.proc.kill()
+        self.proc.wait()
+
     def _registered(self) -> bool:
         with self.proxy.db.connection() as conn:
             return conn.query_one("SELECT COUNT(*) AS n FROM workers WHERE name = ?",
@@ -226,6 +291,17 @@ class LocalWorker:
         t = psutil.Process(self.proc.pid).cpu_times()
         return t.user + t.system
 
+    def rss(self) -> int:
+        """Resident bytes of the worker process and its children."""
+        main = psutil.Process(self.proc.pid)
+        total = 0
+        for p in [main, *main.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -237,10 +313,14 @@ class LocalWorker:
         if self._log is not None:
             self._log.close()
 
+    def containers(self) -> list[str]:
+        """Ids of this worker's containers, running or not."""
+        return subprocess.run(["docker", "ps", "-aq", "--filter", f"label=jobcloud.worker={self.name}"],
+                              capture_output=True, text=True, timeout=30).stdout.split()
+
     def remove_containers(self) -> None:
         """Containers of this worker still there after it stopped (there should be none)."""
-        ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=jobcloud.worker={self.name}"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
+        ids = self.containers()
         if ids:
             subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=60)
 
@@ -259,8 +339,8 @@ class Jobs:
         self.worker = worker
         self.polls = 0
 
-    def submit(self) -> str:
-        body, content_type = job_form(b"pass\n", FIELDS)
+    def submit(self, script: bytes = b"pass\n") -> str:
+        body, content_type = job_form(script, FIELDS)
         answer = self.client.request("POST", "/api/v1/jobs", body,
                                      {"Content-Type": content_type}, expect=201)
         return json.loads(answer)["id"]

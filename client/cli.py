@@ -23,7 +23,7 @@ from . import config as cfgmod
 from .api import Client, MultipartBody
 from .errors import ClientError, UnsafeArchive
 
-ADMIN_GROUPS = ("user", "token", "enroll")
+ADMIN_GROUPS = ("user", "token", "enroll", "prices")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
 
 # Exit codes. A followed job's own exit code is passed through (1-255), so a
@@ -140,6 +140,8 @@ def _add_settings(p) -> None:
     p.add_argument("--timeout", type=int, metavar="S", help="time limit in seconds")
     p.add_argument("--gpus", type=int)
     p.add_argument("--name", help="a display name (default: the script's)")
+    p.add_argument("--webhook", metavar="URL",
+                   help="POST a signed notice to URL when the job finishes (allow-listed hosts only)")
 
 
 def _add_follow(p) -> None:
@@ -166,7 +168,7 @@ def cmd_submit(args, path: Path) -> int:
     record = {"script": os.path.abspath(args.script),
               "data": os.path.abspath(args.data) if args.data else None,
               "settings": {k: getattr(args, k) for k in ("image", "cpus", "memory", "timeout",
-                                                         "gpus", "name")}}
+                                                         "gpus", "name", "webhook")}}
     return _submit_and_report(args, path, record)
 
 
@@ -262,7 +264,8 @@ def submit(client: Client, record: dict) -> dict:
     s = record["settings"]
     fields = {key: str(s[opt]) for key, opt in (("name", "name"), ("image", "image"),
                                                   ("cpus", "cpus"), ("memory_mb", "memory"),
-                                                  ("timeout_s", "timeout"), ("gpus", "gpus"))
+                                                  ("timeout_s", "timeout"), ("gpus", "gpus"),
+                                                  ("webhook_url", "webhook"))
               if s.get(opt) is not None}
     files = {"script": (os.path.basename(script), script, "text/x-python")}
     with _dataset(record["data"]) as data:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from flask import Flask, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from . import webhooks
 from .blobs import BlobStore, human_size
 from .config import Config, load_config
 from .db import Database, close_conn, open_database
@@ -56,13 +57,17 @@ def create_app(config: Config | None = None) -> Flask:
         MAX_FORM_MEMORY_SIZE=64 * 1024,
         MAX_FORM_PARTS=32,
     )
-    from . import admin_api, api, auth, ops, openapi, web, worker_api
+    from . import admin_api, api, auth, dashboard, live, openapi, ops, web, worker_api
 
     auth.init_app(app)
     app.jinja_env.filters["timestamp"] = _timestamp
     app.jinja_env.filters["filesize"] = human_size
-    for module in (web, api, worker_api, admin_api, ops, openapi):
+    for module in (web, api, worker_api, admin_api, ops, openapi, live, dashboard):
         app.register_blueprint(module.bp)
+    if config.webhook_allowed_hosts:
+        # One delivery thread per process (gunicorn forks before create_app);
+        # claims are atomic in the database, so processes never send twice.
+        app.extensions["jobcloud_webhooks"] = webhooks.Deliverer.from_config(db, config).start()
     app.teardown_appcontext(close_conn)
     _register_error_handlers(app)
     app.after_request(_security_headers)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from . import accounts, dispatch, limits
+from . import accounts, dispatch, limits, usage, vms
 from .auth import api_admin
 from .db import get_conn
 from .jsonbody import json_object
@@ -112,3 +112,43 @@ def _enrollment_json(e: dict) -> dict:
     return {"id": e["id"], "label": e["label"], "created_by": e.get("created_by"),
             "created_at": iso(e["created_at"]), "expires_at": iso(e.get("expires_at")),
             "revoked_at": iso(e.get("revoked_at"))}
+
+
+# ------------------------------------------------------------ the VM scaler (issue #4)
+# The libvirt scaler (vm_provisioning) reads the queue here and reports its VMs
+# and decisions back; proxy/vms.py owns both.
+
+@bp.route("/queue", methods=["GET"])
+def queue():
+    api_admin()
+    return jsonify(vms.queue_view(get_conn(), shape=vms.parse_shape(request.args)))
+
+
+@bp.route("/scaler/report", methods=["PUT"])
+def scaler_report():
+    api_admin()
+    return jsonify(vms.record_report(get_conn(), json_object()))
+
+
+@bp.route("/vms", methods=["GET"])
+def list_vms():
+    api_admin()
+    conn = get_conn()
+    return jsonify({"vms": [vms.vm_json(v) for v in vms.list_vms(conn)],
+                    "events": [vms.event_json(e) for e in vms.recent_events(conn, 50)]})
+
+
+# ------------------------------------------------------------ prices (issue #5, usage.py)
+# One row in the database, so every gunicorn process and proxy instance bills
+# with the same prices; a job's cost is fixed with the prices in force when it ends.
+
+@bp.route("/prices", methods=["GET"])
+def get_prices():
+    api_admin()
+    return jsonify(usage.prices_json(usage.get_prices(get_conn())))
+
+
+@bp.route("/prices", methods=["PUT"])
+def set_prices():
+    admin = api_admin()
+    return jsonify(usage.prices_json(usage.set_prices(get_conn(), json_object(), admin["name"])))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import accounts, store
+from . import accounts, store, webhooks
 from .auth import api_user
 from .db import get_conn
 from .downloads import send_outputs
@@ -103,6 +103,24 @@ def revoke_token(token_id):
     user = api_user()
     accounts.revoke_token(get_conn(), user["id"], token_id)
     return jsonify({"revoked": token_id})
+
+
+@bp.route("/webhook-secret", methods=["GET"])
+def get_webhook_secret():
+    user = api_user()
+    return jsonify(_webhook_secret_json(webhooks.secret_for(get_conn(), user["id"])))
+
+
+@bp.route("/webhook-secret", methods=["POST"])
+def rotate_webhook_secret():
+    user = api_user()
+    return jsonify(_webhook_secret_json(webhooks.rotate_secret(get_conn(), user["id"])))
+
+
+def _webhook_secret_json(secret: str) -> dict:
+    return {"secret": secret, "algorithm": "HMAC-SHA256",
+            "signed_content": "<X-Jobcloud-Timestamp> + '.' + <raw body>",
+            "signature_header": "X-Jobcloud-Signature: sha256=<hex>"}
 
 
 def _token_json(t: dict) -> dict:

@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from . import accounts, dispatch, limits
+from . import accounts, dispatch, limits, usage
 from .config import load_config
 from .db import open_database
 from .errors import ProxyError
@@ -105,6 +105,12 @@ def jobcloud_main(argv=None) -> int:
     er = enroll.add_parser("revoke", help="revoke an enrollment token")
     er.add_argument("enrollment_id")
 
+    prices = sub.add_parser("prices", help="show or set the prices jobs are billed at")
+    prices.add_argument("--currency", help="currency label, e.g. EUR")
+    for field in usage.PRICE_FIELDS:
+        prices.add_argument("--" + field.replace("_", "-"), metavar="AMOUNT",
+                            help=f"price per {field.split('_')[0].upper()}-hour")
+
     args = parser.parse_args(argv)
     try:
         cfg = load_config()
@@ -141,6 +147,12 @@ def _admin(conn, args) -> None:
         else:
             for u in accounts.list_users(conn):
                 print(f"{u['name']}\t{'admin' if u['is_admin'] else 'user'}")
+    elif args.group == "prices":
+        changes = {f: getattr(args, f) for f in (*usage.PRICE_FIELDS, "currency")
+                   if getattr(args, f) is not None}
+        current = (usage.set_prices(conn, changes, "cli") if changes else usage.get_prices(conn))
+        for field, value in usage.prices_json(current).items():
+            print(f"{field}\t{'-' if value is None else value}")
     elif args.group == "token":
         found = _user(conn, args.user)
         if args.action == "create":

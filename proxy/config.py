@@ -7,7 +7,9 @@ Every value is validated here, so the rest of the code can trust it.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +70,29 @@ class Config:
     page_size: int = 50
     # Seconds between automatic refreshes of a status page with active jobs.
     status_refresh_s: int = 5
+    # Longest a live update stream (Server-Sent Events) stays open: each holds a
+    # gunicorn thread; when the server ends it the browser reconnects and resumes.
+    live_stream_s: float = 25.0
+    # Streams held open at once per proxy process; more are answered once and
+    # polled every few seconds instead. Below gunicorn's threads per process
+    # (8), so heartbeats, claims and pages always find a free thread.
+    live_streams_max: int = 4
     # Log level for the proxy's own logs (stdout).
     log_level: str = "INFO"
+    # Hosts a job's webhook may target (exact names or IPs, "*.example.org" for
+    # subdomains). Empty: webhooks are refused. An allow-list, not a deny-list:
+    # the proxy must never be a way to reach internal addresses.
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    # Delivery attempts per notice before it is marked failed; with the backoff
+    # below (doubling, capped at an hour) 8 attempts span about 20 minutes.
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 5.0
+    # The whole of one attempt (connect, send, answer): one receiver must not
+    # hold a delivery thread for long. At most 20, below gunicorn's
+    # graceful_timeout (30), so a shutdown waits for a POST in flight.
+    webhook_timeout_s: float = 10.0
+    # How often each proxy process looks for due deliveries.
+    webhook_poll_s: float = 1.0
 
     @property
     def resolved_database_url(self) -> str:
@@ -182,10 +205,19 @@ def validate(values: dict) -> Config:
         (cfg.max_output_bytes >= 1, "max_output_bytes must be at least 1"),
         (1 <= cfg.page_size <= 500, "page_size must be between 1 and 500"),
         (cfg.status_refresh_s >= 1, "status_refresh_s must be at least 1"),
+        (1 <= cfg.live_stream_s <= 300, "live_stream_s must be between 1 and 300"),
+        (1 <= cfg.live_streams_max <= 1000, "live_streams_max must be between 1 and 1000"),
         (cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
          "log_level must be DEBUG, INFO, WARNING or ERROR"),
         (":" in cfg.bind and cfg.bind.rpartition(":")[2].isdigit()
          and 0 < int(cfg.bind.rpartition(":")[2]) < 65536, "bind must be HOST:PORT"),
+        (all(_valid_host_pattern(h) for h in cfg.webhook_allowed_hosts),
+         "webhook_allowed_hosts must list host names or IP addresses (optionally *.domain),"
+         " without scheme, port or path"),
+        (1 <= cfg.webhook_max_attempts <= 100, "webhook_max_attempts must be between 1 and 100"),
+        (0.01 <= cfg.webhook_backoff_s <= 3600, "webhook_backoff_s must be between 0.01 and 3600"),
+        (0.1 <= cfg.webhook_timeout_s <= 20, "webhook_timeout_s must be between 0.1 and 20"),
+        (0.01 <= cfg.webhook_poll_s <= 60, "webhook_poll_s must be between 0.01 and 60"),
         (cfg.database_url == "" or cfg.database_url.startswith(
             ("sqlite:///", "postgresql://", "postgres://")),
          "database_url must start with sqlite:/// or postgresql://"),
@@ -193,4 +225,20 @@ def validate(values: dict) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    return cfg
+    return dataclasses.replace(
+        cfg, webhook_allowed_hosts=tuple(h.lower() for h in cfg.webhook_allowed_hosts))
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
+
+
+def _valid_host_pattern(host: str) -> bool:
+    """A host name, an IPv4/IPv6 literal, or *.domain; nothing that could smuggle a URL."""
+    name = host[2:] if host.startswith("*.") else host
+    try:
+        ipaddress.ip_address(name)
+        return not host.startswith("*.")
+    except ValueError:
+        pass
+    labels = name.split(".")
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in labels)

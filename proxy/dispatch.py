@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from . import accounts
+from . import accounts, store
 from .db import PG_DISPATCH_LOCK
 from .errors import Conflict, NotFound, ValidationError
 from .models import (FINAL_STATES, LIVE_WORKER_STATES, JobState, WorkerState, is_lookup_key, iso,
@@ -446,6 +446,7 @@ def _requeue(conn, job_id: str, now: float, max_attempts: int) -> None:
         "UPDATE jobs SET state = ?, failure_reason = ?, finished_at = ?, lease_expires_at = NULL,"
         " worker_id = NULL WHERE id = ? AND state = ?",
         (final.value, reason, now, job_id, JobState.RUNNING.value))
+    store.job_finished(conn, job_id, now)
 
 
 # ------------------------------------------------------------ inputs, logs, results
@@ -516,6 +517,7 @@ class Result:
     cpu_seconds: float | None
     peak_memory_bytes: int | None
     wall_seconds: float | None
+    gpu_seconds: float | None = None
 
 
 # Largest usage figure a result may report: 2**53 is exact as a JSON number
@@ -576,6 +578,7 @@ def parse_result(data: dict, tail_bytes: int) -> Result:
         cpu_seconds=opt_num("cpu_seconds", float),
         peak_memory_bytes=opt_num("peak_memory_bytes", int),
         wall_seconds=opt_num("wall_seconds", float),
+        gpu_seconds=opt_num("gpu_seconds", float),
     )
 
 
@@ -617,12 +620,14 @@ def record_result(conn, worker: dict, job_id: str, result: Result, output: tuple
             "UPDATE jobs SET state = ?, exit_code = ?, failure_reason = ?, stdout_tail = ?,"
             " stderr_tail = ?, stdout_truncated = ?, stderr_truncated = ?, output_blob = ?,"
             " output_sha256 = ?, output_size = ?, cpu_seconds = ?, peak_memory_bytes = ?,"
-            " wall_seconds = ?, finished_at = ?, lease_expires_at = NULL"
+            " wall_seconds = ?, gpu_seconds = ?, finished_at = ?, lease_expires_at = NULL"
             " WHERE id = ? AND state = ? AND worker_id = ? AND attempt = ?",
             (result.state, result.exit_code, result.failure_reason, result.stdout, result.stderr,
              int(result.stdout_truncated), int(result.stderr_truncated), blob, sha, size,
-             result.cpu_seconds, result.peak_memory_bytes, result.wall_seconds, now,
-             job_id, JobState.RUNNING.value, worker["id"], result.attempt))
+             result.cpu_seconds, result.peak_memory_bytes, result.wall_seconds, result.gpu_seconds,
+             now, job_id, JobState.RUNNING.value, worker["id"], result.attempt))
+        if n:
+            store.job_finished(conn, job_id, now)
         job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
     if job is None:
         raise NotFound(f"no job {job_id!r}", code="job_not_found")

@@ -29,3 +29,16 @@ if _control:
 # Trust no client's forwarding headers (X-Forwarded-*, SCRIPT_NAME) by default,
 # loopback included: a front proxy on this host must be named here explicitly.
 forwarded_allow_ips = os.environ.get("JOBCLOUD_FORWARDED_ALLOW_IPS", "")
+
+
+def _worker_exit(server, worker):
+    """Let the process's webhook delivery finish the POST it has in flight before exiting.
+
+    The delivery thread is a daemon: without this, a graceful shutdown would
+    end the process in the middle of a POST, and the notice would be sent
+    again once its claim expired. An attempt ends within webhook_timeout_s,
+    which config.py keeps below graceful_timeout.
+    """
+    deliverer = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("jobcloud_webhooks")
+    if deliverer is not None:
+        deliverer.stop()

@@ -10,7 +10,7 @@ import math
 import os
 import unicodedata
 
-from . import limits
+from . import limits, webhooks
 from .blobs import BlobStore, Upload
 from .config import Config
 from .errors import ValidationError
@@ -18,12 +18,14 @@ from .store import NewJob, create_job
 from .uploads import FormSpec, ZipLimits, check_script, check_zip, parse_form
 
 NAME_MAX = 100
-TEXT_FIELDS = ("name", "image", "cpus", "memory_mb", "timeout_s", "gpus", "csrf_token")
+TEXT_FIELDS = ("name", "image", "cpus", "memory_mb", "timeout_s", "gpus", "csrf_token",
+               "webhook_url")
 
 
 def form_spec(cfg: Config) -> FormSpec:
     texts = {name: 256 for name in TEXT_FIELDS}
     texts["code"] = cfg.max_script_bytes
+    texts["webhook_url"] = 4 * webhooks.MAX_URL_LENGTH
     return FormSpec(
         files={"script": (cfg.max_script_bytes, "the script"),
                "dataset": (cfg.max_dataset_bytes, "the dataset")},
@@ -55,6 +57,9 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
             check_zip(dataset.path, ZipLimits(cfg.zip_max_total_bytes, cfg.zip_max_entries,
                                               cfg.zip_max_ratio))
         fields = _resources(form.fields, cfg)
+        webhook_url = form.fields.get("webhook_url", "").strip() or None
+        if webhook_url is not None:
+            webhook_url = webhooks.check_url(webhook_url, cfg.webhook_allowed_hosts)
         user_limits = limits.get_limits(conn, user["id"])
         limits.check_job(user_limits, fields)
         limits.check_counts(conn, user["id"], user_limits)
@@ -70,7 +75,8 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
             return create_job(conn, NewJob(
                 owner_id=user["id"], name=name, script_name=script_name, script_blob=script_blob,
                 script_size=script.size, dataset_name=dataset_name, dataset_blob=dataset_blob,
-                dataset_size=dataset.size if dataset else None, **fields))
+                dataset_size=dataset.size if dataset else None, webhook_url=webhook_url,
+                **fields))
     finally:
         form.discard()
 

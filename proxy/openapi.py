@@ -61,6 +61,9 @@ SUBMIT_FORM = {
             "image": {"type": "string"},
             "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
             "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
+            "webhook_url": {"type": "string", "maxLength": 2048,
+                            "description": "http(s) URL on an allow-listed host (webhook_allowed_hosts)"
+                                           ": gets a signed POST when the job finishes"},
         }}}},
 }
 
@@ -83,6 +86,8 @@ SCHEMAS = {
                 "exit_code": {"type": ["integer", "null"]},
                 "failure_reason": {"type": ["string", "null"]},
                 "outputs": {"type": ["object", "null"]}, "usage": {"type": "object"},
+                "cost": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Cost"}]},
+                "webhook": {"type": ["object", "null"], "description": "URL and delivery state"},
                 "links": {"type": "object"}}},
     "JobList": {"type": "object", "required": ["jobs", "next"],
                 "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
@@ -118,7 +123,7 @@ SCHEMAS = {
         "stdout": {"type": "string"}, "stderr": {"type": "string"},
         "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
         "cpu_seconds": USAGE, "peak_memory_bytes": {**USAGE, "type": ["integer", "null"]},
-        "wall_seconds": USAGE,
+        "wall_seconds": USAGE, "gpu_seconds": USAGE,
         "claim_next": {"type": "integer", "minimum": 0, "maximum": 64,
                        "description": "also claim up to this many jobs; they come back in `jobs`"}}},
     "Limits": {"type": "object", "required": ["user", "weight"], "properties": {
@@ -135,6 +140,29 @@ SCHEMAS = {
     "Worker": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
         "slots": {"type": "integer"}, "running": {"type": ["integer", "null"]}}},
+    "QueueView": {"type": "object", "required": ["queued", "running", "workers"], "properties": {
+        "queued": {"type": "integer"}, "running": {"type": "integer"},
+        "runnable": {"type": "integer", "description": "queued jobs more workers could start now: "
+                     "owners under max_running and, with a worker shape given, fitting it"},
+        "workers": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
+            "slots": {"type": "integer"}, "running": {"type": "integer"},
+            "reserved": {"type": "integer"},
+            "idle_s": {"type": ["number", "null"],
+                       "description": "seconds since it last finished a job; null while it holds one"}}}}}},
+    "ScalerReport": {"type": "object", "properties": {
+        "vms": {"type": "array", "maxItems": 1000, "items": {
+            "type": "object", "required": ["name", "host_uri", "state"], "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                "host_uri": {"type": "string", "minLength": 1, "maxLength": 500},
+                "state": {"type": "string", "enum": ["booting", "ready", "draining", "stopping"]},
+                "worker_name": {"type": ["string", "null"], "maxLength": 64},
+                "created_at": {"type": ["number", "null"], "minimum": 0}}}},
+        "events": {"type": "array", "maxItems": 1000, "items": {
+            "type": "object", "required": ["action", "reason"], "properties": {
+                "action": {"type": "string", "pattern": "^[a-z_]{1,32}$"},
+                "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+                "vm_name": {"type": ["string", "null"], "maxLength": 64}}}}}},
 }
 
 
@@ -200,6 +228,126 @@ def _pages() -> dict:
                                            "responses": {"200": {"description": "zip attachment",
                                                                  "content": {"application/zip": {}}},
                                                          "302": REDIRECT, **_page_errors(404)}}},
+    }
+
+
+# Live updates (proxy/live.py) and the code editor page (issue #5).
+EVENT_STREAM = {"description": (
+    "Server-Sent Events. The stream ends by itself after live_stream_s (25 s): reconnect with the last "
+    "event's id in Last-Event-ID (EventSource does) to resume without duplicates or gaps."),
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+RESUME = [{"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+           "description": "the id of the last event received: the stream resumes after it"},
+          {"name": "from", "in": "query", "schema": {"type": "string"},
+           "description": "the same as Last-Event-ID, for a first connection"}]
+JOB_EVENTS = ("A job's state and output as Server-Sent Events: `state` (the Job, when it changes), "
+              "`attempt` (requeued: output starts again), `log` ({stream, attempt, offset, text}), "
+              "then `end` (the final Job). Event ids are ATTEMPT-STDOUT_BYTES-STDERR_BYTES; "
+              "a malformed Last-Event-ID is a 400")
+USER_EVENTS = ("A user's job changes as Server-Sent Events: `job` (the Job) for each job that is "
+               "new or changed; event ids are t<unix time>. Only the user and admins")
+USER_PARAM = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _live_paths() -> dict:
+    return {
+        "/api/v1/jobs/{job_id}/events": {"get": _op(
+            JOB_EVENTS, USER, {"200": EVENT_STREAM, **_errors(400, 401, 403, 404)},
+            params=[JOB_ID, *RESUME])},
+        "/api/v1/users/{user}/events": {"get": _op(
+            USER_EVENTS, USER, {"200": EVENT_STREAM, **_errors(400, 401, 403, 404)},
+            params=[USER_PARAM, *RESUME])},
+        "/jobs/{job_id}/events": {"get": _op(
+            "The job page's stream (the same as /api/v1/jobs/{job_id}/events)", USER,
+            {"200": EVENT_STREAM, **_page_errors(400, 401, 403, 404)}, params=[JOB_ID, *RESUME],
+            tag="pages")},
+        "/job-status/{user}/events": {"get": _op(
+            "The job list page's stream (the same as /api/v1/users/{user}/events)", USER,
+            {"200": EVENT_STREAM, **_page_errors(400, 401, 403, 404)}, params=[USER_PARAM, *RESUME],
+            tag="pages")},
+        "/new": {"get": _page("The code editor: templates, CodeMirror, Run posts to /jobs")},
+    }
+
+
+# Usage, cost, prices, webhooks and the admin dashboard (issue #5).
+MONEY = {"type": "string", "pattern": r"^\d+\.\d{6}$", "description": "exact decimal amount"}
+PRICE_IN = {"type": ["string", "number"], "description": "per hour, >= 0, at most 6 decimals"}
+REPORT_SCHEMAS = {
+    "Cost": {"type": "object", "required": ["amount", "amount_micros", "currency", "breakdown"],
+             "properties": {"amount": MONEY, "amount_micros": {"type": "integer"},
+                            "currency": {"type": "string"},
+                            "breakdown": {"type": "object", "properties": {
+                                "cpu": MONEY, "memory": MONEY, "gpu": MONEY}}}},
+    "Prices": {"type": "object", "properties": {
+        "currency": {"type": "string"}, "cpu_hour": MONEY, "gb_hour": MONEY, "gpu_hour": MONEY,
+        "memory_basis": {"type": "string"}, "updated_at": {"type": ["string", "null"]},
+        "updated_by": {"type": ["string", "null"]}}},
+    "PriceChanges": {"type": "object", "additionalProperties": False, "properties": {
+        "currency": {"type": "string", "minLength": 1, "maxLength": 8},
+        "cpu_hour": PRICE_IN, "gb_hour": PRICE_IN, "gpu_hour": PRICE_IN}},
+    "Usage": {"type": "object", "required": ["period", "since", "until", "rows", "totals"],
+              "properties": {
+                  "period": {"type": "string", "enum": ["day", "month"]},
+                  "since": {"type": "string", "format": "date"},
+                  "until": {"type": "string", "format": "date"},
+                  "user": {"type": ["string", "null"]},
+                  "rows": {"type": "array", "items": {"type": "object", "properties": {
+                      "period": {"type": "string"}, "user": {"type": "string"},
+                      "currency": {"type": "string"}, "jobs": {"type": "integer"},
+                      "cpu_hours": {"type": "number"}, "gb_hours": {"type": "number"},
+                      "gpu_hours": {"type": "number"}, "cost": MONEY,
+                      "cost_micros": {"type": "integer"}}}},
+                  "totals": {"type": "array", "items": {"type": "object"}}}},
+    "WebhookSecret": {"type": "object", "required": ["secret"], "properties": {
+        "secret": {"type": "string"}, "algorithm": {"type": "string"},
+        "signed_content": {"type": "string"}, "signature_header": {"type": "string"}}},
+}
+USAGE_PARAMS = [
+    {"name": "period", "in": "query", "schema": {"type": "string", "enum": ["day", "month"]}},
+    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date"}},
+    {"name": "until", "in": "query", "schema": {"type": "string", "format": "date"}},
+    {"name": "user", "in": "query", "description": "admins: one user (default: everyone)",
+     "schema": {"type": "string"}},
+]
+
+
+def _report_paths() -> dict:
+    return {
+        "/api/v1/usage": {"get": _op(
+            "My usage and cost per day or month (admins: everyone's, or ?user=)", USER,
+            {"200": _json({"$ref": "#/components/schemas/Usage"}), **_errors(400, 401, 404)},
+            params=USAGE_PARAMS, tag="usage")},
+        "/api/v1/usage.csv": {"get": _op(
+            "The same report as CSV (attachment)", USER,
+            {"200": {"description": "CSV", "content": {"text/csv": {}}}, **_errors(400, 401, 404)},
+            params=USAGE_PARAMS, tag="usage")},
+        "/api/v1/admin/prices": {
+            "get": _op("The prices jobs are billed at (admin)", USER,
+                       {"200": _json({"$ref": "#/components/schemas/Prices"}), **_errors(401, 403)},
+                       tag="admin"),
+            "put": _op("Change prices; applies to jobs finishing from now on (admin)", USER,
+                       {"200": _json({"$ref": "#/components/schemas/Prices"}),
+                        **_errors(400, 401, 403)},
+                       body=_json_body({"$ref": "#/components/schemas/PriceChanges"}), tag="admin"),
+        },
+        "/api/v1/admin/dashboard": {"get": _op(
+            "Workers, scaler VMs, queue by user, jobs per hour (admin)", USER,
+            {"200": _json({"type": "object"}), **_errors(401, 403)}, tag="admin")},
+        "/api/v1/webhook-secret": {
+            "get": _op("My webhook signing secret (made on first use)", USER,
+                       {"200": _json({"$ref": "#/components/schemas/WebhookSecret"}),
+                        **_errors(401)}, tag="account"),
+            "post": _op("Replace my webhook signing secret", USER,
+                        {"200": _json({"$ref": "#/components/schemas/WebhookSecret"}),
+                         **_errors(401, 403)}, tag="account"),
+        },
+        "/usage": {"get": _page("Usage and cost per day or month, with a chart", params=USAGE_PARAMS,
+                                errors=[400, 404])},
+        "/admin": {"get": _page("The admin dashboard", errors=[403])},
+        "/account/webhook": {
+            "get": _page("My webhook signing secret and how notices are signed"),
+            "post": _page("Replace my webhook signing secret", ok="302", form={}),
+        },
     }
 
 
@@ -290,6 +438,28 @@ def build_document() -> dict:
                     {"name": "action", "in": "path", "required": True,
                      "schema": {"type": "string", "enum": ["drain", "resume", "revoke"]}}],
             tag="admin")},
+        "/api/v1/admin/queue": {"get": _op(
+            "Queue length and each live worker's load and idle time, for the VM scaler (admin)", USER,
+            {"200": _json({"$ref": "#/components/schemas/QueueView"}), **_errors(400, 401, 403)},
+            params=[{"name": name, "in": "query", "required": False, "schema": schema,
+                     "description": "a worker shape (all four or none): count as runnable only "
+                                    "jobs such a worker could run"}
+                    for name, schema in (("cpus", {"type": "number"}), ("memory_mb", {"type": "integer"}),
+                                         ("gpus", {"type": "integer"}),
+                                         ("images", {"type": "string", "description": "comma-separated"}))],
+            tag="admin")},
+        "/api/v1/admin/scaler/report": {"put": _op(
+            "The VM scaler reports its VMs (replacing the last list) and its decisions (admin)", USER,
+            {"200": _json({"type": "object", "properties": {
+                "vms": {"type": "integer"}, "events": {"type": "integer"}}}),
+             **_errors(400, 401, 403)},
+            body=_json_body({"$ref": "#/components/schemas/ScalerReport"}), tag="admin")},
+        "/api/v1/admin/vms": {"get": _op(
+            "Worker VMs as the scaler last reported them, and its latest decisions (admin)", USER,
+            {"200": _json({"type": "object", "properties": {
+                "vms": {"type": "array", "items": {"type": "object"}},
+                "events": {"type": "array", "items": {"type": "object"}}}}),
+             **_errors(401, 403)}, tag="admin")},
         "/api/v1/workers/register": {"post": _op(
             "Register a worker with an enrollment token; returns its secret", ENROLL,
             {"201": _json({"type": "object", "required": ["worker_id", "secret"]}),
@@ -362,13 +532,15 @@ def build_document() -> dict:
                              "responses": {"200": {"description": "text",
                                                    "content": {"text/plain": {}}}}}},
         **_pages(),
+        **_report_paths(),
+        **_live_paths(),
     }
     return {
         "openapi": "3.1.0",
         "info": {"title": "jobcloud proxy API", "version": "1"},
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **REPORT_SCHEMAS},
             "securitySchemes": {
                 "userToken": {"type": "http", "scheme": "bearer", "description": "API token (jcu_...)"},
                 "session": {"type": "apiKey", "in": "cookie", "name": "jobcloud_session"},

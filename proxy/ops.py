@@ -9,6 +9,7 @@ from flask import Blueprint, Response, jsonify
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from . import vms
 from .db import get_conn
 from .errors import StoreUnavailable
 from .models import JobState, WorkerState
@@ -57,6 +58,21 @@ class StoreCollector:
             workers.add_metric([s.value], w_state.get(s.value, 0))
         yield workers
         yield self._durations()
+        yield from self._scaler()
+
+    def _scaler(self):
+        """What the VM scaler last reported (proxy/vms.py): its VMs and its decisions."""
+        counts = vms.vm_counts(self.conn)
+        by_state = GaugeMetricFamily("jobcloud_vms", "Worker VMs by state, as the scaler reported",
+                                     labels=["state"])
+        for s in vms.VM_STATES:
+            by_state.add_metric([s], counts.get(s, 0))
+        yield by_state
+        decisions = CounterMetricFamily("jobcloud_scaler_decisions",
+                                        "Decisions the VM scaler took, by action", labels=["action"])
+        for action, n in sorted(vms.decision_counts(self.conn).items()):
+            decisions.add_metric([action], n)
+        yield decisions
 
     def _durations(self):
         cases = ", ".join(

@@ -8,8 +8,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from . import usage, webhooks
 from .errors import Conflict, NotFound, ValidationError
 from .models import JobState, is_lookup_key, iso, new_id
+
+# A job row as users see it: its owner's name and its webhook delivery, if any.
+_JOB_SELECT = ("SELECT j.*, u.name AS owner" + webhooks.JOB_COLUMNS +
+               " FROM jobs j JOIN users u ON u.id = j.owner_id" + webhooks.JOB_JOIN)
 
 @dataclass(frozen=True)
 class NewJob:
@@ -26,6 +31,7 @@ class NewJob:
     dataset_name: str | None = None
     dataset_blob: str | None = None
     dataset_size: int | None = None
+    webhook_url: str | None = None
 
 
 def create_job(conn, job: NewJob, now: float | None = None) -> dict:
@@ -35,18 +41,17 @@ def create_job(conn, job: NewJob, now: float | None = None) -> dict:
     conn.execute(
         "INSERT INTO jobs (id, owner_id, name, script_name, script_blob, script_sha256, script_size,"
         " dataset_name, dataset_blob, dataset_sha256, dataset_size, image, cpus, memory_mb,"
-        " timeout_s, gpus, state, attempt, submitted_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+        " timeout_s, gpus, state, attempt, submitted_at, webhook_url)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
         (job_id, job.owner_id, job.name, job.script_name, job.script_blob, job.script_blob,
          job.script_size, job.dataset_name, job.dataset_blob, job.dataset_blob, job.dataset_size,
-         job.image, job.cpus, job.memory_mb, job.timeout_s, job.gpus, JobState.QUEUED.value, now))
+         job.image, job.cpus, job.memory_mb, job.timeout_s, job.gpus, JobState.QUEUED.value, now,
+         job.webhook_url))
     return get_job(conn, job_id)
 
 
 def get_job(conn, job_id: str) -> dict | None:
-    return conn.query_one(
-        "SELECT j.*, u.name AS owner FROM jobs j JOIN users u ON u.id = j.owner_id WHERE j.id = ?",
-        (job_id,))
+    return conn.query_one(_JOB_SELECT + " WHERE j.id = ?", (job_id,))
 
 
 def get_visible_job(conn, job_id: str, viewer: dict) -> dict:
@@ -78,8 +83,8 @@ def list_jobs(conn, owner_id: str, *, before: str | None = None, limit: int = 50
         where.append("j.state = ?")
         params.append(state)
     rows = conn.query(
-        f"SELECT j.*, u.name AS owner FROM jobs j JOIN users u ON u.id = j.owner_id"
-        f" WHERE {' AND '.join(where)} ORDER BY j.id DESC LIMIT ?", (*params, limit + 1))
+        f"{_JOB_SELECT} WHERE {' AND '.join(where)} ORDER BY j.id DESC LIMIT ?",
+        (*params, limit + 1))
     cursor = rows[limit - 1]["id"] if len(rows) > limit else None
     return rows[:limit], cursor
 
@@ -96,7 +101,9 @@ def cancel_job(conn, job: dict, now: float | None = None) -> dict:
             "UPDATE jobs SET state = ?, finished_at = ?, worker_id = NULL, reserved_at = NULL,"
             " failure_reason = ? WHERE id = ? AND state = ?",
             (JobState.CANCELLED.value, now, "cancelled by user", job["id"], JobState.QUEUED.value))
-        if not n:
+        if n:
+            job_finished(conn, job["id"], now)
+        else:
             n = conn.execute(
                 "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = ?",
                 (job["id"], JobState.RUNNING.value))
@@ -104,6 +111,13 @@ def cancel_job(conn, job: dict, now: float | None = None) -> dict:
             current = get_job(conn, job["id"])
             raise Conflict(f"job {job['id']} is already {current['state']}", code="job_finished")
     return get_job(conn, job["id"])
+
+
+def job_finished(conn, job_id: str, now: float) -> None:
+    """Once per job, inside the transaction that made it final: fix its cost, queue its webhook."""
+    if usage.record_cost(conn, job_id)["webhook_url"]:
+        job = get_job(conn, job_id)
+        webhooks.enqueue(conn, job, job_json(job), now)
 
 
 def read_logs(conn, job: dict, stream: str, offset: int = 0, limit: int = 1024 * 1024) -> dict:
@@ -153,7 +167,9 @@ def job_json(job: dict) -> dict:
         "outputs": ({"sha256": job["output_sha256"], "size": job["output_size"]}
                     if job["output_blob"] else None),
         "usage": {"cpu_seconds": job["cpu_seconds"], "peak_memory_bytes": job["peak_memory_bytes"],
-                  "wall_seconds": job["wall_seconds"]},
+                  "wall_seconds": job["wall_seconds"], "gpu_seconds": job.get("gpu_seconds")},
+        "cost": usage.cost_json(job),
+        "webhook": webhooks.webhook_json(job),
         "links": {"self": f"/api/v1/jobs/{job['id']}", "logs": f"/api/v1/jobs/{job['id']}/logs",
                   "outputs": f"/api/v1/jobs/{job['id']}/outputs", "page": f"/jobs/{job['id']}"},
     }

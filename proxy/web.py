@@ -1,15 +1,19 @@
-"""The browser pages: upload form, a user's job list, one job, cancel, downloads."""
+"""The browser pages: upload form, code editor, a user's job list, one job, cancel, downloads."""
 from __future__ import annotations
+
+import os
+import time
 
 from flask import (Blueprint, current_app, flash, g, jsonify, redirect, render_template, request,
                    url_for)
 
-from . import accounts, store
+from . import accounts, job_templates, store, webhooks
 from .auth import check_csrf, load_user, login_required, password_change_pending
 from .db import get_conn
 from .downloads import send_outputs
 from .errors import Forbidden, NotFound, ProxyError, Unauthorized
 from .intake import submit_job
+from .live import Position
 from .models import ACTIVE_STATES, JobState, is_lookup_key
 
 bp = Blueprint("web", __name__)
@@ -53,9 +57,7 @@ def job_status(user):
             raise Forbidden("change your one-time password first", code="password_change_required")
         return redirect(url_for("auth.password"))
     conn = get_conn()
-    owner = accounts.get_user_by_name(conn, user) if is_lookup_key(user) else None
-    if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):
-        raise NotFound(f"no job list for {user[:64]!r}", code="user_not_found")
+    owner = visible_owner(conn, user, viewer)
     before = request.args.get("before") or None
     jobs, cursor = store.list_jobs(conn, owner["id"], before=before, limit=state().config.page_size)
     if wants_json:
@@ -64,8 +66,22 @@ def job_status(user):
             "next": url_for("web.job_status", user=owner["name"], before=cursor) if cursor else None,
         })
     active = any(j["state"] in {s.value for s in ACTIVE_STATES} for j in jobs)
+    # The page updates itself over live.py's stream; the refresh is for browsers without scripts.
     return render_template("job_status.html", owner=owner, jobs=jobs, cursor=cursor,
-                           refresh=state().config.status_refresh_s if active else None)
+                           refresh=state().config.status_refresh_s if active else None,
+                           rendered_at=time.time())
+
+
+def visible_owner(conn, user: str, viewer: dict) -> dict:
+    """The user named `user` if `viewer` may see their jobs (themself or an admin).
+
+    Raises:
+        NotFound: no such user, or not visible (indistinguishable on purpose).
+    """
+    owner = accounts.get_user_by_name(conn, user) if is_lookup_key(user) else None
+    if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):
+        raise NotFound(f"no job list for {user[:64]!r}", code="user_not_found")
+    return owner
 
 
 @bp.route("/jobs/<job_id>", methods=["GET"])
@@ -74,9 +90,23 @@ def job_page(job_id):
     conn = get_conn()
     job = store.get_visible_job(conn, job_id, g.user)
     logs = {s: store.read_logs(conn, job, s) for s in ("stdout", "stderr")}
+    # The page shows what is stored now and follows the rest live (live.py)
+    # from this position.
+    position = Position(job["attempt"], logs["stdout"]["next_offset"], logs["stderr"]["next_offset"])
     active = job["state"] in {s.value for s in ACTIVE_STATES}
-    return render_template("job.html", job=job, logs=logs,
+    return render_template("job.html", job=job, job_view=store.job_json(job), logs=logs,
+                           position=position.event_id(),
                            refresh=state().config.status_refresh_s if active else None)
+
+
+@bp.route("/new", methods=["GET"])
+@login_required
+def new_job():
+    """The code editor page; "Run" posts to /jobs like the upload form."""
+    # Without the built bundle (scripts/build-editor.sh) the page keeps a plain text area.
+    bundle = os.path.exists(os.path.join(current_app.static_folder, "editor.bundle.js"))
+    return render_template("new_job.html", cfg=state().config, templates=job_templates.load(),
+                           editor_bundle=bundle)
 
 
 @bp.route("/jobs/<job_id>/cancel", methods=["POST"])
@@ -98,3 +128,17 @@ def cancel(job_id):
 @login_required
 def outputs(job_id):
     return send_outputs(store.get_visible_job(get_conn(), job_id, g.user), state().blobs)
+
+
+@bp.route("/account/webhook", methods=["GET", "POST"])
+@login_required
+def webhook_secret():
+    """The user's webhook signing secret (webhooks.py); POST makes a new one."""
+    conn = get_conn()
+    if request.method == "POST":
+        check_csrf(request.form.get("csrf_token"))
+        webhooks.rotate_secret(conn, g.user["id"])
+        flash("New webhook secret made: update your receivers.")
+        return redirect(url_for("web.webhook_secret"))
+    return render_template("webhook.html", secret=webhooks.secret_for(conn, g.user["id"]),
+                           allowed_hosts=state().config.webhook_allowed_hosts)

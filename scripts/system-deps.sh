@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite needs (PostgreSQL server; Chromium,
 # which tests/test_browser.py drives through Playwright; debootstrap for the job
-# images), on a fresh
+# images; QEMU, libvirt and genisoimage for the worker VMs), on a fresh
 # Debian/Ubuntu machine. Idempotent: does nothing when all is present.
 set -euo pipefail
 
@@ -12,6 +12,17 @@ pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true
 [[ -x /usr/bin/chromium ]] || need+=(chromium)
 # The job images are debootstrapped Debian root filesystems (no registry here).
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+# Worker VMs (issue #4): QEMU and libvirt (started by scripts/libvirt-up.sh),
+# libvirt-dev + pkg-config to build libvirt-python, genisoimage for the seed ISOs.
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon-system)
+command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
+[[ -f /usr/include/libvirt/libvirt.h ]] || need+=(libvirt-dev)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v genisoimage >/dev/null 2>&1 || need+=(genisoimage)
+# The code editor's bundle is built with npm from the registry (scripts/build-editor.sh).
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 
 if ((${#need[@]} == 0)); then
     exit 0

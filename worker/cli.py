@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         return EXIT_DOCKER
     sandbox = Sandbox(engine, owner=config.name, policy=Policy(
         pids_limit=config.pids_limit, tmpfs_mb=config.tmpfs_mb, nofile=config.nofile,
-        fsize_bytes=config.fsize_bytes))
+        fsize_bytes=config.fsize_bytes, runtimes=config.runtimes))
     worker = Worker(config, WorkerClient(config.proxy_url), sandbox)
     worker.install_signal_handlers()
     return worker.work()

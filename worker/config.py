@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -59,6 +60,10 @@ class WorkerConfig:
     nofile: int = 1024
     # Largest file a job may write (RLIMIT_FSIZE), in bytes.
     fsize_bytes: int = 2 * GiB
+    # Image -> OCI runtime registered with the engine (e.g. "runsc", gVisor): a
+    # second kernel between a job and the host's, per image. None by default:
+    # the engine's own runtime (runc), which every Docker install has.
+    runtimes: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
 
     @property
@@ -129,6 +134,8 @@ def _coerce(values: dict) -> dict:
             if kind is tuple:
                 items = value.split(",") if isinstance(value, str) else list(value)
                 out[key] = tuple(i.strip() for i in items if i.strip())
+            elif kind is dict:
+                out[key] = _mapping(value)
             elif kind in (int, float):
                 out[key] = kind(value)
             else:
@@ -138,7 +145,21 @@ def _coerce(values: dict) -> dict:
     return out
 
 
+def _mapping(value) -> dict[str, str]:
+    """A JSON object, or "key=value,key=value" as an environment variable holds it."""
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError("expected key=value pairs separated by commas")
+        value = dict(pairs)
+    if not isinstance(value, dict):
+        raise TypeError("expected an object")
+    return {str(k).strip(): str(v).strip() for k, v in value.items()}
+
+
 _DEFAULTS = WorkerConfig(name="x", slots=1)
+# What dockerd accepts as a runtime name in its daemon.json.
+RUNTIME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _validate(values: dict) -> WorkerConfig:
@@ -158,6 +179,11 @@ def _validate(values: dict) -> WorkerConfig:
         (1024 <= cfg.log_tail_bytes <= cfg.log_max_bytes, "log_tail_bytes must be in [1024, log_max_bytes]"),
         (cfg.pids_limit >= 16, "pids_limit must be at least 16"),
         (cfg.tmpfs_mb >= 1, "tmpfs_mb must be at least 1"),
+        (set(cfg.runtimes) <= set(cfg.images),
+         "runtimes may name only images this worker runs: "
+         + ", ".join(sorted(set(cfg.runtimes) - set(cfg.images)))),
+        (all(RUNTIME_NAME.fullmatch(r) for r in cfg.runtimes.values()),
+         "runtimes: a runtime name is letters, digits, '_', '.', '-' (as in dockerd's config)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -82,7 +82,11 @@ class JobRunner(threading.Thread):
         try:
             self._fetch_inputs(input_dir)
         except (InputError, ProtocolError, OSError) as e:
-            if isinstance(e, LeaseLost):
+            # Not the job's fault, so no result: a lost lease is another run's
+            # business, and an unreachable proxy (restarting) lets the lease run
+            # out and the job run again, instead of failing it for good.
+            if isinstance(e, (LeaseLost, ProxyUnreachable)):
+                log.warning("job %s: inputs: %s; handed back without a result", self.job_id, e)
                 return None, None
             log.warning("job %s: inputs: %s", self.job_id, e)
             return self._result("failed", failure_reason=f"inputs: {e}"), None
@@ -155,7 +159,7 @@ class JobRunner(threading.Thread):
             stdout=out.tail(), stderr=err.tail(),
             stdout_truncated=out.truncated, stderr_truncated=err.truncated,
             cpu_seconds=outcome.cpu_seconds, peak_memory_bytes=outcome.peak_memory_bytes,
-            wall_seconds=outcome.wall_seconds)
+            wall_seconds=outcome.wall_seconds, gpu_seconds=gpu_seconds(self.job, outcome))
 
     def _result(self, state: str, **fields) -> dict:
         result = {"attempt": self.job["attempt"], "state": state, **fields}
@@ -184,3 +188,16 @@ class JobRunner(threading.Thread):
             except ProtocolError as e:
                 log.warning("job %s: the proxy refused the result: %s", self.job_id, e)
                 return
+
+
+def gpu_seconds(job: dict, outcome: Outcome) -> float | None:
+    """GPU time the job held: its GPUs for the container's wall time.
+
+    The GPUs are the job's alone for that whole time (the container gets them
+    by device request), so this is what it kept from others, whether or not it
+    kept them busy; None when the wall time is unknown.
+    """
+    gpus = int(job.get("gpus") or 0)
+    if outcome.wall_seconds is None:
+        return None
+    return round(gpus * outcome.wall_seconds, 3)

@@ -11,6 +11,8 @@ What the container gets, and why:
   (no swapping past the limit), CPU quota from the job's cpus, open files and
   file size;
 - GPUs only through a device request, only when the job asked for them;
+- the OCI runtime the worker's configuration names for the image, if any
+  (e.g. gVisor's runsc: a kernel exploit then meets a user-space kernel);
 - never the Docker socket, never the worker's own environment.
 
 Docker errors are translated here into `SandboxError`.
@@ -21,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -55,6 +57,8 @@ class Policy:
     tmpfs_mb: int
     nofile: int
     fsize_bytes: int
+    # image -> OCI runtime name; an image not listed gets the engine's default.
+    runtimes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,8 @@ class Sandbox:
             stdin_open=False,
             tty=False,
         )
+        if spec.image in p.runtimes:
+            kwargs["runtime"] = p.runtimes[spec.image]
         if spec.gpus > 0:
             kwargs["device_requests"] = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
         return kwargs

@@ -1,0 +1,173 @@
+"""Reports: /usage (a user's totals per day or month, HTML, JSON, CSV) and the admin
+dashboard /admin (workers, scaler VMs, queue depth by user, jobs per hour).
+
+Pages are rendered on the server, charts included (inline SVG: no script, no
+chart library, nothing the CSP has to allow).
+"""
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, g, jsonify, render_template, request, url_for
+
+from . import accounts, dispatch, usage, vms
+from .auth import api_admin, api_user, login_required
+from .db import get_conn
+from .errors import Forbidden, NotFound
+from .models import JobState, is_lookup_key, iso
+
+bp = Blueprint("dashboard", __name__)
+
+# Jobs per hour on the dashboard: the last day, hour by hour.
+DASHBOARD_HOURS = 24
+SCALER_EVENTS_SHOWN = 20
+
+
+# ----------------------------------------------------------------------- usage
+
+@bp.route("/usage", methods=["GET"])
+@login_required
+def usage_page():
+    data, shown_user = _usage_report(g.user)
+    conn = get_conn()
+    users = [u["name"] for u in accounts.list_users(conn)] if g.user["is_admin"] else []
+    series = usage.chart_series(data)
+    csv_args = {k: v for k, v in request.args.items() if k in ("period", "since", "until", "user")}
+    return render_template(
+        "usage.html", data=data, shown_user=shown_user, users=users,
+        chart=bar_chart([(label, micros / usage.MICROS) for label, micros in series]),
+        chart_currency=data["totals"][0]["currency"] if data["totals"] else usage.DEFAULT_CURRENCY,
+        csv_url=url_for("dashboard.usage_csv", **csv_args))
+
+
+@bp.route("/api/v1/usage", methods=["GET"])
+def usage_json():
+    data, shown_user = _usage_report(api_user())
+    return jsonify(dict(data, user=shown_user))
+
+
+@bp.route("/api/v1/usage.csv", methods=["GET"])
+def usage_csv():
+    data, shown_user = _usage_report(api_user())
+    name = f"usage-{shown_user or 'all'}-{data['period']}-{data['since']}-{data['until']}.csv"
+    return Response(usage.report_csv(data), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _usage_report(viewer: dict) -> tuple[dict, str | None]:
+    """The report the query string asks for, as `viewer` may see it.
+
+    A user sees their own figures; an admin sees everyone's, or one user's
+    with ?user=NAME. Another user's name from a non-admin is 404, as for jobs.
+    """
+    query = usage.parse_query(request.args)
+    conn = get_conn()
+    name = request.args.get("user") or None
+    if name is None:
+        owner = None if viewer["is_admin"] else viewer
+    else:
+        owner = accounts.get_user_by_name(conn, name) if is_lookup_key(name) else None
+        if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):
+            raise NotFound(f"no usage for user {name[:64]!r}", code="user_not_found")
+    data = usage.report(conn, query, owner["id"] if owner else None)
+    return data, owner["name"] if owner else None
+
+
+# ------------------------------------------------------------------- dashboard
+
+@bp.route("/admin", methods=["GET"])
+@login_required
+def admin_page():
+    if not g.user["is_admin"]:
+        raise Forbidden("the dashboard is for admins", code="admin_only")
+    data = dashboard_data(get_conn())
+    hours = data["jobs_per_hour"]
+    return render_template(
+        "admin.html", data=data,
+        submitted_chart=bar_chart([(h["hour"][11:16], h["submitted"]) for h in hours]),
+        finished_chart=bar_chart([(h["hour"][11:16], h["finished"]) for h in hours]))
+
+
+@bp.route("/api/v1/admin/dashboard", methods=["GET"])
+def admin_json():
+    api_admin()
+    return jsonify(dashboard_data(get_conn()))
+
+
+def dashboard_data(conn, now: float | None = None) -> dict:
+    """Everything the dashboard shows, as JSON-ready values."""
+    now = time.time() if now is None else now
+    return {
+        "generated_at": iso(now),
+        "workers": [_worker(w) for w in dispatch.list_workers(conn)],
+        "vms": [dict(v, created_at=iso(v["created_at"]), updated_at=iso(v["updated_at"]))
+                for v in vms.list_vms(conn)],
+        "scaler_events": [dict(e, at=iso(e["at"]))
+                          for e in vms.recent_events(conn, SCALER_EVENTS_SHOWN)],
+        "queue": _queue_by_user(conn),
+        "jobs_per_hour": _jobs_per_hour(conn, now),
+    }
+
+
+def _worker(w: dict) -> dict:
+    return {"id": w["id"], "name": w["name"], "state": w["state"], "slots_used": w["running"],
+            "slots": w["slots"], "cpus": w["cpus"], "memory_mb": w["memory_mb"], "gpus": w["gpus"],
+            "last_heartbeat_at": iso(w["last_seen_at"])}
+
+
+def _queue_by_user(conn) -> list[dict]:
+    rows = conn.query(
+        "SELECT u.name AS user_name, j.state, COUNT(*) AS n FROM jobs j"
+        " JOIN users u ON u.id = j.owner_id WHERE j.state IN (?, ?) GROUP BY u.name, j.state",
+        (JobState.QUEUED.value, JobState.RUNNING.value))
+    by_user: dict[str, dict] = {}
+    for r in rows:
+        entry = by_user.setdefault(r["user_name"], {"user": r["user_name"], "queued": 0, "running": 0})
+        entry[r["state"]] = r["n"]
+    return sorted(by_user.values(), key=lambda e: (-e["queued"], e["user"]))
+
+
+def _jobs_per_hour(conn, now: float) -> list[dict]:
+    """Jobs submitted and finished in each of the last 24 whole hours (UTC), this one included."""
+    first = (int(now) // 3600 - DASHBOARD_HOURS + 1) * 3600
+    # Job ids start with their submission time in microseconds (models.new_id):
+    # "submitted since" is an id range on the primary key, no extra index.
+    since_id = f"j{first * 1_000_000:014x}"
+    submitted = conn.query("SELECT submitted_at AS t FROM jobs WHERE id >= ?", (since_id,))
+    finished = conn.query("SELECT finished_at AS t FROM jobs WHERE finished_at >= ?", (first,))
+    hours = [{"hour": iso(first + 3600 * i), "submitted": 0, "finished": 0}
+             for i in range(DASHBOARD_HOURS)]
+    for rows, key in ((submitted, "submitted"), (finished, "finished")):
+        for r in rows:
+            index = int((r["t"] - first) // 3600)
+            if 0 <= index < DASHBOARD_HOURS:
+                hours[index][key] += 1
+    return hours
+
+
+# ---------------------------------------------------------------------- charts
+
+CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 720, 180, 24
+
+
+def bar_chart(series: list[tuple[str, float]]) -> dict:
+    """The geometry of an inline SVG bar chart; the template draws it.
+
+    Returns:
+        {"width", "height", "max", "bars": [{"x", "y", "w", "h", "label", "value", "tick"}]}:
+        every bar's box in SVG units; `tick` marks the bars whose label is printed
+        (about eight, so labels never overlap).
+    """
+    top = max((v for _, v in series), default=0) or 1
+    n = max(len(series), 1)
+    slot = (CHART_WIDTH - 2 * CHART_PAD) / n
+    usable = CHART_HEIGHT - 2 * CHART_PAD
+    every = max(1, -(-n // 8))
+    bars = []
+    for i, (label, value) in enumerate(series):
+        h = usable * value / top
+        bars.append({"x": round(CHART_PAD + i * slot + slot * 0.1, 2), "w": round(slot * 0.8, 2),
+                     "y": round(CHART_PAD + usable - h, 2), "h": round(h, 2),
+                     "label": label, "value": value, "tick": i % every == 0})
+    return {"width": CHART_WIDTH, "height": CHART_HEIGHT, "pad": CHART_PAD, "max": top,
+            "bars": bars}

@@ -1,0 +1,333 @@
+"""Live updates as Server-Sent Events: one job's state and output, and the
+states of one user's jobs.
+
+Every stream is a loop over short, separate reads of the store (a job row and
+the log chunks past the position already sent), so it works the same with any
+number of proxy processes and instances: nothing is pushed between processes.
+
+A stream holds one gunicorn thread (gthread workers) while it is open, so it
+lives at most the `live_stream_s` setting; the browser's EventSource then reconnects by itself
+and sends the id of the last event it got as ``Last-Event-ID``, from which the
+stream resumes: no output is sent twice or skipped. A job's stream ends with an
+``end`` event once the job is final and all its output was sent. At most
+`live_streams_max` streams per process are held open; past that a stream
+answers once and the client polls every few seconds, so streams never take
+the threads that heartbeats, claims and pages need.
+
+Job stream events (``data`` is JSON; ``id`` is the position ``ATTEMPT-OUT-ERR``,
+the attempt and the stdout/stderr byte offsets already sent):
+  ``state``    the job (as in the API) when it changes, and first on every connection;
+  ``attempt``  the job was requeued: output starts again for this new attempt;
+  ``log``      {"stream", "attempt", "offset", "text"}: output from byte `offset`;
+  ``end``      the final job; nothing follows.
+User stream events: ``job`` (a job of the user, new or changed); ``id`` is the
+time of the read it comes from.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+from flask import Blueprint, Response, current_app, request
+
+from . import store
+from .auth import api_user
+from .db import get_conn
+from .errors import StoreUnavailable, ValidationError
+from .models import FINAL_STATES, JobState
+
+bp = Blueprint("live", __name__)
+
+# Two or three indexed reads per stream each time: cheap, and output shows
+# within about half a second of reaching the proxy.
+POLL_S = 0.5
+# A comment line now and then keeps idle connections from being cut by
+# intermediaries, and lets the server notice a client that went away.
+KEEPALIVE_S = 10.0
+# How long the browser waits before reconnecting after the server ends a stream.
+RETRY_MS = 500
+# ... and when every long stream of the process was taken (live_streams_max):
+# the page then polls at this pace instead of holding a thread.
+BUSY_RETRY_MS = 5000
+# Largest text in one `log` event; more is sent as several events.
+EVENT_TEXT_BYTES = 256 * 1024
+# State changes of a user's jobs are found by time (finished_at, submitted_at):
+# clocks of several proxy instances may differ a little, and a re-sent job
+# costs nothing (the page replaces its row), so look back this much further.
+CLOCK_MARGIN_S = 5.0
+# A user stream follows this many of the user's most recent active or changed
+# jobs (the page shows fewer); it bounds each poll's work for a deep queue.
+USER_STREAM_JOBS = 500
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
+STREAMS = ("stdout", "stderr")
+
+_POSITION = re.compile(r"^(\d{1,9})-(\d{1,15})-(\d{1,15})$")
+_SINCE = re.compile(r"^t(\d{1,12}(?:\.\d{1,6})?)$")
+
+
+@dataclass
+class Position:
+    """Where a job stream stands: the attempt and how many bytes of each stream were sent."""
+
+    attempt: int
+    stdout: int = 0
+    stderr: int = 0
+
+    def event_id(self) -> str:
+        return f"{self.attempt}-{self.stdout}-{self.stderr}"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a stream paces itself: at most `max_s` long (the live_stream_s setting)."""
+
+    max_s: float
+    poll_s: float = POLL_S
+    keepalive_s: float = KEEPALIVE_S
+
+
+# ---------------------------------------------------------------------- routes
+
+@bp.route("/jobs/<job_id>/events", methods=["GET"])
+@bp.route("/api/v1/jobs/<job_id>/events", methods=["GET"], endpoint="api_job_events")
+def job_events(job_id):
+    """One job's state and output (browser session or API token)."""
+    job = store.get_visible_job(get_conn(), job_id, api_user())
+    position = parse_position(_resume_from())
+    return _sse(job_stream(_db(), job["id"], position, _timing(), _slots()))
+
+
+@bp.route("/job-status/<user>/events", methods=["GET"])
+@bp.route("/api/v1/users/<user>/events", methods=["GET"], endpoint="api_user_events")
+def user_events(user):
+    """State changes of a user's jobs, for that user and admins only."""
+    from .web import visible_owner  # web.py imports this module: import at call time
+
+    owner = visible_owner(get_conn(), user, api_user())
+    since = parse_since(_resume_from())
+    return _sse(user_stream(_db(), owner["id"], since, _timing(), _slots()))
+
+
+def _db():
+    return current_app.extensions["jobcloud"].db
+
+
+def _timing() -> Timing:
+    return Timing(max_s=current_app.extensions["jobcloud"].config.live_stream_s)
+
+
+def _slots() -> threading.BoundedSemaphore:
+    return current_app.extensions["jobcloud_live_slots"]
+
+
+@bp.record_once
+def _make_slots(setup):
+    # Per process: it counts this process's threads, nothing shared.
+    limit = setup.app.extensions["jobcloud"].config.live_streams_max
+    setup.app.extensions["jobcloud_live_slots"] = threading.BoundedSemaphore(limit)
+
+
+def _resume_from() -> str | None:
+    """The position to resume from: the browser's Last-Event-ID on a reconnect,
+    else ?from= (a page that already shows some output, or a client reopening)."""
+    return request.headers.get("Last-Event-ID") or request.args.get("from") or None
+
+
+def _sse(events) -> Response:
+    if request.method == "HEAD":
+        events = ()  # a server still runs the body it does not send: do not start the loop
+    response = Response(events, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    # Tells a buffering front proxy (nginx) to pass events through at once.
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+def parse_position(raw: str | None) -> Position | None:
+    """A job stream position from an event id, or None to start from the beginning.
+
+    Raises:
+        ValidationError: not an id this server gives out.
+    """
+    m = _match_event_id(raw, _POSITION, "ATTEMPT-STDOUT-STDERR, e.g. 1-2048-0")
+    return Position(*(int(g) for g in m.groups())) if m else None
+
+
+def parse_since(raw: str | None) -> float | None:
+    """A user stream's resume time from an event id (``t<unix time>``), or None.
+
+    Raises:
+        ValidationError: not an id this server gives out.
+    """
+    m = _match_event_id(raw, _SINCE, "t<unix time>, e.g. t1767225600.5")
+    return float(m.group(1)) if m else None
+
+
+def _match_event_id(raw: str | None, pattern: re.Pattern, shape: str) -> re.Match | None:
+    if raw is None:
+        return None
+    m = pattern.match(raw.strip())
+    if not m:
+        raise ValidationError(f"Last-Event-ID (or ?from=) must look like {shape}",
+                              code="invalid_event_id")
+    return m
+
+
+# ---------------------------------------------------------------- pacing
+
+def _paced(step, timing: Timing, slots: threading.BoundedSemaphore | None):
+    """Yield `step()`'s events every poll until it says done or the stream's time is up.
+
+    `step` reads the store under a connection and returns (SSE texts, done);
+    the texts are written after the connection is given back, so a slow
+    client never holds a pooled connection.
+
+    Args:
+        slots: the process's long streams. When none is free, the stream
+            sends what is new once and ends, and the client comes back after
+            BUSY_RETRY_MS: a poll instead of a held thread. None: no limit.
+    """
+    # Taken here, not in the view: a generator that never starts (the client
+    # left first) never runs its `finally`, so it must not hold a slot.
+    held = slots is None or slots.acquire(blocking=False)
+    try:
+        yield f"retry: {RETRY_MS if held else BUSY_RETRY_MS}\n\n"
+        started = last_sent = time.monotonic()
+        while True:
+            try:
+                events, done = step()
+            except StoreUnavailable:
+                return  # the client reconnects and resumes from its last event
+            for text in events:
+                yield text
+                last_sent = time.monotonic()
+            if done or not held or time.monotonic() - started >= timing.max_s:
+                return
+            if time.monotonic() - last_sent >= timing.keepalive_s:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            time.sleep(timing.poll_s)
+    finally:
+        if held and slots is not None:
+            slots.release()
+
+
+# ------------------------------------------------------------------ job stream
+
+def job_stream(db, job_id: str, position: Position | None, timing: Timing,
+               slots: threading.BoundedSemaphore | None = None):
+    """Yield the SSE text of one job's stream until it ends (final job) or times out.
+
+    Args:
+        position: what the client already has; None for everything.
+        slots: the process's long streams (see _paced); None: no limit.
+    """
+    last_state = None
+
+    def step():
+        nonlocal position, last_state
+        with db.connection() as conn:
+            job, position, events = _job_changes(conn, job_id, position, last_state)
+        last_state = store.job_json(job)
+        final = job["state"] in FINAL_VALUES
+        if final:
+            events.append(_event("end", last_state, position.event_id()))
+        return events, final
+
+    return _paced(step, timing, slots)
+
+
+def _job_changes(conn, job_id: str, position: Position | None, last_state: dict | None):
+    """What happened to the job since `position`: (job, new position, SSE events)."""
+    # The state is read before the output: a job seen final here had all
+    # its output stored already (the worker flushes it before the result,
+    # and the proxy refuses chunks of a job that is no longer running).
+    job = store.get_job(conn, job_id)
+    events = []
+    if position is None or position.attempt != job["attempt"]:
+        if position is not None:
+            events.append(_event("attempt", {"attempt": job["attempt"]},
+                                 Position(job["attempt"]).event_id()))
+        position = Position(job["attempt"])
+    state = store.job_json(job)
+    if state != last_state:
+        events.append(_event("state", state, position.event_id()))
+    events.extend(_new_output(conn, job, position))
+    return job, position, events
+
+
+def _new_output(conn, job: dict, position: Position):
+    """`log` events for everything stored past `position`, which they advance."""
+    for stream in STREAMS:
+        while True:
+            offset = getattr(position, stream)
+            logs = store.read_logs(conn, job, stream, offset, limit=EVENT_TEXT_BYTES)
+            if logs["next_offset"] <= offset:
+                break
+            setattr(position, stream, logs["next_offset"])
+            yield _event("log", {"stream": stream, "attempt": job["attempt"], "offset": offset,
+                                 "text": logs["data"]}, position.event_id())
+
+
+def _event(name: str, data: dict, event_id: str) -> str:
+    # JSON has no raw newlines, so the payload is a single data: line.
+    return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ----------------------------------------------------------------- user stream
+
+def user_stream(db, owner_id: str, since: float | None, timing: Timing,
+                slots: threading.BoundedSemaphore | None = None):
+    """Yield the SSE text of a user's job changes until it times out.
+
+    Args:
+        since: the time of the client's last event (its page or its last
+            `job` event): jobs that may have changed since are sent again.
+            None: only the jobs that are active now.
+        slots: the process's long streams (see _paced); None: no limit.
+    """
+    look_back = None if since is None else since - CLOCK_MARGIN_S
+    sent: dict[str, tuple] = {}
+
+    def step():
+        nonlocal look_back
+        read_at = time.time()
+        with db.connection() as conn:
+            changed = [row for row in _job_marks(conn, owner_id, look_back)
+                       if sent.get(row["id"]) != _mark(row)]
+            jobs = [(_mark(row), store.get_job(conn, row["id"])) for row in changed]
+        look_back = read_at - CLOCK_MARGIN_S
+        events = []
+        for mark, job in jobs:
+            sent[job["id"]] = mark
+            events.append(_event("job", store.job_json(job), f"t{read_at:.3f}"))
+        return events, False
+
+    return _paced(step, timing, slots)
+
+
+def _job_marks(conn, owner_id: str, since: float | None) -> list[dict]:
+    """What tells a change of the user's active jobs and of those submitted or
+    finished after `since`, newest first, at most USER_STREAM_JOBS.
+
+    Every change of a job either leaves it active (queued, running, requeued,
+    cancel requested) or sets finished_at, so these rows show every job whose
+    state changed since `since`; only the changed ones are read in full.
+    """
+    active = (JobState.QUEUED.value, JobState.RUNNING.value)
+    columns = "id, state, attempt, cancel_requested, started_at, finished_at"
+    if since is None:
+        return conn.query(f"SELECT {columns} FROM jobs WHERE owner_id = ? AND state IN (?, ?)"
+                          " ORDER BY id DESC LIMIT ?", (owner_id, *active, USER_STREAM_JOBS))
+    return conn.query(
+        f"SELECT {columns} FROM jobs WHERE owner_id = ?"
+        " AND (state IN (?, ?) OR finished_at >= ? OR submitted_at >= ?)"
+        " ORDER BY id DESC LIMIT ?", (owner_id, *active, since, since, USER_STREAM_JOBS))
+
+
+def _mark(row: dict) -> tuple:
+    return (row["state"], row["attempt"], row["cancel_requested"], row["started_at"],
+            row["finished_at"])

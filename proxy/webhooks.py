@@ -1,0 +1,481 @@
+"""Webhooks: a signed JSON POST to the job's URL when it reaches a final state.
+
+Targets: only http(s) URLs whose host is on the admin allow-list
+(`webhook_allowed_hosts`), checked at submission (400 naming the rule) and
+again before every attempt; redirects are never followed. The proxy must not
+become a way to reach addresses its users cannot: at each attempt the name is
+resolved and the connection goes to the address that was checked, which must
+be public unless the admin listed that very address (`address_allowed`). A
+failed attempt shows its user a short reason ("timeout", "HTTP 500"), never
+the exception's text. Every attempt ends within `webhook_timeout_s` in all.
+
+Signing: one secret per user (`secret_for`), shown to that user only (API
+/api/v1/webhook-secret, page /account/webhook). Per user rather than one
+proxy-wide secret so a receiver can check a notice came for *its* user, and
+one leaked secret exposes one user's notices, not everyone's. The signature
+is HMAC-SHA256 over ``"<timestamp>." + body`` (``X-Jobcloud-Signature:
+sha256=<hex>``, ``X-Jobcloud-Timestamp``): the timestamp is in the signed
+content, so a receiver that refuses old timestamps refuses replays.
+
+Delivery: at least once. The notice is a row in webhook_deliveries, written in
+the same transaction that made the job final, with its exact body, so every
+attempt sends the same bytes and a restart loses nothing. Each proxy process
+runs one delivery thread (`Deliverer`): no extra process to deploy or forget,
+and any number of processes is safe because an attempt is claimed with a
+compare-and-set UPDATE (`claimed_until`), so two processes never send the same
+attempt. A process that dies mid-attempt leaves the claim to expire and the
+attempt is made again: receivers de-duplicate on ``X-Jobcloud-Delivery``.
+Failures are retried with exponential backoff up to `webhook_max_attempts`.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import ssl
+import threading
+import time
+from enum import Enum
+from urllib.parse import urlsplit
+
+from .errors import ValidationError
+from .models import iso, new_id
+
+log = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+# Longest pause between two attempts, whatever the backoff doubling says.
+MAX_BACKOFF_S = 3600.0
+# A claim outlives the request's timeout by this much before another process may retry it.
+CLAIM_GRACE_S = 30.0
+# Deliveries one process claims per pass; the rest wait for the next pass.
+BATCH = 20
+EVENT = "job.finished"
+
+
+class DeliveryState(str, Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+# The latest delivery of a job, joined onto job rows (store.py) for the job JSON.
+JOB_COLUMNS = (", d.id AS webhook_delivery_id, d.state AS webhook_state,"
+               " d.attempts AS webhook_attempts, d.last_status AS webhook_last_status,"
+               " d.last_error AS webhook_last_error, d.next_attempt_at AS webhook_next_attempt_at,"
+               " d.delivered_at AS webhook_delivered_at")
+JOB_JOIN = " LEFT JOIN webhook_deliveries d ON d.job_id = j.id"
+
+
+# ------------------------------------------------------------------ submission
+
+def check_url(url: str, allowed_hosts: tuple[str, ...]) -> str:
+    """A job's webhook URL, if it may be used.
+
+    Raises:
+        ValidationError: not http(s), malformed, or its host is not allow-listed.
+    """
+    url = url.strip()
+    if not allowed_hosts:
+        raise ValidationError("webhooks are disabled on this proxy (webhook_allowed_hosts is empty)",
+                              code="webhook_not_allowed")
+    problem = _url_problem(url, allowed_hosts)
+    if problem:
+        raise ValidationError(problem, code="webhook_not_allowed")
+    return url
+
+
+def _url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None:
+    if len(url) > MAX_URL_LENGTH:
+        return f"the webhook URL is longer than {MAX_URL_LENGTH} characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return "the webhook URL is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "the webhook URL must be an http:// or https:// URL with a host"
+    if parts.username is not None or parts.password is not None:
+        return "the webhook URL must not carry a user name or password"
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return "the webhook URL contains spaces or control characters"
+    if not host_allowed(parts.hostname, allowed_hosts):
+        return (f"webhook host {parts.hostname[:100]!r} is not allowed: the admin allow-list "
+                f"webhook_allowed_hosts is {', '.join(allowed_hosts)}")
+    return None
+
+
+def host_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
+    """True when `host` is listed, or is a subdomain of a listed "*.domain"."""
+    host = host.lower().rstrip(".")
+    return any(host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:]))
+               for pattern in allowed_hosts)
+
+
+# --------------------------------------------------------------------- secrets
+
+def secret_for(conn, user_id: str, now: float | None = None) -> str:
+    """The user's signing secret, made on first use."""
+    now = time.time() if now is None else now
+    conn.execute("INSERT INTO webhook_secrets (user_id, secret, created_at) VALUES (?, ?, ?)"
+                 " ON CONFLICT DO NOTHING", (user_id, _new_secret(), now))
+    return conn.query_one("SELECT secret FROM webhook_secrets WHERE user_id = ?",
+                          (user_id,))["secret"]
+
+
+def rotate_secret(conn, user_id: str, now: float | None = None) -> str:
+    """Replace the user's secret; pending deliveries are signed with the new one."""
+    now = time.time() if now is None else now
+    secret = _new_secret()
+    conn.execute("INSERT INTO webhook_secrets (user_id, secret, created_at) VALUES (?, ?, ?)"
+                 " ON CONFLICT (user_id) DO UPDATE SET secret = excluded.secret,"
+                 " created_at = excluded.created_at", (user_id, secret, now))
+    return secret
+
+
+def _new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The X-Jobcloud-Signature value: HMAC-SHA256 of "<timestamp>." + body."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+# ------------------------------------------------------------------- enqueuing
+
+def enqueue(conn, job: dict, job_document: dict, now: float) -> None:
+    """Queue the completion notice of a job that just became final (inside that transaction)."""
+    delivery_id = new_id("wh")
+    body = json.dumps({"event": EVENT, "delivery_id": delivery_id,
+                       "job": {k: v for k, v in job_document.items() if k != "webhook"}},
+                      separators=(",", ":"), sort_keys=True)
+    conn.execute(
+        "INSERT INTO webhook_deliveries (id, job_id, owner_id, url, body, state, attempts,"
+        " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)"
+        " ON CONFLICT DO NOTHING",
+        (delivery_id, job["id"], job["owner_id"], job["webhook_url"], body,
+         DeliveryState.PENDING.value, now, now))
+
+
+def webhook_json(job: dict) -> dict | None:
+    """The `webhook` object of a job's JSON: where, and how its delivery went."""
+    if not job.get("webhook_url"):
+        return None
+    if not job.get("webhook_delivery_id"):
+        return {"url": job["webhook_url"], "state": "waiting_for_job"}
+    return {"url": job["webhook_url"], "state": job["webhook_state"],
+            "delivery_id": job["webhook_delivery_id"], "attempts": job["webhook_attempts"],
+            "last_status": job["webhook_last_status"], "last_error": job["webhook_last_error"],
+            "next_attempt_at": (iso(job["webhook_next_attempt_at"])
+                                if job["webhook_state"] == DeliveryState.PENDING.value else None),
+            "delivered_at": iso(job["webhook_delivered_at"])}
+
+
+# -------------------------------------------------------------------- delivery
+
+class Deliverer:
+    """Sends due webhook deliveries; one per proxy process, on its own thread.
+
+    `run_once(now=...)` is one pass, so tests can drive it without a thread.
+    """
+
+    def __init__(self, db, *, allowed_hosts: tuple[str, ...], max_attempts: int,
+                 backoff_s: float, timeout_s: float, poll_s: float,
+                 claim_grace_s: float = CLAIM_GRACE_S):
+        self.db = db
+        self.allowed_hosts = allowed_hosts
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.claim_grace_s = claim_grace_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, db, cfg) -> "Deliverer":
+        return cls(db, allowed_hosts=cfg.webhook_allowed_hosts,
+                   max_attempts=cfg.webhook_max_attempts, backoff_s=cfg.webhook_backoff_s,
+                   timeout_s=cfg.webhook_timeout_s, poll_s=cfg.webhook_poll_s)
+
+    def start(self) -> "Deliverer":
+        self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking deliveries; an attempt in flight finishes (it ends within timeout_s).
+
+        Called on a graceful shutdown (gunicorn's worker_exit hook), so the
+        process does not exit under a POST whose outcome is not recorded yet.
+        """
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout_s + 5 if timeout is None else timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # the loop boundary: log, keep delivering
+                log.exception("webhook delivery pass failed")
+                busy = 0
+            if not busy:
+                self._stop.wait(self.poll_s)
+
+    def run_once(self, now: float | None = None) -> int:
+        """Claim and send the deliveries due at `now`. Returns how many attempts were made."""
+        now = time.time() if now is None else now
+        sent = 0
+        with self.db.connection() as conn:
+            due = conn.query(
+                "SELECT id FROM webhook_deliveries WHERE state = ? AND next_attempt_at <= ?"
+                " AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY next_attempt_at"
+                " LIMIT ?", (DeliveryState.PENDING.value, now, now, BATCH))
+            for row in due:
+                if self._stop.is_set():
+                    break
+                delivery = self._claim(conn, row["id"], due_by=now)
+                if delivery is not None:
+                    self._attempt(conn, delivery)
+                    sent += 1
+        return sent
+
+    def _claim(self, conn, delivery_id: str, due_by: float) -> dict | None:
+        """Take the next attempt of a delivery, or None when another process took it."""
+        # The clock is read here, not once per pass: the earlier sends of a
+        # pass may have taken up to timeout_s each, and a claim dated from the
+        # pass's start could expire before this send even began, letting
+        # another process send the same notice again.
+        claimed_at = due_by
+        with conn.transaction():
+            taken = conn.execute(
+                "UPDATE webhook_deliveries SET claimed_until = ?, attempts = attempts + 1"
+                " WHERE id = ? AND state = ? AND next_attempt_at <= ?"
+                " AND (claimed_until IS NULL OR claimed_until < ?)",
+                (claimed_at + self.timeout_s + self.claim_grace_s, delivery_id,
+                 DeliveryState.PENDING.value, due_by, claimed_at))
+            if not taken:
+                return None
+            delivery = conn.query_one("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,))
+            delivery["secret"] = secret_for(conn, delivery["owner_id"], claimed_at)
+        return delivery
+
+    def _attempt(self, conn, delivery: dict) -> None:
+        status, error = self._send(delivery)
+        now = time.time()
+        attempt = delivery["attempts"]
+        if error is None:
+            state, next_at = DeliveryState.DELIVERED, delivery["next_attempt_at"]
+        elif attempt >= self.max_attempts:
+            state, next_at = DeliveryState.FAILED, delivery["next_attempt_at"]
+        else:
+            state = DeliveryState.PENDING
+            next_at = now + min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+        # Compare-and-set on the attempt number, which every claim increments: a
+        # claimer whose claim expired while it waited, and which another
+        # process claimed again, finds its attempt number gone and writes nothing.
+        with conn.transaction():
+            conn.execute(
+                "UPDATE webhook_deliveries SET state = ?, next_attempt_at = ?, claimed_until = NULL,"
+                " last_status = ?, last_error = ?, delivered_at = ? WHERE id = ? AND attempts = ?",
+                (state.value, next_at, status, error,
+                 now if state == DeliveryState.DELIVERED else None, delivery["id"], attempt))
+
+    def _send(self, delivery: dict) -> tuple[int | None, str | None]:
+        """POST the delivery once. Returns (HTTP status or None, error or None on success).
+
+        The error is a short class ("timeout", "connection refused", "HTTP 500")
+        because users read it in their job's JSON: the exception's own text would
+        tell them which ports of an allowed host are open. The detail goes to the
+        log, which only the admin reads.
+        """
+        problem = _url_problem(delivery["url"], self.allowed_hosts)
+        if problem:
+            return None, problem
+        body = delivery["body"].encode()
+        timestamp = int(time.time())
+        headers = {"Content-Type": "application/json", "User-Agent": "jobcloud-webhooks",
+                   "X-Jobcloud-Event": EVENT, "X-Jobcloud-Delivery": delivery["id"],
+                   "X-Jobcloud-Timestamp": str(timestamp),
+                   "X-Jobcloud-Signature": sign(delivery["secret"], timestamp, body)}
+        try:
+            status = post(delivery["url"], body, headers, allowed_hosts=self.allowed_hosts,
+                          deadline_s=self.timeout_s)
+        except SendFailed as e:
+            log.warning("webhook %s for job %s, attempt %d: %s (%s)", delivery["id"],
+                        delivery["job_id"], delivery["attempts"], e.reason, e.detail)
+            return None, e.reason
+        if 200 <= status < 300:
+            return status, None
+        log.warning("webhook %s for job %s, attempt %d: HTTP %d", delivery["id"],
+                    delivery["job_id"], delivery["attempts"], status)
+        return status, f"HTTP {status}"
+
+
+# ----------------------------------------------------------------- one POST
+
+class SendFailed(Exception):
+    """Raised when a webhook POST gets no HTTP answer; `reason` is safe to show its user."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def post(url: str, body: bytes, headers: dict, *, allowed_hosts: tuple[str, ...],
+         deadline_s: float) -> int:
+    """POST `body` to `url` once, within `deadline_s` in all, and return the HTTP status.
+
+    The host name is resolved here and the connection goes to the address that
+    was checked (`reachable_address`), so a name cannot pass the allow-list and
+    then resolve elsewhere. Only the status line and headers are read (their
+    size is bounded by http.client: 100 lines of at most 64 KiB); a watchdog
+    closes the connection at the deadline, however slowly the receiver sends.
+
+    Raises:
+        SendFailed: no address may be reached, or no HTTP answer within the deadline.
+    """
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    address = reachable_address(parts.hostname, port, allowed_hosts)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    watchdog = _Watchdog(deadline_s)
+    try:
+        sock = socket.create_connection((address, port), timeout=deadline_s)
+    except OSError as e:
+        raise _failure(e, timed_out=False) from None
+    response = None
+    try:
+        watchdog.guard(sock)
+        if https:
+            # Certificate and SNI for the name in the URL, not for the address.
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+        kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        connection = kind(parts.hostname, port, timeout=deadline_s)
+        # Already connected to the checked address; the Host header names the URL's host.
+        connection.sock = sock
+        connection.request("POST", target, body=body, headers=headers)
+        response = connection.getresponse()
+        watchdog.disarm()
+        if watchdog.fired:
+            # A cut mid-headers reads as their end to http.client: not an answer.
+            raise SendFailed("timeout", f"no complete answer within {deadline_s}s")
+        return response.status
+    except (OSError, http.client.HTTPException) as e:
+        raise _failure(e, timed_out=watchdog.fired) from None
+    finally:
+        watchdog.disarm()
+        if response is not None:
+            response.close()  # the body is never read: closing drops it with the connection
+        sock.close()
+
+
+def reachable_address(host: str, port: int, allowed_hosts: tuple[str, ...]) -> str:
+    """The first address `host` resolves to that a webhook may reach.
+
+    Raises:
+        SendFailed: the name does not resolve, or only to addresses not allowed.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise SendFailed("host name not resolved", str(e)) from None
+    addresses = [info[4][0] for info in infos]
+    for address in addresses:
+        if address_allowed(address, allowed_hosts):
+            return address
+    raise SendFailed("address not allowed",
+                     f"{host} resolves to {', '.join(addresses)}: not public, not allow-listed")
+
+
+def address_allowed(address: str, allowed_hosts: tuple[str, ...]) -> bool:
+    """True for a public address, or for any address listed exactly in `allowed_hosts`.
+
+    Loopback, private, link-local, shared (100.64/10), reserved, multicast and
+    unspecified addresses are reachable only through an explicit entry for the
+    address itself: a name on the list, wildcard or not, never unlocks them,
+    since whoever controls the name's DNS chooses where it points.
+    """
+    ip = _ip(address.split("%", 1)[0])  # an IPv6 zone ("fe80::1%eth0") is not part of it
+    if any(_ip(entry) == ip for entry in allowed_hosts):
+        return True
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback
+                                 or ip.is_link_local or ip.is_private or ip.is_unspecified)
+
+
+def _ip(text: str):
+    """The address in `text` (an IPv4-mapped IPv6 one as its IPv4 address), or None."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _failure(e: Exception, timed_out: bool) -> SendFailed:
+    """The reason a user is shown for a failed POST; the exception's text stays in the log."""
+    detail = f"{type(e).__name__}: {e}"
+    if timed_out or isinstance(e, TimeoutError):
+        return SendFailed("timeout", detail)
+    if isinstance(e, ConnectionRefusedError):
+        return SendFailed("connection refused", detail)
+    if isinstance(e, ssl.SSLError):  # certificate errors included
+        return SendFailed("TLS error", detail)
+    if isinstance(e, http.client.HTTPException):
+        return SendFailed("invalid HTTP response", detail)
+    return SendFailed("connection failed", detail)
+
+
+class _Watchdog:
+    """Cuts a connection when an attempt's total deadline passes.
+
+    Socket timeouts bound each read, not the attempt: a receiver sending one
+    byte a second would hold the delivery thread for as long as it liked.
+    shutdown() on the connection wakes the blocked read at once; it goes
+    through a duplicate of the descriptor because an ssl wrap takes over the
+    socket object, and under a lock so it never touches a descriptor that was
+    closed and reused.
+    """
+
+    def __init__(self, deadline_s: float):
+        self.fired = False
+        self._ends_at = time.monotonic() + deadline_s
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._timer: threading.Timer | None = None
+
+    def guard(self, sock: socket.socket) -> None:
+        self._fd = sock.fileno()
+        self._timer = threading.Timer(max(0.0, self._ends_at - time.monotonic()), self._cut)
+        self._timer.daemon = True
+        pass
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._fd = None
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            self.fired = True
+            try:
+                with socket.socket(fileno=os.dup(self._fd)) as dup:
+                    dup.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the receiver: the read ends by itself

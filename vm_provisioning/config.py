@@ -1,0 +1,193 @@
+"""The scaler's configuration: defaults, one optional TOML file, JOBCLOUD_VM_* variables, flags.
+
+Read once at the entry point (`load_config`, called by `jobcloud-vm`) and passed
+inward as a `ScalerConfig`; nothing else in the package reads the environment.
+Precedence: defaults < file < environment < flags. Tests build a `ScalerConfig`
+directly (every field has a keyword); `Scaler` runs `validate` on what it is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+ENV_PREFIX = "JOBCLOUD_VM_"
+DOMAIN_TYPES = ("auto", "kvm", "qemu")
+# Inside a guest on QEMU user-mode networking, this address is the host's loopback.
+USER_NET_HOST = "10.0.2.2"
+
+
+@dataclass(frozen=True)
+class ScalerConfig:
+    # The built template: manifest.json, the qcow2 disk, kernel and initrd (`jobcloud-vm build-template`).
+    template_dir: str = "./var/vm/template"
+    # Clone disks, seed ISOs, console logs and the scaler's state file live here; it must be
+    # on the hypervisor's filesystem (shared at the same path for more than one host).
+    state_dir: str = "./var/vm/clones"
+    # The proxy as the scaler (on the host) reaches it.
+    proxy_url: str = "http://127.0.0.1:3000"
+    # The proxy as a guest reaches it; empty means proxy_url with a loopback host rewritten
+    # to 10.0.2.2, which is what user-mode networking gives the guest.
+    guest_proxy_url: str = ""
+    # An admin's API token (`jobcloud token create --user admin`): the scaler is admin-only.
+    admin_token: str = ""
+    # Hypervisor hosts; new VMs go to the one running the fewest of ours.
+    libvirt_uris: tuple[str, ...] = ("qemu:///system",)
+    # kvm where hardware virtualization works, qemu (software emulation) where it does not;
+    # auto asks libvirt whether this host offers kvm. Override where KVM is offered but hangs.
+    domain_type: str = "auto"
+    # One worker VM: dockerd plus one job of the proxy's default 1 GiB.
+    memory_mb: int = 1536
+    vcpus: int = 1
+    # Job slots each VM's worker offers; None lets the worker decide (its CPU count).
+    worker_slots: int | None = None
+    # Names of our domains, disks and seeds all start with this, so leftovers are recognisable.
+    name_prefix: str = "jc-"
+    # Scale up when queued jobs per live worker exceed this.
+    queue_per_worker: float = 2.0
+    # Fleet bounds: min 0 means no VM at all while nothing is queued.
+    min_vms: int = 0
+    max_vms: int = 4
+    # VMs added per scale-up decision.
+    step: int = 1
+    # No scale-up sooner than this after the last one: booting VMs need time to take work.
+    cooldown_s: float = 120.0
+    # A VM's worker idle this long is retired (down to min_vms).
+    idle_time_s: float = 300.0
+    # A VM whose worker has not registered by then is replaced (a TCG boot takes about 50 s).
+    boot_timeout_s: float = 300.0
+    # Seconds of ACPI shutdown before the domain is destroyed.
+    shutdown_timeout_s: float = 60.0
+    # Seconds between the daemon's passes.
+    interval_s: float = 10.0
+    # Seconds an HTTP call to the proxy may take.
+    http_timeout_s: float = 15.0
+    log_level: str = "INFO"
+
+    @property
+    def resolved_guest_proxy_url(self) -> str:
+        if self.guest_proxy_url:
+            return self.guest_proxy_url.rstrip("/")
+        return guest_url_for(self.proxy_url)
+
+
+def guest_url_for(proxy_url: str) -> str:
+    """`proxy_url` as a user-mode-networked guest sees it (loopback -> 10.0.2.2)."""
+    parts = urlsplit(proxy_url.rstrip("/"))
+    host = parts.hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+        netloc = USER_NET_HOST + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ScalerConfig)}
+_OPTIONAL_INT = {"worker_slots"}
+
+
+def load_config(env: dict | None = None, overrides: dict | None = None,
+                config_file: str | None = None) -> ScalerConfig:
+    """Build the validated configuration.
+
+    Args:
+        env: environment mapping (default: os.environ).
+        overrides: values that win over everything (command-line flags); None values are ignored.
+        config_file: a TOML file (default: $JOBCLOUD_VM_CONFIG); its [vm] table or top level.
+
+    Raises:
+        ConfigError: a value is unknown, of the wrong type or out of range.
+    """
+    env = os.environ if env is None else env
+    values: dict = {}
+    config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        values.update(_read_file(config_file))
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate(ScalerConfig(**{k: _coerce(k, v) for k, v in values.items()}))
+
+
+def _read_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    section = data.get("vm", data)
+    unknown = sorted(set(section) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return dict(section)
+
+
+def _coerce(name: str, value):
+    if name not in _FIELDS:
+        raise ConfigError(f"unknown setting {name!r}")
+    kind = int if name in _OPTIONAL_INT else type(_FIELDS[name].default)
+    try:
+        if name in _OPTIONAL_INT and value in ("", None):
+            return None
+        if kind is tuple:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}: {value!r} is not a valid {kind.__name__}") from None
+
+
+def validate(cfg: ScalerConfig) -> ScalerConfig:
+    """Check every value once, so the rest of the package can trust them.
+
+    Raises:
+        ConfigError: the first value out of range, in one sentence.
+    """
+    floats = ("queue_per_worker", "cooldown_s", "idle_time_s", "boot_timeout_s",
+              "shutdown_timeout_s", "interval_s", "http_timeout_s")
+    checks = [
+        (all(math.isfinite(getattr(cfg, f)) and getattr(cfg, f) >= 0 for f in floats),
+         f"{', '.join(floats)} must be finite and not negative"),
+        (cfg.domain_type in DOMAIN_TYPES, f"domain_type must be one of {', '.join(DOMAIN_TYPES)}"),
+        (len(cfg.libvirt_uris) >= 1, "libvirt_uris must name at least one libvirt URI"),
+        (64 <= cfg.memory_mb <= 1024 * 1024, "memory_mb must be between 64 and 1048576"),
+        (1 <= cfg.vcpus <= 256, "vcpus must be between 1 and 256"),
+        (cfg.worker_slots is None or 1 <= cfg.worker_slots <= 64,
+         "worker_slots must be between 1 and 64"),
+        (0 <= cfg.min_vms <= cfg.max_vms <= 1000, "min_vms and max_vms must satisfy 0 <= min_vms <= max_vms <= 1000"),
+        (1 <= cfg.step <= 1000, "step must be between 1 and 1000"),
+        (cfg.interval_s > 0 and cfg.http_timeout_s > 0, "interval_s and http_timeout_s must be positive"),
+        # Each VM's enrollment token expires boot_timeout_s after its creation (plus a margin).
+        (cfg.boot_timeout_s <= 86400, "boot_timeout_s must be at most 86400 (a day)"),
+        # It starts each VM's host name, so what a host name label allows.
+        (re.fullmatch(r"[a-z][a-z0-9-]{0,15}", cfg.name_prefix) is not None,
+         "name_prefix must be 1-16 lowercase letters, digits and dashes, starting with a letter"),
+        (urlsplit(cfg.proxy_url).scheme in ("http", "https") and bool(urlsplit(cfg.proxy_url).netloc),
+         "proxy_url must be an http:// or https:// URL"),
+        (cfg.guest_proxy_url == "" or urlsplit(cfg.guest_proxy_url).scheme in ("http", "https"),
+         "guest_proxy_url must be an http:// or https:// URL"),
+        (cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+         "log_level must be DEBUG, INFO, WARNING or ERROR"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg

@@ -10,6 +10,8 @@ PORT ?= 3000
 # Images `make run` builds; `make images` builds these too. The ML image takes
 # several minutes the first time (Debian's numpy/scipy/pandas/sklearn/torch/opencv).
 IMAGES ?= python ml
+# Job images baked into the worker VM template (`make vm-template`).
+VM_IMAGES ?= jobcloud/python,jobcloud/ml
 
 .PHONY: run test bench soak venv system-deps docker images editor vm-template clean help
 
@@ -59,7 +61,7 @@ test: venv system-deps docker editor
 
 # Quick when nothing changed (skipped by the inputs' hash); see vm_provisioning/template.py.
 vm-template: venv system-deps images
-	$(VENV)/bin/jobcloud-vm build-template
+	$(VENV)/bin/jobcloud-vm build-template --images $(VM_IMAGES)
 
 bench: venv docker
 	$(PIP) install --quiet -e '.[bench]'

@@ -9,7 +9,9 @@ and freezes a worker past its lease (SIGSTOP, then SIGCONT). Every worker talks
 to the proxy through `LossyLink`, which loses some result posts before the
 proxy sees them and cuts others after the proxy committed them. Then the
 faults stop, the system settles, and the invariants are checked: zero
-violations is the only pass.
+violations is the only pass, and at least `min_verified_share` of the planned
+jobs must be shown to have ended as their script meant: a soak in which little
+works cannot pass by skipping what failed.
 
 Each script prints its attempt and a token of its own, and writes the token
 to its output file, so the stored result shows which run it came from.
@@ -21,6 +23,7 @@ import contextlib
 import http.client
 import io
 import json
+import math
 import random
 import re
 import signal
@@ -51,6 +54,9 @@ print("done attempt=%s token=%s" % (attempt, token), flush=True)
 sys.exit({exit_code})
 """
 WORKER_LOST = "worker lost"
+# Logged by a trigger on every change to a final job's outcome (see watch_final_rows).
+OVERWRITES = "soak_final_overwrites"
+WATCHED = ("state", "exit_code", "attempt", "finished_at", "stdout_tail", "output_sha256")
 FAULTS = ("kill_worker", "restart_proxy", "kill_proxy", "pause_worker")
 
 
@@ -68,6 +74,12 @@ class Plan:
     drop_after: float = 0.08        # share cut after the proxy answered (committed)
     lease_s: float = 5.0
     settle_s: float = 180.0         # bound on waiting for every job to end
+    # A job fails as "worker lost" only after max attempts: with faults this
+    # sparse, a handful at most; more means requeueing or leases are broken.
+    max_lost_share: float = 0.02
+    # Share of planned jobs that must be seen to end as their script meant,
+    # with one attempt's result (the rest: worker lost, duplicates, refusals).
+    min_verified_share: float = 0.95
     seed: int | None = None
 
 
@@ -254,6 +266,7 @@ def _soak(plan: Plan, rng: random.Random, report: Report, proxy: Proxy, settings
           users: list[Account], workers: list[LocalWorker], link: LossyLink, say) -> Report:
     """Submissions and faults, settling, then the checks; workers and link are up."""
     expected = plan_jobs(plan, rng)
+    watch_final_rows(proxy)
     monitor = Monitor(proxy)
     monitor.start()
     submitter = Submitter(proxy, users, expected, plan.chaos_s * 0.7, rng.randrange(2**31))
@@ -270,7 +283,7 @@ def _soak(plan: Plan, rng: random.Random, report: Report, proxy: Proxy, settings
     for w in workers:
         w.stop()
     monitor.stop()
-    check(report, proxy, users, submitter, expected, monitor, snapshot, workers, link, settled)
+    check(report, plan, proxy, users, submitter, expected, monitor, snapshot, workers, link, settled)
     report.counts.update(faults)
     report.counts.update(link.counts)
     return report
@@ -348,12 +361,18 @@ class Submitter:
 
 class Monitor:
     """Reads every final job from the store twice a second; a job whose final
-    state, attempt or finish time changes after it was first seen is an overwrite."""
+    state, attempt or finish time changes after it was first seen is an overwrite.
+
+    It sees only what lasts until its next look; the trigger of watch_final_rows
+    sees every committed change. A look that fails is counted, never fatal.
+    """
 
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
         self.first: dict[str, tuple] = {}
         self.overwrites: list[str] = []
+        self.looks = 0
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -367,14 +386,44 @@ class Monitor:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            self._look()
+            try:
+                self._look()
+            except Exception as e:  # the loop boundary: one failed look must not end the watch
+                self.errors.append(repr(e))
 
     def _look(self) -> None:
+        self.looks += 1
         for job_id, row in final_rows(self.proxy).items():
             seen = self.first.setdefault(job_id, row)
             if seen != row:
                 self.overwrites.append(f"{job_id}: {seen} then {row}")
                 self.first[job_id] = row
+
+
+def watch_final_rows(proxy: Proxy) -> None:
+    """Make the store itself log every change to a final job's outcome.
+
+    An AFTER UPDATE trigger sees every committed change, including a result the
+    proxy committed just before a kill -9 (its answer reached nobody) and
+    changes undone between two of the Monitor's looks. The soak owns this
+    SQLite file; the table and trigger are made after the proxy's migrations,
+    which know nothing of them.
+    """
+    final = ", ".join(f"'{s}'" for s in sorted(FINAL))
+    changed = " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in WATCHED)
+    old, new = (" || ' ' || ".join(f"quote({row}.{c})" for c in WATCHED) for row in ("OLD", "NEW"))
+    with proxy.db.connection() as conn, conn.transaction():
+        conn.execute(f"CREATE TABLE {OVERWRITES} (job_id TEXT NOT NULL, old TEXT NOT NULL,"
+                     " new TEXT NOT NULL)")
+        conn.execute(f"CREATE TRIGGER {OVERWRITES}_log AFTER UPDATE ON jobs"
+                     f" WHEN OLD.state IN ({final}) AND ({changed})"
+                     f" BEGIN INSERT INTO {OVERWRITES} VALUES (OLD.id, {old}, {new}); END")
+
+
+def logged_overwrites(proxy: Proxy) -> list[str]:
+    with proxy.db.connection() as conn:
+        rows = conn.query(f"SELECT job_id, old, new FROM {OVERWRITES}")
+    return [f"{r['job_id']}: ({r['old']}) then ({r['new']})" for r in rows]
 
 
 def final_rows(proxy: Proxy) -> dict[str, tuple]:
@@ -445,7 +494,7 @@ def _sleep_until(t: float) -> None:
 
 # ------------------------------------------------------------- the invariants
 
-def check(report: Report, proxy: Proxy, users: list[Account], submitter: Submitter,
+def check(report: Report, plan: Plan, proxy: Proxy, users: list[Account], submitter: Submitter,
           expected: list[Expected], monitor: Monitor, snapshot: dict, workers: list[LocalWorker],
           link: LossyLink, settled: bool) -> None:
     with proxy.db.connection() as conn:
@@ -466,27 +515,15 @@ def check(report: Report, proxy: Proxy, users: list[Account], submitter: Submitt
     changed = [f"{k}: {v} then {end.get(k)}" for k, v in snapshot.items() if end.get(k) != v]
     report.check("no final state overwritten (watched, and after settling)", len(jobs),
                  monitor.overwrites + changed)
+    report.check("no committed update changed a final job (store trigger)", len(jobs),
+                 logged_overwrites(proxy))
 
-    wrong, mixed, lost, twice = [], [], 0, 0
-    for job in jobs.values():
-        index = int(job["name"].split("-")[1])
-        e = expected[index]
-        done_in = [a for (jid, a), text in logs.items() if jid == job["id"] and DONE.search(text)]
-        twice += len(done_in) > 1
-        if job["state"] == "failed" and (job["failure_reason"] or "").startswith(WORKER_LOST):
-            lost += 1
-            continue
-        if job["state"] not in FINAL:
-            continue
-        if (job["state"], job["exit_code"]) != (e.state, e.exit_code):
-            wrong.append(f"{job['id']} ended {job['state']} ({job['exit_code']},"
-                         f" {job['failure_reason']}), script meant {e.state} ({e.exit_code})")
-            continue
-        problem = _one_result(job, e, logs, users, proxy)
-        if problem:
-            mixed.append(f"{job['id']}: {problem}")
-    report.check("each job ended as its script meant (or failed: worker lost)", len(jobs), wrong)
-    report.check("stored result is one attempt's (stdout, logs, output agree)", len(jobs), mixed)
+    def outputs(job: dict) -> requests.Response:
+        owner = next(u for u in users if u.id == job["owner_id"])
+        return requests.get(f"{proxy.url}/api/v1/jobs/{job['id']}/outputs", headers=owner.auth,
+                            timeout=30)
+
+    outcomes = check_outcomes(report, plan, jobs, logs, expected, outputs)
     report.check("the proxy applied at most one result per job", len(link.applied),
                  [f"{j} applied {n}×" for j, n in link.applied.items() if n > 1])
 
@@ -502,12 +539,64 @@ def check(report: Report, proxy: Proxy, users: list[Account], submitter: Submitt
         "submissions retried (no answer)": submitter.retries,
         "jobs requeued at least once": sum(1 for j in jobs.values() if j["attempt"] > 1),
         "requeues (attempts beyond the first)": sum(max(0, j["attempt"] - 1) for j in jobs.values()),
-        "jobs run to completion more than once (one result kept)": twice,
-        "jobs failed as worker lost (max attempts)": lost,
+        **outcomes,
+        "monitor looks": monitor.looks,
+        "monitor looks failed": len(monitor.errors),
     })
+    report.details.extend(f"monitor look failed: {e}" for e in monitor.errors[:3])
 
 
-def _one_result(job: dict, e: Expected, logs: dict, users: list[Account], proxy: Proxy) -> str | None:
+def check_outcomes(report: Report, plan: Plan, jobs: dict[str, dict], logs: dict,
+                   expected: list[Expected], outputs) -> dict:
+    """Each stored job against its plan entry: the three outcome invariants, and
+    how many planned jobs were verified end to end.
+
+    Args:
+        jobs: job id -> row; logs: (job id, attempt) -> stdout as shipped.
+        outputs: job row -> the answer of its /outputs download.
+
+    Returns:
+        counts for the report.
+    """
+    wrong, mixed, lost, twice = [], [], [], 0
+    verified: set[int] = set()
+    for job in jobs.values():
+        index = int(job["name"].split("-")[1])
+        e = expected[index]
+        done_in = [a for (jid, a), text in logs.items() if jid == job["id"] and DONE.search(text)]
+        twice += len(done_in) > 1
+        if job["state"] == "failed" and (job["failure_reason"] or "").startswith(WORKER_LOST):
+            lost.append(job["id"])
+            continue
+        if job["state"] not in FINAL:
+            continue
+        if (job["state"], job["exit_code"]) != (e.state, e.exit_code):
+            wrong.append(f"{job['id']} ended {job['state']} ({job['exit_code']},"
+                         f" {job['failure_reason']}), script meant {e.state} ({e.exit_code})")
+            continue
+        problem = _one_result(job, e, logs, outputs)
+        if problem:
+            mixed.append(f"{job['id']}: {problem}")
+        else:
+            verified.add(index)
+    # Shares of the plan, not of the jobs stored: a submission stored twice
+    # (retried after a lost answer) must not dilute the bounds.
+    most_lost = int(plan.max_lost_share * len(expected))
+    report.check(f"at most {most_lost} jobs failed as worker lost ({plan.max_lost_share:.0%})",
+                 len(jobs), lost if len(lost) > most_lost else [])
+    report.check("each job ended as its script meant (or failed: worker lost)", len(jobs), wrong)
+    report.check("stored result is one attempt's (stdout, logs, output agree)", len(jobs), mixed)
+    least = math.ceil(plan.min_verified_share * len(expected))
+    missing = [f"soak-{i}" for i in range(len(expected)) if i not in verified]
+    report.check(f"at least {least} planned jobs verified as meant ({plan.min_verified_share:.0%})",
+                 len(expected), [] if len(verified) >= least else
+                 [f"{len(verified)} of {len(expected)} verified; not: {', '.join(missing[:20])}"])
+    return {"planned jobs verified as meant": len(verified),
+            "jobs run to completion more than once (one result kept)": twice,
+            "jobs failed as worker lost (max attempts)": len(lost)}
+
+
+def _one_result(job: dict, e: Expected, logs: dict, outputs) -> str | None:
     """Why the stored result is not one attempt's own, or None when it is."""
     found = DONE.findall(job["stdout_tail"] or "")
     if len(found) != 1:
@@ -518,9 +607,7 @@ def _one_result(job: dict, e: Expected, logs: dict, users: list[Account], proxy:
     if token not in logs.get((job["id"], attempt), ""):
         return "the stored stdout's token is not in that attempt's log"
     if e.output:
-        owner = next(u for u in users if u.id == job["owner_id"])
-        r = requests.get(f"{proxy.url}/api/v1/jobs/{job['id']}/outputs", headers=owner.auth,
-                         timeout=30)
+        r = outputs(job)
         if r.status_code != 200:
             return f"outputs answered {r.status_code}"
         stored = zipfile.ZipFile(io.BytesIO(r.content)).read("token.txt").decode()

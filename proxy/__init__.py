@@ -20,6 +20,7 @@ from .blobs import BlobStore, human_size
 from .config import Config, load_config
 from .db import Database, close_conn, open_database
 from .errors import ProxyError
+from .models import iso
 
 log = logging.getLogger("proxy")
 
@@ -61,6 +62,8 @@ def create_app(config: Config | None = None) -> Flask:
 
     auth.init_app(app)
     app.jinja_env.filters["timestamp"] = _timestamp
+    # UTC ISO 8601, for <time datetime>: static/live.js shows it in the browser's time zone.
+    app.jinja_env.filters["iso"] = iso
     app.jinja_env.filters["filesize"] = human_size
     for module in (web, api, worker_api, admin_api, ops, openapi, live, dashboard):
         app.register_blueprint(module.bp)

@@ -74,9 +74,13 @@ class Config:
     # gunicorn thread; when the server ends it the browser reconnects and resumes.
     live_stream_s: float = 25.0
     # Streams held open at once per proxy process; more are answered once and
-    # polled every few seconds instead. Below gunicorn's threads per process
-    # (8), so heartbeats, claims and pages always find a free thread.
+    # polled every few seconds instead. Capped at half of gunicorn_threads
+    # (live.streams_per_process), so heartbeats, claims and pages always find a
+    # free thread.
     live_streams_max: int = 4
+    # gunicorn's threads per process: proxy/gunicorn_conf.py reads the same
+    # JOBCLOUD_GUNICORN_THREADS (default 8 there too); only the cap above uses it here.
+    gunicorn_threads: int = 8
     # Log level for the proxy's own logs (stdout).
     log_level: str = "INFO"
     # Hosts a job's webhook may target (exact names or IPs, "*.example.org" for
@@ -207,6 +211,7 @@ def validate(values: dict) -> Config:
         (cfg.status_refresh_s >= 1, "status_refresh_s must be at least 1"),
         (1 <= cfg.live_stream_s <= 300, "live_stream_s must be between 1 and 300"),
         (1 <= cfg.live_streams_max <= 1000, "live_streams_max must be between 1 and 1000"),
+        (1 <= cfg.gunicorn_threads <= 1000, "gunicorn_threads must be between 1 and 1000"),
         (cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
          "log_level must be DEBUG, INFO, WARNING or ERROR"),
         (":" in cfg.bind and cfg.bind.rpartition(":")[2].isdigit()

@@ -616,6 +616,13 @@ def record_result(conn, worker: dict, job_id: str, result: Result, output: tuple
     now = time.time() if now is None else now
     blob, sha, size = output or (None, None, None)
     with conn.transaction():
+        # GPU time is the worker's word, and it is billed: bound it by what the
+        # lease gave (the job's GPUs since the claim, 0 for a CPU job), so a
+        # rogue or buggy worker cannot bill GPU time nobody held.
+        held = conn.query_one("SELECT gpus, started_at FROM jobs WHERE id = ?", (job_id,))
+        gpu_s = result.gpu_seconds
+        if gpu_s is not None and held is not None:
+            gpu_s = min(gpu_s, held["gpus"] * max(0.0, now - (held["started_at"] or now)))
         n = conn.execute(
             "UPDATE jobs SET state = ?, exit_code = ?, failure_reason = ?, stdout_tail = ?,"
             " stderr_tail = ?, stdout_truncated = ?, stderr_truncated = ?, output_blob = ?,"
@@ -624,7 +631,7 @@ def record_result(conn, worker: dict, job_id: str, result: Result, output: tuple
             " WHERE id = ? AND state = ? AND worker_id = ? AND attempt = ?",
             (result.state, result.exit_code, result.failure_reason, result.stdout, result.stderr,
              int(result.stdout_truncated), int(result.stderr_truncated), blob, sha, size,
-             result.cpu_seconds, result.peak_memory_bytes, result.wall_seconds, result.gpu_seconds,
+             result.cpu_seconds, result.peak_memory_bytes, result.wall_seconds, gpu_s,
              now, job_id, JobState.RUNNING.value, worker["id"], result.attempt))
         if n:
             store.job_finished(conn, job_id, now)

@@ -6,6 +6,7 @@ flowing. No state that matters lives in a process, so any count works.
 """
 import multiprocessing
 import os
+import signal
 
 bind = os.environ.get("JOBCLOUD_BIND", "127.0.0.1:3000")
 workers = int(os.environ.get("JOBCLOUD_GUNICORN_WORKERS", max(4, multiprocessing.cpu_count() * 2)))
@@ -42,3 +43,34 @@ def _worker_exit(server, worker):
     deliverer = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("jobcloud_webhooks")
     if deliverer is not None:
         deliverer.stop()
+
+
+def post_worker_init(worker):
+    """End the process's live streams (live.py) as soon as its graceful shutdown starts.
+
+    A worker answers SIGTERM by waiting up to graceful_timeout for its open
+    requests, and gunicorn has no hook at that moment (worker_exit runs after
+    the wait): so its handler is wrapped here to also set live.py's flag, and
+    streams end at their next poll instead of holding the restart.
+    """
+    graceful_exit = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        _stop_live_streams(worker)
+        graceful_exit(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+
+
+def worker_int(worker):
+    """SIGINT/SIGQUIT: the process exits at once, but would still join its
+    request threads, so open streams must end now too."""
+    _stop_live_streams(worker)
+
+
+def _stop_live_streams(worker):
+    from proxy.live import stop_streams  # the app is loaded by now: import at call time
+
+    app = getattr(worker, "wsgi", None)
+    if app is not None and hasattr(app, "extensions"):
+        stop_streams(app)

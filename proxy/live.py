@@ -6,21 +6,27 @@ the log chunks past the position already sent), so it works the same with any
 number of proxy processes and instances: nothing is pushed between processes.
 
 A stream holds one gunicorn thread (gthread workers) while it is open, so it
-lives at most the `live_stream_s` setting; the browser's EventSource then reconnects by itself
+lives at most the `live_stream_s` setting (less when the process is stopping:
+see stop_streams); the browser's EventSource then reconnects by itself
 and sends the id of the last event it got as ``Last-Event-ID``, from which the
 stream resumes: no output is sent twice or skipped. A job's stream ends with an
 ``end`` event once the job is final and all its output was sent. At most
-`live_streams_max` streams per process are held open; past that a stream
+`live_streams_max` streams per process are held open, and never more than half
+of gunicorn's threads per process (`gunicorn_threads`); past that a stream
 answers once and the client polls every few seconds, so streams never take
 the threads that heartbeats, claims and pages need.
 
 Job stream events (``data`` is JSON; ``id`` is the position ``ATTEMPT-OUT-ERR``,
 the attempt and the stdout/stderr byte offsets already sent):
-  ``state``    the job (as in the API) when it changes, and first on every connection;
+  ``state``    the job (as in the API) with ``truncated`` ({"stdout", "stderr"}: whether
+               the stored log was cut at log_max_bytes) when it changes, and first on
+               every connection;
   ``attempt``  the job was requeued: output starts again for this new attempt;
-  ``log``      {"stream", "attempt", "offset", "text"}: output from byte `offset`;
+  ``log``      {"stream", "attempt", "offset", "text", "truncated"}: output from byte `offset`;
   ``end``      the final job; nothing follows.
-User stream events: ``job`` (a job of the user, new or changed); ``id`` is the
+User stream events: ``job`` (a job of the user, as in the API, with ``new``: true
+for a job submitted since the client's last event, which a page adds as a row;
+false for a change of a job the client may or may not show); ``id`` is the
 time of the read it comes from.
 """
 from __future__ import annotations
@@ -58,8 +64,10 @@ EVENT_TEXT_BYTES = 256 * 1024
 # clocks of several proxy instances may differ a little, and a re-sent job
 # costs nothing (the page replaces its row), so look back this much further.
 CLOCK_MARGIN_S = 5.0
-# A user stream follows this many of the user's most recent active or changed
-# jobs (the page shows fewer); it bounds each poll's work for a deep queue.
+# A user stream follows at most this many of the user's queued jobs, and as
+# many of those submitted or finished since its last read (the page shows
+# fewer): it bounds each poll's work for a deep queue. Running jobs are always
+# all followed (the cluster's slots bound them).
 USER_STREAM_JOBS = 500
 FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 STREAMS = ("stdout", "stderr")
@@ -119,15 +127,41 @@ def _timing() -> Timing:
     return Timing(max_s=current_app.extensions["jobcloud"].config.live_stream_s)
 
 
-def _slots() -> threading.BoundedSemaphore:
-    return current_app.extensions["jobcloud_live_slots"]
+def _slots() -> Slots:
+    return current_app.extensions["jobcloud_live"]
+
+
+@dataclass(frozen=True)
+class Slots:
+    """One process's long streams: how many may be held, and whether the
+    process is stopping (then every stream ends at its next poll)."""
+
+    held: threading.BoundedSemaphore
+    stopping: threading.Event
+
+
+def streams_per_process(config) -> int:
+    """live_streams_max, but at most half of gunicorn's threads per process:
+    the other half stay free for heartbeats, claims, uploads and pages."""
+    return min(config.live_streams_max, max(1, config.gunicorn_threads // 2))
 
 
 @bp.record_once
 def _make_slots(setup):
     # Per process: it counts this process's threads, nothing shared.
-    limit = setup.app.extensions["jobcloud"].config.live_streams_max
-    setup.app.extensions["jobcloud_live_slots"] = threading.BoundedSemaphore(limit)
+    limit = streams_per_process(setup.app.extensions["jobcloud"].config)
+    setup.app.extensions["jobcloud_live"] = Slots(threading.BoundedSemaphore(limit),
+                                                  threading.Event())
+
+
+def stop_streams(app) -> None:
+    """End the process's open streams at their next poll (gunicorn_conf.py calls
+    this when a worker starts its graceful shutdown): gunicorn otherwise waits
+    for them up to graceful_timeout. Clients reconnect to another process and
+    resume from their last event. Only sets a flag: safe in a signal handler."""
+    slots = app.extensions.get("jobcloud_live")
+    if slots is not None:
+        slots.stopping.set()
 
 
 def _resume_from() -> str | None:
@@ -178,7 +212,7 @@ def _match_event_id(raw: str | None, pattern: re.Pattern, shape: str) -> re.Matc
 
 # ---------------------------------------------------------------- pacing
 
-def _paced(step, timing: Timing, slots: threading.BoundedSemaphore | None):
+def _paced(step, timing: Timing, slots: Slots | None):
     """Yield `step()`'s events every poll until it says done or the stream's time is up.
 
     `step` reads the store under a connection and returns (SSE texts, done);
@@ -190,9 +224,10 @@ def _paced(step, timing: Timing, slots: threading.BoundedSemaphore | None):
             sends what is new once and ends, and the client comes back after
             BUSY_RETRY_MS: a poll instead of a held thread. None: no limit.
     """
+    stopping = threading.Event() if slots is None else slots.stopping
     # Taken here, not in the view: a generator that never starts (the client
     # left first) never runs its `finally`, so it must not hold a slot.
-    held = slots is None or slots.acquire(blocking=False)
+    held = slots is None or slots.held.acquire(blocking=False)
     try:
         yield f"retry: {RETRY_MS if held else BUSY_RETRY_MS}\n\n"
         started = last_sent = time.monotonic()
@@ -209,16 +244,17 @@ def _paced(step, timing: Timing, slots: threading.BoundedSemaphore | None):
             if time.monotonic() - last_sent >= timing.keepalive_s:
                 yield ": keep-alive\n\n"
                 last_sent = time.monotonic()
-            time.sleep(timing.poll_s)
+            if stopping.wait(timing.poll_s):
+                return
     finally:
         if held and slots is not None:
-            slots.release()
+            slots.held.release()
 
 
 # ------------------------------------------------------------------ job stream
 
 def job_stream(db, job_id: str, position: Position | None, timing: Timing,
-               slots: threading.BoundedSemaphore | None = None):
+               slots: Slots | None = None):
     """Yield the SSE text of one job's stream until it ends (final job) or times out.
 
     Args:
@@ -231,7 +267,7 @@ def job_stream(db, job_id: str, position: Position | None, timing: Timing,
         nonlocal position, last_state
         with db.connection() as conn:
             job, position, events = _job_changes(conn, job_id, position, last_state)
-        last_state = store.job_json(job)
+        last_state = _job_state(job)
         final = job["state"] in FINAL_VALUES
         if final:
             events.append(_event("end", last_state, position.event_id()))
@@ -252,11 +288,16 @@ def _job_changes(conn, job_id: str, position: Position | None, last_state: dict 
             events.append(_event("attempt", {"attempt": job["attempt"]},
                                  Position(job["attempt"]).event_id()))
         position = Position(job["attempt"])
-    state = store.job_json(job)
+    state = _job_state(job)
     if state != last_state:
         events.append(_event("state", state, position.event_id()))
     events.extend(_new_output(conn, job, position))
     return job, position, events
+
+
+def _job_state(job: dict) -> dict:
+    return {**store.job_json(job),
+            "truncated": {stream: bool(job[f"{stream}_truncated"]) for stream in STREAMS}}
 
 
 def _new_output(conn, job: dict, position: Position):
@@ -269,7 +310,8 @@ def _new_output(conn, job: dict, position: Position):
                 break
             setattr(position, stream, logs["next_offset"])
             yield _event("log", {"stream": stream, "attempt": job["attempt"], "offset": offset,
-                                 "text": logs["data"]}, position.event_id())
+                                 "text": logs["data"], "truncated": logs["truncated"]},
+                         position.event_id())
 
 
 def _event(name: str, data: dict, event_id: str) -> str:
@@ -280,13 +322,14 @@ def _event(name: str, data: dict, event_id: str) -> str:
 # ----------------------------------------------------------------- user stream
 
 def user_stream(db, owner_id: str, since: float | None, timing: Timing,
-                slots: threading.BoundedSemaphore | None = None):
+                slots: Slots | None = None):
     """Yield the SSE text of a user's job changes until it times out.
 
     Args:
         since: the time of the client's last event (its page or its last
-            `job` event): jobs that may have changed since are sent again.
-            None: only the jobs that are active now.
+            `job` event): jobs that may have changed since are sent again,
+            those submitted since marked ``new``. None: only the jobs that
+            are active now.
         slots: the process's long streams (see _paced); None: no limit.
     """
     look_back = None if since is None else since - CLOCK_MARGIN_S
@@ -296,38 +339,62 @@ def user_stream(db, owner_id: str, since: float | None, timing: Timing,
         nonlocal look_back
         read_at = time.time()
         with db.connection() as conn:
-            changed = [row for row in _job_marks(conn, owner_id, look_back)
-                       if sent.get(row["id"]) != _mark(row)]
-            jobs = [(_mark(row), store.get_job(conn, row["id"])) for row in changed]
-        look_back = read_at - CLOCK_MARGIN_S
+            jobs = [job for job in _changed_jobs(conn, owner_id, look_back)
+                    if sent.get(job["id"]) != _mark(job)]
         events = []
-        for mark, job in jobs:
-            sent[job["id"]] = mark
-            events.append(_event("job", store.job_json(job), f"t{read_at:.3f}"))
+        for job in sorted(jobs, key=lambda j: j["id"]):
+            sent[job["id"]] = _mark(job)
+            new = look_back is not None and job["submitted_at"] >= look_back
+            events.append(_event("job", {**store.job_json(job), "new": new}, f"t{read_at:.3f}"))
+        look_back = read_at - CLOCK_MARGIN_S
         return events, False
 
     return _paced(step, timing, slots)
 
 
-def _job_marks(conn, owner_id: str, since: float | None) -> list[dict]:
-    """What tells a change of the user's active jobs and of those submitted or
-    finished after `since`, newest first, at most USER_STREAM_JOBS.
+def _changed_jobs(conn, owner_id: str, since: float | None) -> list[dict]:
+    """The user's jobs that may have changed since `since`, full rows, in one query."""
+    return store.jobs_by_subquery(conn, *changed_ids_query(owner_id, since))
+
+
+def changed_ids_query(owner_id: str, since: float | None) -> tuple[str, list]:
+    """A SELECT of the ids of the user's jobs that may have changed since `since`.
 
     Every change of a job either leaves it active (queued, running, requeued,
-    cancel requested) or sets finished_at, so these rows show every job whose
-    state changed since `since`; only the changed ones are read in full.
+    cancel requested) or sets finished_at, so these show every job whose state
+    changed since `since`. One indexed read each, joined by UNION (an OR of
+    them would scan all of the user's jobs): running jobs by jobs_state (all
+    of the cluster's running jobs at most), unreserved queued ones by
+    jobs_queue, the finished by jobs_owner_finished, the submitted by
+    jobs_owner (ids are time-ordered). A queued job reserved for a worker is
+    left out for the moment it takes to start: it shows again as running.
+    Queued, finished and submitted ones are each capped at USER_STREAM_JOBS,
+    so a deep queue never hides the running and finished ones.
+
+    Returns:
+        (sql, params)
     """
-    active = (JobState.QUEUED.value, JobState.RUNNING.value)
-    columns = "id, state, attempt, cancel_requested, started_at, finished_at"
-    if since is None:
-        return conn.query(f"SELECT {columns} FROM jobs WHERE owner_id = ? AND state IN (?, ?)"
-                          " ORDER BY id DESC LIMIT ?", (owner_id, *active, USER_STREAM_JOBS))
-    return conn.query(
-        f"SELECT {columns} FROM jobs WHERE owner_id = ?"
-        " AND (state IN (?, ?) OR finished_at >= ? OR submitted_at >= ?)"
-        " ORDER BY id DESC LIMIT ?", (owner_id, *active, since, since, USER_STREAM_JOBS))
+    running, queued = JobState.RUNNING.value, JobState.QUEUED.value
+    # `owner_id || ''` keeps SQLite off jobs_owner_finished (all of the user's
+    # jobs) for the running ones: it would take an owner index over jobs_state.
+    parts = ["SELECT id FROM jobs WHERE state = ? AND owner_id || '' = ?",
+             "SELECT id FROM (SELECT id FROM jobs WHERE worker_id IS NULL AND state = ?"
+             " AND owner_id = ? ORDER BY id DESC LIMIT ?) queued"]
+    params: list = [running, owner_id, queued, owner_id, USER_STREAM_JOBS]
+    if since is not None:
+        parts += ["SELECT id FROM (SELECT id FROM jobs WHERE owner_id = ? AND finished_at >= ?"
+                  " ORDER BY finished_at DESC LIMIT ?) finished",
+                  "SELECT id FROM (SELECT id FROM jobs WHERE owner_id = ? AND id >= ?"
+                  " ORDER BY id DESC LIMIT ?) submitted"]
+        params += [owner_id, since, USER_STREAM_JOBS, owner_id, id_at(since), USER_STREAM_JOBS]
+    return " UNION ".join(parts), params
 
 
-def _mark(row: dict) -> tuple:
-    return (row["state"], row["attempt"], row["cancel_requested"], row["started_at"],
-            row["finished_at"])
+def id_at(ts: float) -> str:
+    """The smallest job id new_id() could give out at time `ts` (models.new_id)."""
+    return f"j{max(0, int(ts * 1_000_000)):014x}"
+
+
+def _mark(job: dict) -> tuple:
+    return (job["state"], job["attempt"], job["cancel_requested"], job["started_at"],
+            job["finished_at"])

@@ -123,7 +123,9 @@ SCHEMAS = {
         "stdout": {"type": "string"}, "stderr": {"type": "string"},
         "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
         "cpu_seconds": USAGE, "peak_memory_bytes": {**USAGE, "type": ["integer", "null"]},
-        "wall_seconds": USAGE, "gpu_seconds": USAGE,
+        "wall_seconds": USAGE,
+        "gpu_seconds": {**USAGE, "description": "stored as at most the job's gpus times the"
+                        " seconds since its claim (so 0 for a CPU job)"},
         "claim_next": {"type": "integer", "minimum": 0, "maximum": 64,
                        "description": "also claim up to this many jobs; they come back in `jobs`"}}},
     "Limits": {"type": "object", "required": ["user", "weight"], "properties": {

@@ -54,6 +54,11 @@ def get_job(conn, job_id: str) -> dict | None:
     return conn.query_one(_JOB_SELECT + " WHERE j.id = ?", (job_id,))
 
 
+def jobs_by_subquery(conn, ids_sql: str, params) -> list[dict]:
+    """The jobs whose ids the SELECT `ids_sql` gives, read in full in one query."""
+    return conn.query(f"{_JOB_SELECT} WHERE j.id IN ({ids_sql})", params)
+
+
 def get_visible_job(conn, job_id: str, viewer: dict) -> dict:
     """The job if `viewer` owns it or is an admin.
 

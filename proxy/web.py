@@ -105,7 +105,8 @@ def new_job():
     """The code editor page; "Run" posts to /jobs like the upload form."""
     # Without the built bundle (scripts/build-editor.sh) the page keeps a plain text area.
     bundle = os.path.exists(os.path.join(current_app.static_folder, "editor.bundle.js"))
-    return render_template("new_job.html", cfg=state().config, templates=job_templates.load(),
+    cfg = state().config
+    return render_template("new_job.html", cfg=cfg, templates=job_templates.load(cfg.images),
                            editor_bundle=bundle)
 
 

@@ -38,7 +38,10 @@ fi
 if ! pgrep -x dockerd >/dev/null 2>&1; then
     echo "docker-up: starting dockerd (log: $DOCKERD_LOG)"
     # setsid: dockerd must outlive the make/pytest process that started it.
-    setsid dockerd --host unix:///var/run/docker.sock >>"$DOCKERD_LOG" 2>&1 < /dev/null &
+    # jobcloud-runc: runc under a second name, so tests/test_worker_runtime.py can
+    # see a configured runtime reach the engine (the default is runc too).
+    setsid dockerd --host unix:///var/run/docker.sock --add-runtime jobcloud-runc=runc \
+        >>"$DOCKERD_LOG" 2>&1 < /dev/null &
 fi
 
 for ((i = 0; i < WAIT_S * 4; i++)); do

@@ -4,17 +4,21 @@ while the job still runs → reconnecting mid-stream (a fresh EventSource, then
 a reload, and the browser's own reconnections whenever the server ends the
 stream) duplicates nothing → the final state → the download works. The job
 list follows the job's state without reloading. Then the scikit-learn template
-runs as it is on a CSV chosen in the page.
+runs as it is on a CSV chosen in the page. And the job list: only jobs
+submitted since the page was made get a row, and only on the first page; the
+page survives answers that are not a stream (a 503, a front proxy's 502).
 """
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from pathlib import Path
 
 import pytest
+import requests
 
-from tests.conftest import require, stop_gunicorn
+from tests.conftest import LiveServer, free_port, require, start_gunicorn, stop_gunicorn
 from tests.test_browser import console_errors, page  # noqa: F401  (fixtures)
 from tests.test_worker_e2e import ML_IMAGE, iris_like_csv
 from tests.test_worker_sandbox import IMAGE, docker_ready, start_cluster, stop_worker
@@ -111,7 +115,7 @@ def test_editor_run_live_output_reconnect_and_download(page, console_errors, liv
     page.keyboard.insert_text("for i in range(3):")
     page.keyboard.press("Enter")
     # Enter after a colon indents the next line by four spaces.
-    page.wait_for_function("window.jobcloudEditor.editor.getCode() === 'for i in range(3):\\n    '")
+    page.wait_for_function("() => window.jobcloudEditor.editor.getCode() === 'for i in range(3):\\n    '")
     # Own code is not replaced by a template without asking (here: the user says no).
     page.once("dialog", lambda dialog: dialog.dismiss())
     page.locator("#template").select_option("opencv")
@@ -191,7 +195,7 @@ def test_editor_run_live_output_reconnect_and_download(page, console_errors, liv
     page.goto(url + "/new")
     page.locator("#template").select_option("sklearn")
     page.locator("#dataset").set_input_files(str(csv))
-    page.wait_for_function("document.getElementById('dataset').files[0].name === 'iris.zip'")
+    page.wait_for_function("() => document.getElementById('dataset').files[0].name === 'iris.zip'")
     page.get_by_role("button", name="Run").click()
     expect(page).to_have_url(re.compile(r"/jobs/j[0-9a-f]+$"))
     expect(page.locator("#state")).to_have_text("succeeded", timeout=90_000)
@@ -199,3 +203,79 @@ def test_editor_run_live_output_reconnect_and_download(page, console_errors, liv
     expect(page.locator("#stdout")).to_contain_text("classification (accuracy)")
     assert console_errors == []
 
+
+
+@pytest.fixture
+def small_pages(tmp_path):
+    """gunicorn (no worker: jobs stay queued) with two jobs per page."""
+    port = free_port()
+    env = dict(os.environ, JOBCLOUD_DATA_DIR=str(tmp_path / "live"), JOBCLOUD_BIND=f"127.0.0.1:{port}",
+               JOBCLOUD_LOG_LEVEL="WARNING", JOBCLOUD_PAGE_SIZE="2", JOBCLOUD_LIVE_STREAM_S="2")
+    for name in ("JOBCLOUD_CONFIG", "JOBCLOUD_DATABASE_URL"):
+        env.pop(name, None)
+    proc = start_gunicorn(env, port, workers=2)
+    yield LiveServer(f"http://127.0.0.1:{port}", proc, env, tmp_path / "live")
+    stop_gunicorn(proc)
+
+
+@pytest.mark.live
+def test_job_list_adds_rows_only_for_new_jobs_and_outlives_error_answers(page, console_errors,
+                                                                         small_pages):
+    from playwright.sync_api import expect
+
+    url = small_pages.url
+    one_time = re.search(r"one-time password: (\S+)", small_pages.admin("user", "add", "erin")).group(1)
+    token = re.search(r"jcu_\S+", small_pages.admin("token", "create", "--user", "erin")).group(0)
+    api = {"Authorization": f"Bearer {token}"}
+
+    def submit() -> str:
+        r = requests.post(f"{url}/api/v1/jobs", headers=api, files={"code": (None, "print(1)")},
+                          timeout=10)
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+    def cancel(job_id: str) -> None:
+        assert requests.post(f"{url}/api/v1/jobs/{job_id}/cancel", headers=api,
+                             timeout=10).status_code == 200
+
+    log_in(page, url, "erin", one_time)
+    jobs = [submit() for _ in range(3)]  # all queued, all active: the stream sends each one
+    # The first two answers are not a stream, as from a front proxy while the
+    # proxy restarts: the browser gives up on them, the page opens new ones.
+    refused = []
+
+    def flaky(route):
+        if len(refused) < 2:
+            refused.append(route.request.url)
+            route.fulfill(status=502, content_type="text/html", body="<h1>502 Bad Gateway</h1>")
+        else:
+            route.continue_()
+    page.route("**/job-status/erin/events*", flaky)
+    page.goto(url + "/job-status/erin")
+    rows = page.locator("tr[data-job]")
+    expect(rows).to_have_count(2)
+    page.wait_for_function("() => window.jobcloudLive.opens >= 1", timeout=20_000)
+    assert len(refused) == 2 and page.evaluate("window.jobcloudLive.connections") == 3
+    # It resumed from the page's own time: a job submitted since gets a row on top...
+    fourth = submit()
+    expect(rows.first).to_have_attribute("data-job", fourth)
+    cancel(jobs[1])
+    expect(page.locator(f'tr[data-job="{jobs[1]}"] .badge')).to_have_text("cancelled")
+    # ... and the oldest, active but on the second page, none.
+    assert [rows.nth(i).get_attribute("data-job") for i in range(rows.count())] == \
+        [fourth, jobs[2], jobs[1]]
+
+    page.unroute("**/job-status/erin/events*")
+    page.goto(url + f"/job-status/erin?before={jobs[2]}")
+    expect(rows).to_have_count(2)
+    page.wait_for_function("() => window.jobcloudLive.opens >= 1")
+    submit()
+    cancel(jobs[0])  # sent after the new job: once it shows, the new one was seen
+    expect(page.locator(f'tr[data-job="{jobs[0]}"] .badge')).to_have_text("cancelled")
+    assert [rows.nth(i).get_attribute("data-job") for i in range(rows.count())] == [jobs[1], jobs[0]]
+    # Times show in the browser's zone, not as the page's UTC ISO text.
+    assert not rows.first.locator("time").first.inner_text().endswith("Z")
+    # Chromium logs each refused stream itself; nothing else may be logged.
+    assert len([m for m in console_errors if "events" in m or "502" in m or "MIME" in m]) >= 2, \
+        console_errors
+    assert [m for m in console_errors if not ("events" in m or "502" in m or "MIME" in m)] == []

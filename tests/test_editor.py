@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
 import zipfile
 import zlib
 from pathlib import Path
 
 import pytest
 
-from proxy import job_templates
-from tests.conftest import csrf_from, login
+from proxy import create_app, job_templates
+from tests.conftest import Users, csrf_from, login, require
 from tests.test_worker_e2e import ML_IMAGE, iris_like_csv, ml_cluster  # noqa: F401  (fixture)
 
-STATIC = Path(__file__).resolve().parent.parent / "proxy" / "static"
+ROOT = Path(__file__).resolve().parent.parent
+STATIC = ROOT / "proxy" / "static"
+EDITOR = ROOT / "proxy" / "editor"
 
 
 @pytest.fixture
@@ -55,15 +59,48 @@ def test_new_job_page_falls_back_to_a_text_area_without_the_bundle(app, client, 
     assert "editor.bundle.js" not in page and '<textarea name="code" id="code"' in page
 
 
+def test_templates_are_offered_only_for_images_the_proxy_has(make_config):
+    """A template also picks its image: one for an image not in `images` is not offered."""
+    app = create_app(make_config(images="jobcloud/python", default_image="jobcloud/python"))
+    client = app.test_client()
+    login(client, "carol", Users(app).create("carol")["password"])
+    page = client.get("/new").get_data(as_text=True)
+    assert "data-image=" not in page and 'id="template-' not in page
+    assert '<option value="jobcloud/python" selected>' in page and "jobcloud/ml" not in page
+    assert [t["key"] for t in job_templates.load((ML_IMAGE,))] == ["pytorch", "sklearn", "opencv"]
+    app.extensions["jobcloud"].db.close()
+
+
+def test_editor_build_without_a_reachable_registry_warns_and_succeeds(tmp_path):
+    """The bundle is optional: an offline `npm ci` must not fail `make run` or `make test`."""
+    require(shutil.which("npm") and shutil.which("node"), "node and npm are not installed")
+    editor = tmp_path / "proxy" / "editor"
+    editor.mkdir(parents=True)
+    (tmp_path / "proxy" / "static").mkdir()
+    for name in ("package.json", "package-lock.json", "src"):
+        copy = shutil.copytree if (EDITOR / name).is_dir() else shutil.copy
+        copy(EDITOR / name, editor / name)
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "build-editor.sh", tmp_path / "scripts")
+    # A closed port as the registry, and an empty cache, so nothing is found offline either.
+    env = dict(os.environ, npm_config_registry="http://127.0.0.1:9/",
+               npm_config_cache=str(tmp_path / "npm-cache"), npm_config_fetch_retries="0")
+    done = subprocess.run(["bash", str(tmp_path / "scripts" / "build-editor.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "build-editor: npm ci failed" in done.stderr and "plain text area" in done.stderr
+    assert not (tmp_path / "proxy" / "static" / "editor.bundle.js").exists()
+
+
 def test_new_job_page_needs_a_login(app):
     r = app.test_client().get("/new")
     assert r.status_code == 302 and r.headers["Location"] == "/login?next=/new"
 
 
 def test_templates_are_python_and_run_submits_them_like_the_form(client, alice):
-    for t in job_templates.load():
+    for t in job_templates.load((ML_IMAGE,)):
         compile(t["code"], t["key"], "exec")
-    code = job_templates.load()[0]["code"]
+    code = job_templates.load((ML_IMAGE,))[0]["code"]
     r = client.post("/jobs", content_type="multipart/form-data",
                     data={"csrf_token": csrf_from(client, "/new"), "code": code, "image": ML_IMAGE,
                           "name": "from-the-editor"})
@@ -111,7 +148,7 @@ def test_templates_run_to_success_on_the_ml_image(ml_cluster):  # noqa: F811
     submitted = {
         t["key"]: ml_cluster.submit(t["code"], dataset=SAMPLE_DATASETS[t["key"]], image=ML_IMAGE,
                                     memory_mb=1024, timeout_s=300, name=t["key"])
-        for t in job_templates.load()}
+        for t in job_templates.load((ML_IMAGE,))}
     results = {key: ml_cluster.wait(job_id, timeout=240) for key, job_id in submitted.items()}
     for key, job in results.items():
         assert job["state"] == "succeeded", (key, job, ml_cluster.logs(job["id"], "stderr")["data"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -130,7 +131,8 @@ def test_running_job_streams_output_as_it_arrives_then_the_final_state(client, w
     try:
         first = events.take(2)
         assert first[0]["event"] == "state" and first[0]["data"]["state"] == "running"
-        assert first[1]["data"] == {"stream": "stdout", "attempt": 1, "offset": 0, "text": "epoch 1\n"}
+        assert first[1]["data"] == {"stream": "stdout", "attempt": 1, "offset": 0, "text": "epoch 1\n",
+                                    "truncated": False}
 
         append(client, worker, claimed, "stdout", 8, "epoch 2\n")
         append(client, worker, claimed, "stderr", 0, "careful\n")
@@ -287,6 +289,70 @@ def test_user_stream_is_for_the_user_and_admins(client, users, alice):
         assert r.status_code == 400 and r.json["error"] == "invalid_event_id"
 
 
+def user_events(db, owner_id: str, since: float | None) -> list[dict]:
+    """The events of a user stream's first read."""
+    text = "".join(live.user_stream(db, owner_id, since, live.Timing(max_s=0)))
+    return [e for e in map(parse_event, text.split("\n\n")) if e]
+
+
+def test_user_stream_marks_only_jobs_submitted_since_as_new(app, client, alice):
+    """A page adds rows for `new` jobs only: a (re)connection also sends the user's
+    older active jobs, which a page may not show (another page, or past its first)."""
+    old = submit(client, alice["headers"], name="old")
+    with app.extensions["jobcloud"].db.connection() as conn:
+        conn.execute("UPDATE jobs SET submitted_at = submitted_at - 60 WHERE id = ?", (old["id"],))
+    page_made = time.time()
+    events = stream(client, "/api/v1/users/alice/events", alice["headers"], f"t{page_made:.3f}")
+    try:
+        [first] = events.take(1)
+        assert first["data"]["id"] == old["id"] and first["data"]["new"] is False
+        fresh = submit(client, alice["headers"], name="fresh")
+        second = events.next()["data"]
+        assert second["id"] == fresh["id"] and second["new"] is True
+    finally:
+        events.close()
+    # Without a time to compare with, nothing is new.
+    assert [e["data"]["new"] for e in user_events(app.extensions["jobcloud"].db, alice["id"], None)] \
+        == [False, False]
+
+
+def test_user_stream_follows_running_jobs_behind_a_deep_queue(app, client, worker, alice,
+                                                               monkeypatch):
+    """Queued jobs are capped (USER_STREAM_JOBS) apart from the running and the finished."""
+    monkeypatch.setattr(live, "USER_STREAM_JOBS", 3)
+    running = submit(client, alice["headers"], name="running")
+    worker.claim()
+    done = submit(client, alice["headers"], name="done")
+    client.post(f"/api/v1/jobs/{done['id']}/cancel", headers=alice["headers"])
+    queued = [submit(client, alice["headers"], name=f"q{i}")["id"] for i in range(5)]
+    db = app.extensions["jobcloud"].db
+
+    got = {e["data"]["id"]: e["data"]["state"] for e in user_events(db, alice["id"], None)}
+    assert got == {running["id"]: "running", **{q: "queued" for q in queued[-3:]}}
+    since = time.time() - 60
+    got = {e["data"]["id"]: e["data"]["state"] for e in user_events(db, alice["id"], since)}
+    assert got[running["id"]] == "running" and got[done["id"]] == "cancelled"
+    assert set(got) == {running["id"], done["id"], *queued[-3:]}  # the newest submitted, capped
+
+
+def test_user_stream_reads_through_indexes_in_one_query(make_config):
+    """The user stream polls every half second: each read is an index search (no
+    scan of the user's jobs), and the rows come in full from the same query."""
+    app = create_app(make_config())  # SQLite: its EXPLAIN QUERY PLAN is stable
+    with app.extensions["jobcloud"].db.connection() as conn:
+        for since in (None, time.time()):
+            sql, params = live.changed_ids_query("u1", since)
+            plan = [r["detail"] for r in conn.query(
+                f"EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE id IN ({sql})", params)]
+            reads = [d for d in plan if re.match(r"(SCAN|SEARCH) jobs\b", d)]
+            assert reads and all(" USING " in d for d in reads), plan
+            indexes = {re.search(r"INDEX (\w+)", d).group(1) for d in reads}
+            expected = {"jobs_state", "jobs_queue"} | ({"jobs_owner_finished", "jobs_owner"} if since else set())
+            assert expected <= indexes, plan
+            assert not any(d.startswith("SCAN jobs") for d in plan), plan
+    app.extensions["jobcloud"].db.close()
+
+
 # ------------------------------------------------------- bounded lifetime
 
 def test_streams_end_after_their_lifetime_with_keepalives(app, client, worker, alice):
@@ -347,10 +413,83 @@ def test_past_live_streams_max_a_stream_answers_once_and_the_client_polls(make_c
     assert again.next()["event"] == "state"
     assert again.comments == [f"retry: {live.RETRY_MS}\n\n"]
     again.close()
-    slots = app.extensions["jobcloud_live_slots"]
+    slots = app.extensions["jobcloud_live"].held
     assert slots.acquire(blocking=False)  # closed streams gave their slots back
     slots.release()
     app.extensions["jobcloud"].db.close()
+
+
+def test_streams_per_process_are_at_most_half_of_gunicorns_threads(make_config):
+    """live_streams_max counts against the process's threads (JOBCLOUD_GUNICORN_THREADS)."""
+    config = make_config(gunicorn_threads=2, live_streams_max=4)
+    assert live.streams_per_process(config) == 1
+    assert live.streams_per_process(make_config()) == 4  # 8 threads, live_streams_max 4
+    assert live.streams_per_process(make_config(gunicorn_threads=4, live_streams_max=1)) == 1
+    app = create_app(config)
+    client = app.test_client()
+    carol = Users(app).create("carol")
+    job = submit(client, carol["headers"])
+    path = f"/api/v1/jobs/{job['id']}/events"
+    held = stream(client, path, carol["headers"])
+    try:
+        assert held.next()["event"] == "state"
+        busy = client.get(path, headers=carol["headers"]).get_data(as_text=True)
+        assert busy.startswith(f"retry: {live.BUSY_RETRY_MS}\n\n")
+    finally:
+        held.close()
+    app.extensions["jobcloud"].db.close()
+
+
+def test_streams_end_at_once_when_the_process_stops(app, client, alice):
+    """A graceful restart does not wait out live_stream_s (gunicorn_conf.py sets the flag)."""
+    job = submit(client, alice["headers"])
+    path = f"/api/v1/jobs/{job['id']}/events"
+    events = stream(client, path, alice["headers"])
+    assert events.next()["event"] == "state"
+    live.stop_streams(app)
+    started = time.monotonic()
+    assert events.rest() == [] and time.monotonic() - started < 1
+    # A stream opened meanwhile answers what it has and ends too.
+    assert [e["event"] for e in stream(client, path, alice["headers"]).rest()] == ["state"]
+
+
+def test_truncation_shows_in_state_and_log_events(make_config):
+    """The page's "(truncated)" follows the events: a log cut at log_max_bytes says so live."""
+    app = create_app(make_config(log_max_bytes=1024, log_tail_bytes=1024))
+    client = app.test_client()
+    users = Users(app)
+    carol = users.create("carol")
+    worker = ProtocolWorker(client, users.enrollment())
+    job = submit(client, carol["headers"])
+    [claimed] = worker.claim()
+    append(client, worker, claimed, "stdout", 0, "hello\n")
+    events = stream(client, f"/api/v1/jobs/{job['id']}/events", carol["headers"])
+    try:
+        state, log = events.take(2)
+        assert state["data"]["truncated"] == {"stdout": False, "stderr": False}
+        assert log["data"]["text"] == "hello\n" and log["data"]["truncated"] is False
+        r = client.post(f"/api/v1/worker/jobs/{job['id']}/logs", headers=worker.headers,
+                        json={"attempt": 1, "stream": "stdout", "offset": 6, "data": "x" * 2000})
+        assert r.json == {"stored": False, "truncated": True}
+        changed = events.next()
+        assert changed["event"] == "state"
+        assert changed["data"]["truncated"] == {"stdout": True, "stderr": False}
+    finally:
+        events.close()
+    app.extensions["jobcloud"].db.close()
+
+
+def test_job_page_sends_times_as_utc_iso_for_the_browser_to_show(client, worker, alice):
+    job = finished_job(client, worker, alice["headers"], ["x\n"])
+    login(client, "alice", alice["password"])
+    page = client.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    job = client.get(f"/api/v1/jobs/{job['id']}", headers=alice["headers"]).json
+    for name in ("submitted", "started", "finished"):
+        iso = job[f"{name}_at"]
+        assert iso.endswith("Z")
+        assert f'<time id="{name}" datetime="{iso}">{iso}</time>' in page
+    listing = client.get("/job-status/alice").get_data(as_text=True)
+    assert f'<time datetime="{job["submitted_at"]}">{job["submitted_at"]}</time>' in listing
 
 
 # -------------------------------------------------------------- live server
@@ -421,3 +560,35 @@ def test_sse_through_gunicorn(gunicorn_server):
         assert r2.status_code == 200, r2.text
         assert [next_event()["event"], next_event()["event"]] == ["state", "end"]
         assert next_event() is None  # the server closed the stream
+
+
+@pytest.mark.live
+def test_a_graceful_stop_ends_open_streams_at_once(tmp_path):
+    """gunicorn waits for open requests when it stops (graceful_timeout, 30 s): a
+    stream ends at its next poll instead of holding the restart for live_stream_s."""
+    port = free_port()
+    env = dict(os.environ, JOBCLOUD_DATA_DIR=str(tmp_path / "live"), JOBCLOUD_BIND=f"127.0.0.1:{port}",
+               JOBCLOUD_LOG_LEVEL="WARNING", JOBCLOUD_LIVE_STREAM_S="120")
+    for name in ("JOBCLOUD_CONFIG", "JOBCLOUD_DATABASE_URL"):
+        env.pop(name, None)
+    proc = start_gunicorn(env, port, workers=1)
+    try:
+        server = LiveServer(f"http://127.0.0.1:{port}", proc, env, tmp_path / "live")
+        server.admin("user", "add", "alice")
+        token = re.search(r"jcu_\S+", server.admin("token", "create", "--user", "alice")).group(0)
+        user = {"Authorization": f"Bearer {token}"}
+        r = requests.post(f"{server.url}/api/v1/jobs", headers=user, files={"code": (None, "print(1)")},
+                          timeout=10)
+        assert r.status_code == 201, r.text
+        with requests.get(f"{server.url}/api/v1/jobs/{r.json()['id']}/events", headers=user,
+                          stream=True, timeout=10) as events:
+            lines = events.iter_lines(decode_unicode=True)
+            assert next(line for line in lines if line.startswith("event:")) == "event: state"
+            started = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)  # the arbiter: it stops its workers gracefully
+            assert [line for line in lines if line.startswith("event:")] == []  # ends, no `end`
+            assert time.monotonic() - started < 5
+        proc.wait(timeout=10)
+        assert time.monotonic() - started < 10
+    finally:
+        stop_gunicorn(proc)

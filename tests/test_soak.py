@@ -6,21 +6,27 @@ proxy commits them. Every invariant must hold; about two minutes on 2 cores.
 
 The seed is printed (pytest -s shows it, and a failure repeats it); set
 JOBCLOUD_SOAK_SEED to replay a fault schedule and job mix. The second test pins
-down, without chance, the one fault the first soaks found.
+down, without chance, the one fault the first soaks found. The fast tests at the
+end check the checks: a soak where little works must fail, and an overwrite the
+Monitor could miss must still be seen.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
 import threading
+import zipfile
+from types import SimpleNamespace
 
 import pytest
 import requests
 
 from bench.forms import job_form
 from bench.harness import Proxy
-from bench.soak import FAULTS, LossyLink, Plan, run_soak
+from bench.soak import (FAULTS, WORKER_LOST, Expected, LossyLink, Monitor, Plan, Report,
+                        check_outcomes, logged_overwrites, run_soak, watch_final_rows)
 from bench.worker import FINAL, IMAGE, LocalWorker
 from tests.conftest import require, wait_until
 from tests.test_worker_sandbox import docker_ready
@@ -85,3 +91,88 @@ def test_an_input_download_cut_off_runs_the_job_again_instead_of_failing_it(tmp_
             link.server_close()
     assert job["state"] == "succeeded", job
     assert job["attempt"] >= 2, job
+
+
+# ------------------------------------------------------------- the checks checked
+
+def _outcomes(expected: list[Expected], lost: set[int] = frozenset(),
+              absent: set[int] = frozenset()) -> Report:
+    """check_outcomes over stored jobs that did what the plan says, except the
+    `lost` ones (failed: worker lost) and the `absent` ones (never stored)."""
+    jobs, logs, zips = {}, {}, {}
+    for i, e in enumerate(expected):
+        if i in absent:
+            continue
+        job_id, token = f"j{i}", f"{i:016x}"
+        stdout = f"start attempt=1\ndone attempt=1 token={token}\n"
+        row = {"id": job_id, "name": f"soak-{i}", "attempt": 1, "state": e.state,
+               "exit_code": e.exit_code, "failure_reason": None, "stdout_tail": stdout}
+        if i in lost:
+            row.update(state="failed", exit_code=None, failure_reason=f"{WORKER_LOST} (6 attempts)",
+                       stdout_tail="")
+        jobs[job_id], logs[(job_id, 1)] = row, stdout
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("token.txt", token)
+        zips[job_id] = buf.getvalue()
+    report = Report(seed=0)
+    check_outcomes(report, Plan(jobs=len(expected)), jobs, logs, expected,
+                   lambda job: SimpleNamespace(status_code=200, content=zips[job["id"]]))
+    return report
+
+
+PLANNED = [Expected("failed", 3, False) if i % 10 == 0 else Expected("succeeded", 0, i % 4 == 0)
+           for i in range(100)]
+
+
+def test_a_soak_where_every_job_is_lost_fails():
+    report = _outcomes(PLANNED, lost=set(range(100)))
+    assert report.violations > 0, report.table()
+
+
+def test_worker_lost_beyond_two_percent_is_a_violation():
+    assert _outcomes(PLANNED).violations == 0
+    assert _outcomes(PLANNED, lost={1, 2}).violations == 0
+    report = _outcomes(PLANNED, lost={1, 2, 3})
+    assert [(n, v) for n, _, v in report.invariants if v] == [
+        ("at most 2 jobs failed as worker lost (2%)", 3)], report.table()
+
+
+def test_fewer_than_95_percent_verified_is_a_violation():
+    assert _outcomes(PLANNED, absent={5, 6, 7, 8, 9}).violations == 0
+    report = _outcomes(PLANNED, absent={4, 5, 6, 7, 8, 9})
+    assert [n for n, _, v in report.invariants if v] == [
+        "at least 95 planned jobs verified as meant (95%)"], report.table()
+
+
+def test_the_store_logs_every_change_to_a_final_job(tmp_path):
+    with Proxy(str(tmp_path)) as proxy:
+        proxy.seed_jobs(proxy.add_user("alice"), 3)
+        watch_final_rows(proxy)
+        with proxy.db.connection() as conn:
+            a, b, c = (r["id"] for r in conn.query("SELECT id FROM jobs ORDER BY id"))
+            # Becoming final, and bookkeeping on a final job: not overwrites.
+            conn.execute("UPDATE jobs SET state = 'succeeded', exit_code = 0, finished_at = 1"
+                         " WHERE id IN (?, ?)", (a, b))
+            conn.execute("UPDATE jobs SET cost_currency = 'EUR' WHERE id = ?", (a,))
+            conn.execute("UPDATE jobs SET exit_code = NULL WHERE id = ?", (c,))
+        assert logged_overwrites(proxy) == []
+        with proxy.db.connection() as conn:
+            # A late result landing on a final job: an overwrite, even if undone at once.
+            conn.execute("UPDATE jobs SET state = 'failed', exit_code = 3 WHERE id = ?", (a,))
+            conn.execute("UPDATE jobs SET state = 'succeeded', exit_code = 0 WHERE id = ?", (a,))
+            conn.execute("UPDATE jobs SET attempt = 2 WHERE id = ?", (b,))
+        logged = logged_overwrites(proxy)
+    assert [line.split(":")[0] for line in logged] == [a, a, b], logged
+    # (state exit_code attempt finished_at stdout_tail output_sha256), before then after.
+    assert "('succeeded' 0 0 1.0 NULL NULL) then ('failed' 3 0 1.0 NULL NULL)" in logged[0], logged
+
+
+def test_a_failed_monitor_look_is_counted_and_the_watch_goes_on():
+    monitor = Monitor(SimpleNamespace(db=None))  # every look fails
+    monitor.start()
+    wait_until(lambda: len(monitor.errors) >= 2, timeout=10, what="two failed looks")
+    assert monitor._thread.is_alive()
+    assert "AttributeError" in monitor.errors[0]
+    monitor._stop.set()
+    monitor._thread.join()

@@ -120,12 +120,21 @@ def test_bad_configuration_exits_2(capsys, flags, extra, message):
     assert code == 2 and message in one_sentence(err)
 
 
+DEAD_URI = "qemu+unix:///system?socket=/nonexistent"
+
+
 def test_libvirt_unreachable_through_the_real_entry_point(flags):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCLOUD_VM_")}
-    done = subprocess.run([JOBCLOUD_VM, *flags, "--libvirt-uri", "qemu+unix:///system?socket=/nonexistent",
-                           "list"], capture_output=True, text=True, env=env, timeout=60)
+    only_dead = [f for f in flags if f not in ("--libvirt-uri", "test:///default")]
+    done = subprocess.run([JOBCLOUD_VM, *only_dead, "--libvirt-uri", DEAD_URI, "list"],
+                          capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1
-    assert "cannot connect to libvirt at qemu+unix:///system?socket=/nonexistent" in one_sentence(done.stderr)
+    assert f"cannot connect to libvirt at {DEAD_URI}" in one_sentence(done.stderr)
+
+
+def test_one_dead_uri_of_two_is_a_warning(capsys, flags):
+    code, out, err = run(capsys, *flags, "--libvirt-uri", DEAD_URI, "list", "--json")
+    assert code == 0 and json.loads(out) == []
 
 
 def test_autoscale_daemon_stops_cleanly_on_sigterm(flags, proxy):
@@ -146,3 +155,8 @@ def test_autoscale_daemon_stops_cleanly_on_sigterm(flags, proxy):
     assert daemon.returncode == 0
     assert "create" in err and "1 queued jobs for 0 workers" in err   # each decision logged with its reason
     assert "Traceback" not in err
+
+
+def test_build_template_needs_an_image(capsys, flags):
+    code, _, err = run(capsys, *flags, "build-template", "--images", " , ")
+    assert code == 2 and "--images must name at least one job image" in one_sentence(err)

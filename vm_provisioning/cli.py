@@ -19,7 +19,7 @@ from pathlib import Path
 from .config import ScalerConfig, load_config
 from .errors import ConfigError, VMError
 from .scaler import Scaler
-from .template import build_template
+from .template import DEFAULT_IMAGES, build_template
 
 EXIT_OK = 0
 # How long `down`, `drain` and `scale --to` wait for drained VMs to go, unless told.
@@ -103,7 +103,10 @@ def cmd_autoscale(scaler: Scaler, config: ScalerConfig, args) -> int:
 
 
 def cmd_build_template(config: ScalerConfig, args) -> int:
-    manifest = build_template(Path(config.template_dir), force=args.force)
+    images = [i.strip() for i in args.images.split(",") if i.strip()]
+    if not images:
+        raise ConfigError("--images must name at least one job image, e.g. jobcloud/python")
+    manifest = build_template(Path(config.template_dir), images, force=args.force)
     print(f"template ready in {config.template_dir} (input hash {manifest['input_hash'][:12]})")
     return EXIT_OK
 
@@ -201,6 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_autoscale)
     p = sub.add_parser("build-template", help="build the worker VM template into template_dir")
     p.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
+    p.add_argument("--images", default=",".join(DEFAULT_IMAGES), metavar="IMAGE,...",
+                   help="job images from this host's Docker engine to bake in (default: %(default)s)")
     p.set_defaults(run=cmd_build_template)
     return parser
 

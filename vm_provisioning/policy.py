@@ -20,7 +20,9 @@ The rules (defaults in config.py):
   left as it is by every rule; the scaler logs it.
 - reconcile: a VM whose worker has not registered within `boot_timeout_s` is
   replaced; a VM whose domain vanished or stopped is removed and its worker
-  revoked (its jobs requeue); our domains and files with no record are leftovers.
+  revoked (its jobs requeue); our domains and files with no record are leftovers
+  (the scaler passes in only the domains that carry its id, and files only when
+  it saw every host).
 """
 from __future__ import annotations
 

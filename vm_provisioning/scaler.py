@@ -2,9 +2,9 @@
 
 A pass (`run_once`) reads as its steps: reach the hosts (reopening lost
 connections) -> look (queue, domains, files) -> reconcile (boot timeouts,
-vanished domains, leftovers) -> scale up for the queue (resume, create) -> move
-retiring VMs on (drained -> stop -> remove) -> unless VMs were just added, scale
-down idle VMs -> report to the proxy. Decisions come from policy.py (pure);
+vanished domains, leftovers) -> resume draining VMs the queue wants -> move
+retiring VMs on (drained -> stop -> remove) -> create VMs for the queue ->
+unless VMs were just added, scale down idle VMs -> report to the proxy. Decisions come from policy.py (pure);
 this module only carries them out and logs each with its reason. The whole pass,
 like each admin command, holds the state file's lock (`_locked`), so an admin's
 `jobcloud-vm down 1` and the daemon never interleave.
@@ -112,11 +112,14 @@ class Scaler:
         if decisions:
             # What was just done changed the queue (a lost worker's jobs requeued).
             queue = self._queue()
-        # Before the retirements: a draining VM that runs nothing is resumed, not stopped.
-        ups = self._execute(state, policy.scale_up(
-            self.config, list(state.vms.values()), queue, now=now,
-            last_scale_up_at=state.last_scale_up_at, hosts=look.hosts), now, queue)
-        decisions += ups + self._advance_retirements(state, queue, now, look)
+        ups = policy.scale_up(self.config, list(state.vms.values()), queue, now=now,
+                              last_scale_up_at=state.last_scale_up_at, hosts=look.hosts)
+        # Resumed before the retirements, so a draining VM wanted again is not stopped;
+        # created after them, so a create that keeps failing (no template, no host)
+        # does not hold retiring VMs up.
+        decisions += self._execute(state, [d for d in ups if d.action is Action.RESUME], now, queue)
+        decisions += self._advance_retirements(state, queue, now, look)
+        decisions += self._execute(state, [d for d in ups if d.action is not Action.RESUME], now, queue)
         # Not in a pass that adds VMs. A HOLD does not stop it: a worker idle for
         # idle_time_s while jobs wait cannot run those jobs.
         if not any(d.action in (Action.CREATE, Action.RESUME) for d in ups):
@@ -397,8 +400,9 @@ class Scaler:
         kept = console.with_name(record.name + FAILED_CONSOLE_SUFFIX)
         console.replace(kept)
         os.utime(kept)      # newest first below means most recently failed
-        failed = sorted(Path(self.config.state_dir).glob(self.config.name_prefix + "*" + FAILED_CONSOLE_SUFFIX),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
+        pattern = self.config.name_prefix + "*" + FAILED_CONSOLE_SUFFIX
+        failed = sorted(Path(self.config.state_dir).glob(pattern), key=lambda p: p.stat().st_mtime,
+                        reverse=True)
         for old in failed[KEEP_FAILED_CONSOLES:]:
             old.unlink(missing_ok=True)
 

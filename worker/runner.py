@@ -83,8 +83,10 @@ class JobRunner(threading.Thread):
             self._fetch_inputs(input_dir)
         except (InputError, ProtocolError, OSError) as e:
             # Not the job's fault, so no result: a lost lease is another run's
-            # business, and an unreachable proxy (restarting) lets the lease run
-            # out and the job run again, instead of failing it for good.
+            # business, and an unreachable proxy (restarting, a download cut off
+            # mid-body, a 502/503/504) lets the lease run out and the job run
+            # again, instead of failing it for good. Any other refusal (a 500,
+            # a missing blob) is the proxy's last word: the job fails with it.
             if isinstance(e, (LeaseLost, ProxyUnreachable)):
                 log.warning("job %s: inputs: %s; handed back without a result", self.job_id, e)
                 return None, None

@@ -31,7 +31,8 @@ TEMPLATES = (
 )
 
 
-def load() -> list[dict]:
-    """The templates with their code, for the page."""
+def load(images: tuple[str, ...]) -> list[dict]:
+    """The templates with their code, for the page: those whose image is one of
+    `images` (the proxy's setting), since choosing one also picks its image."""
     return [{"key": t.key, "title": t.title, "image": t.image, "dataset": t.dataset,
-             "code": t.code()} for t in TEMPLATES]
+             "code": t.code()} for t in TEMPLATES if t.image in images]

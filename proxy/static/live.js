@@ -5,10 +5,18 @@
 // browser reconnects by itself, sending the last event id it saw
 // (Last-Event-ID); the server resumes after it, so nothing is appended twice.
 // A first connection starts from the page's data-from: what it already shows.
+// An answer other than a stream (a 503 while the store is down, a 502 or 504
+// from a front proxy) makes the browser give up on an EventSource for good:
+// then a new one is opened, 2 s later and twice as late each time up to 30 s.
+//
+// Times come as ISO strings in UTC (<time datetime>, the events' fields) and
+// are all shown here in the browser's own time zone.
 (function () {
   "use strict";
 
   const FINAL = new Set(["succeeded", "failed", "cancelled", "timed_out"]);
+  const RETRY_FIRST_MS = 2000;
+  const RETRY_MAX_MS = 30000;
 
   function humanSize(n) {
     const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
@@ -34,6 +42,29 @@
     if (el && el.textContent !== text) el.textContent = text;
   }
 
+  // Fills a <time> element (or makes one) from an ISO time; empty for none.
+  function showTime(el, iso) {
+    el.dateTime = iso || "";
+    el.textContent = localTime(iso);
+    return el;
+  }
+
+  function localTimes() {
+    document.querySelectorAll("time[datetime]").forEach((el) => showTime(el, el.dateTime));
+  }
+
+  function setTime(id, iso) {
+    const el = document.getElementById(id);
+    if (el && el.dateTime !== (iso || "")) showTime(el, iso);
+  }
+
+  function showTruncated(truncated) {
+    Object.keys(truncated || {}).forEach((stream) => {
+      const el = document.getElementById(stream + "-truncated");
+      if (el) el.hidden = !truncated[stream];
+    });
+  }
+
   function usageText(usage) {
     if (!usage || usage.cpu_seconds == null) return "";
     return usage.cpu_seconds.toFixed(2) + " CPU s, peak " + humanSize(usage.peak_memory_bytes || 0) +
@@ -57,19 +88,30 @@
   // a handle whose reconnect() starts a fresh connection from the last id seen.
   function follow(url, from, handlers) {
     // connections: EventSources opened here; opens: connections the server
-    // accepted, the browser's own reconnections included.
-    const handle = { lastEventId: from, source: null, connections: 0, opens: 0 };
+    // accepted, the browser's own reconnections included; ended: an `end`
+    // event came, nothing follows.
+    const handle = { lastEventId: from, source: null, connections: 0, opens: 0, ended: false,
+                     retryMs: RETRY_FIRST_MS, timer: null };
     handle.open = function () {
+      handle.timer = null;
       const sep = url.indexOf("?") < 0 ? "?" : "&";
       const source = new EventSource(url + (handle.lastEventId ? sep + "from=" + encodeURIComponent(handle.lastEventId) : ""));
       handle.source = source;
       handle.connections += 1;
       source.addEventListener("open", () => {
         handle.opens += 1;
+        handle.retryMs = RETRY_FIRST_MS;
         liveBadge("live");
       });
+      source.addEventListener("end", () => { handle.ended = true; });
       source.addEventListener("error", () => {
-        liveBadge(source.readyState === EventSource.CLOSED ? "" : "reconnecting…");
+        if (source.readyState !== EventSource.CLOSED) {
+          liveBadge("reconnecting…");  // the browser retries by itself
+        } else if (!handle.ended && source === handle.source) {
+          liveBadge("reconnecting…");
+          handle.timer = setTimeout(handle.open, handle.retryMs);
+          handle.retryMs = Math.min(handle.retryMs * 2, RETRY_MAX_MS);
+        }
       });
       Object.keys(handlers).forEach((name) => {
         source.addEventListener(name, (event) => {
@@ -79,6 +121,8 @@
       });
     };
     handle.close = function () {
+      clearTimeout(handle.timer);
+      handle.timer = null;
       if (handle.source) handle.source.close();
       liveBadge("");
     };
@@ -107,12 +151,13 @@
       badge.textContent = job.state;
       badge.className = "badge " + job.state;
       setText("attempt", String(job.attempt));
-      setText("started", localTime(job.started_at));
-      setText("finished", localTime(job.finished_at));
+      setTime("started", job.started_at);
+      setTime("finished", job.finished_at);
       setText("exit-code", job.exit_code == null ? "" : String(job.exit_code));
       setText("reason", job.failure_reason || "");
       setText("usage", usageText(job.usage));
       setText("cost", costText(job.cost));
+      showTruncated(job.truncated);
       const outputs = document.getElementById("outputs");
       if (job.outputs && !outputs.querySelector("a")) {
         const link = document.createElement("a");
@@ -131,7 +176,10 @@
         // A new attempt (the job was requeued) prints its output from the start.
         ["stdout", "stderr"].forEach((s) => { document.getElementById(s).textContent = ""; });
       },
-      log: (chunk) => append(chunk.stream, chunk.text),
+      log: (chunk) => {
+        append(chunk.stream, chunk.text);
+        showTruncated({ [chunk.stream]: chunk.truncated });
+      },
       end: (job) => {
         showJob(job);
         handle.close();
@@ -163,8 +211,9 @@
     id.className = "muted";
     id.textContent = job.id;
     name.append(link, document.createElement("br"), id);
-    tr.append(name, cell(), cell(textNode(job.image)), cell(textNode(localTime(job.submitted_at))),
-              cell(), cell(), cell());
+    tr.append(name, cell(), cell(textNode(job.image)),
+              cell(showTime(document.createElement("time"), job.submitted_at)),
+              cell(document.createElement("time")), cell(), cell());
     return tr;
   }
 
@@ -176,7 +225,8 @@
     badge.textContent = job.state;
     cells[1].replaceChildren(badge);
     if (job.cancel_requested && job.state === "running") cells[1].append(" (cancelling)");
-    cells[4].textContent = localTime(job.finished_at);
+    const finished = cells[4].querySelector("time");
+    if (finished) showTime(finished, job.finished_at);
     cells[5].textContent = job.exit_code == null ? "" : String(job.exit_code);
     if (job.outputs && !cells[6].querySelector("a")) {
       const link = document.createElement("a");
@@ -186,25 +236,37 @@
     }
   }
 
+  // A row for a job submitted since the page was made, in id order (ids are
+  // time-ordered): only on the first page, and only above its newest row. Any
+  // other job the page does not show (an older active one, another page's)
+  // gets no row.
+  function addRow(table, job) {
+    const rows = Array.from(table.querySelectorAll("tr[data-job]"));
+    if (table.dataset.newest !== "true" || !job.new ||
+        job.id < table.dataset.top) return null;
+    const tr = rowFor(job);
+    const below = rows.find((row) => row.dataset.job < job.id);
+    if (below) below.before(tr);
+    else table.querySelector("tr").after(tr);
+    table.hidden = false;
+    const none = document.getElementById("no-jobs");
+    if (none) none.hidden = true;
+    return tr;
+  }
+
   function followJobs(table) {
-    const newest = table.dataset.newest === "true";
+    // The newest job the page was made with: older unknown ones never get a row.
+    const first = table.querySelector("tr[data-job]");
+    table.dataset.top = first ? first.dataset.job : "";
     return follow(table.dataset.events, table.dataset.from, {
       job: (job) => {
-        let tr = table.querySelector('tr[data-job="' + job.id + '"]');
-        if (!tr) {
-          // Only the first page shows new jobs; older pages keep their rows.
-          if (!newest) return;
-          tr = rowFor(job);
-          table.querySelector("tr").after(tr);
-          table.hidden = false;
-          const none = document.getElementById("no-jobs");
-          if (none) none.hidden = true;
-        }
-        updateRow(tr, job);
+        const tr = table.querySelector('tr[data-job="' + job.id + '"]') || addRow(table, job);
+        if (tr) updateRow(tr, job);
       },
     });
   }
 
+  localTimes();
   const job = document.getElementById("job");
   const jobs = document.getElementById("jobs");
   if (job && job.dataset.events) window.jobcloudLive = followJob(job);

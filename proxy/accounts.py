@@ -16,7 +16,7 @@ import time
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .errors import Conflict, NotFound, ValidationError
-from .models import new_id
+from .models import is_lookup_key, new_id
 
 USER_TOKEN_PREFIX = "jcu_"
 WORKER_SECRET_PREFIX = "jcw_"
@@ -83,6 +83,18 @@ def create_user(conn, name: str, password: str, *, admin: bool = False,
 
 def get_user_by_name(conn, name: str) -> dict | None:
     return conn.query_one("SELECT * FROM users WHERE name = ?", (name,))
+
+
+def visible_owner(conn, name: str, viewer: dict) -> dict:
+    """The user called `name`, if `viewer` may see their jobs and usage (themself or an admin).
+
+    Raises:
+        NotFound: no such user, or not visible (indistinguishable on purpose).
+    """
+    owner = get_user_by_name(conn, name) if is_lookup_key(name) else None
+    if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):
+        raise NotFound(f"no user {name[:64]!r} visible to you", code="user_not_found")
+    return owner
 
 
 def get_user(conn, user_id: str) -> dict | None:

@@ -13,8 +13,8 @@ from flask import Blueprint, Response, g, jsonify, render_template, request, url
 from . import accounts, dispatch, usage, vms
 from .auth import api_admin, api_user, login_required
 from .db import get_conn
-from .errors import Forbidden, NotFound
-from .models import JobState, is_lookup_key, iso
+from .errors import Forbidden
+from .models import JobState, iso
 
 bp = Blueprint("dashboard", __name__)
 
@@ -63,12 +63,10 @@ def _usage_report(viewer: dict) -> tuple[dict, str | None]:
     query = usage.parse_query(request.args)
     conn = get_conn()
     name = request.args.get("user") or None
-    if name is None:
-        owner = None if viewer["is_admin"] else viewer
+    if name is not None:
+        owner = accounts.visible_owner(conn, name, viewer)
     else:
-        owner = accounts.get_user_by_name(conn, name) if is_lookup_key(name) else None
-        if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):
-            raise NotFound(f"no usage for user {name[:64]!r}", code="user_not_found")
+        owner = None if viewer["is_admin"] else viewer
     data = usage.report(conn, query, owner["id"] if owner else None)
     return data, owner["name"] if owner else None
 
@@ -99,20 +97,12 @@ def dashboard_data(conn, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     return {
         "generated_at": iso(now),
-        "workers": [_worker(w) for w in dispatch.list_workers(conn)],
-        "vms": [dict(v, created_at=iso(v["created_at"]), updated_at=iso(v["updated_at"]))
-                for v in vms.list_vms(conn)],
-        "scaler_events": [dict(e, at=iso(e["at"]))
-                          for e in vms.recent_events(conn, SCALER_EVENTS_SHOWN)],
+        "workers": [dispatch.worker_json(w) for w in dispatch.list_workers(conn)],
+        "vms": [vms.vm_json(v) for v in vms.list_vms(conn)],
+        "scaler_events": [vms.event_json(e) for e in vms.recent_events(conn, SCALER_EVENTS_SHOWN)],
         "queue": _queue_by_user(conn),
         "jobs_per_hour": _jobs_per_hour(conn, now),
     }
-
-
-def _worker(w: dict) -> dict:
-    return {"id": w["id"], "name": w["name"], "state": w["state"], "slots_used": w["running"],
-            "slots": w["slots"], "cpus": w["cpus"], "memory_mb": w["memory_mb"], "gpus": w["gpus"],
-            "last_heartbeat_at": iso(w["last_seen_at"])}
 
 
 def _queue_by_user(conn) -> list[dict]:

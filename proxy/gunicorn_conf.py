@@ -32,7 +32,7 @@ if _control:
 forwarded_allow_ips = os.environ.get("JOBCLOUD_FORWARDED_ALLOW_IPS", "")
 
 
-def _worker_exit(server, worker):
+def worker_exit(server, worker):
     """Let the process's webhook delivery finish the POST it has in flight before exiting.
 
     The delivery thread is a daemon: without this, a graceful shutdown would

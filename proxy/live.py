@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, request
 
-from . import store
+from . import accounts, store
 from .auth import api_user
 from .db import get_conn
 from .errors import StoreUnavailable, ValidationError
@@ -97,6 +97,15 @@ class Timing:
     keepalive_s: float = KEEPALIVE_S
 
 
+@dataclass(frozen=True)
+class Slots:
+    """One process's long streams: how many may be held, and whether the
+    process is stopping (then every stream ends at its next poll)."""
+
+    held: threading.BoundedSemaphore
+    stopping: threading.Event
+
+
 # ---------------------------------------------------------------------- routes
 
 @bp.route("/jobs/<job_id>/events", methods=["GET"])
@@ -112,9 +121,7 @@ def job_events(job_id):
 @bp.route("/api/v1/users/<user>/events", methods=["GET"], endpoint="api_user_events")
 def user_events(user):
     """State changes of a user's jobs, for that user and admins only."""
-    from .web import visible_owner  # web.py imports this module: import at call time
-
-    owner = visible_owner(get_conn(), user, api_user())
+    owner = accounts.visible_owner(get_conn(), user, api_user())
     since = parse_since(_resume_from())
     return _sse(user_stream(_db(), owner["id"], since, _timing(), _slots()))
 
@@ -129,15 +136,6 @@ def _timing() -> Timing:
 
 def _slots() -> Slots:
     return current_app.extensions["jobcloud_live"]
-
-
-@dataclass(frozen=True)
-class Slots:
-    """One process's long streams: how many may be held, and whether the
-    process is stopping (then every stream ends at its next poll)."""
-
-    held: threading.BoundedSemaphore
-    stopping: threading.Event
 
 
 def streams_per_process(config) -> int:

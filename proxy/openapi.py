@@ -242,12 +242,15 @@ RESUME = [{"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}
            "description": "the id of the last event received: the stream resumes after it"},
           {"name": "from", "in": "query", "schema": {"type": "string"},
            "description": "the same as Last-Event-ID, for a first connection"}]
-JOB_EVENTS = ("A job's state and output as Server-Sent Events: `state` (the Job, when it changes), "
-              "`attempt` (requeued: output starts again), `log` ({stream, attempt, offset, text}), "
+JOB_EVENTS = ("A job's state and output as Server-Sent Events: `state` (the Job, when it changes, "
+              "with truncated: {stdout, stderr}), `attempt` (requeued: output starts again), "
+              "`log` ({stream, attempt, offset, text, truncated}), "
               "then `end` (the final Job). Event ids are ATTEMPT-STDOUT_BYTES-STDERR_BYTES; "
               "a malformed Last-Event-ID is a 400")
-USER_EVENTS = ("A user's job changes as Server-Sent Events: `job` (the Job) for each job that is "
-               "new or changed; event ids are t<unix time>. Only the user and admins")
+USER_EVENTS = ("A user's job changes as Server-Sent Events: `job` (the Job, with new: true when "
+               "submitted since the last event) for each job that is new or changed; a "
+               "(re)connection also sends the user's active jobs. Event ids are t<unix time>. "
+               "Only the user and admins")
 USER_PARAM = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
 
 

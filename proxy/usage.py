@@ -76,21 +76,21 @@ def set_prices(conn, changes: dict, admin_name: str, now: float | None = None) -
         raise ValidationError(f"unknown price field(s) {', '.join(unknown)}; known: currency, "
                               f"{', '.join(PRICE_FIELDS)}", code="invalid_prices")
     now = time.time() if now is None else now
-    current = get_prices(conn)
-    values = {f: getattr(current, f"{f}_micros") for f in PRICE_FIELDS}
-    for field in PRICE_FIELDS:
-        if field in changes:
-            values[field] = parse_price(field, changes[field])
-    currency = _currency(changes.get("currency", current.currency))
+    values = {f"{f}_micros": parse_price(f, changes[f]) for f in PRICE_FIELDS if f in changes}
+    if "currency" in changes:
+        values["currency"] = _currency(changes["currency"])
+    values.update(updated_at=now, updated_by=admin_name)
+    # One statement writes only the columns sent, so two admins changing different
+    # prices at the same moment both keep their change; nothing is read first.
+    # The first change ever also fills in the defaults for the rest.
+    row = dict({"currency": DEFAULT_CURRENCY, **{f"{f}_micros": 0 for f in PRICE_FIELDS}}, **values)
     with conn.transaction():
         conn.execute(
-            "INSERT INTO prices (id, currency, cpu_hour_micros, gb_hour_micros, gpu_hour_micros,"
-            " updated_at, updated_by) VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-            " currency = excluded.currency, cpu_hour_micros = excluded.cpu_hour_micros,"
-            " gb_hour_micros = excluded.gb_hour_micros, gpu_hour_micros = excluded.gpu_hour_micros,"
-            " updated_at = excluded.updated_at, updated_by = excluded.updated_by",
-            (currency, values["cpu_hour"], values["gb_hour"], values["gpu_hour"], now, admin_name))
-    return get_prices(conn)
+            f"INSERT INTO prices (id, {', '.join(row)}) VALUES (1, {', '.join('?' for _ in row)})"
+            " ON CONFLICT (id) DO UPDATE SET "
+            + ", ".join(f"{column} = excluded.{column}" for column in values),
+            tuple(row.values()))
+        return get_prices(conn)
 
 
 def parse_price(field: str, value) -> int:
@@ -257,12 +257,23 @@ def _months_between(a: date, b: date) -> int:
     return (b.year - a.year) * 12 + b.month - a.month
 
 
+# The UTC day number of a finish time, floor(finished_at / 86400), alike on both
+# databases: CAST to an integer truncates on SQLite but rounds on PostgreSQL
+# (23:59:59.6 would land on the next day), so step back one wherever the cast
+# landed above the value. SQLite has no FLOOR unless built with its math functions.
+_DAY_NUMBER = ("CAST(j.finished_at / 86400.0 AS BIGINT) - CASE WHEN"
+               " CAST(j.finished_at / 86400.0 AS BIGINT) > j.finished_at / 86400.0"
+               " THEN 1 ELSE 0 END")
+_EPOCH = date(1970, 1, 1)
+
+
 def report(conn, query: UsageQuery, owner_id: str | None) -> dict:
     """Totals per period (and per user, when `owner_id` is None: an admin's view of everyone).
 
-    Finished jobs count on the day they finished. Rows are summed in Python
-    from one range scan of the (owner_id, finished_at) index: days and months
-    in UTC are the same on both databases that way, and MAX_DAYS bounds it.
+    Finished jobs count on the UTC day they finished. The database sums them
+    per user, currency and day in one pass over the (owner_id, finished_at) or
+    (finished_at) index, so an admin's year of everyone's jobs is at most
+    users x currencies x 366 rows here; days are rolled into months below.
 
     Returns:
         {"period", "since", "until", "rows": [...], "totals": [...]}: one row per
@@ -278,20 +289,24 @@ def report(conn, query: UsageQuery, owner_id: str | None) -> dict:
     if owner_id is not None:
         where.insert(0, "j.owner_id = ?")
         params.insert(0, owner_id)
-    jobs = conn.query(
-        "SELECT u.name AS owner, j.finished_at, j.cpu_seconds, j.memory_mb, j.wall_seconds,"
-        " j.gpu_seconds, j.cost_micros, j.cost_currency FROM jobs j JOIN users u ON u.id = j.owner_id"
-        f" WHERE {' AND '.join(where)}", params)
+    days = conn.query(
+        f"SELECT u.name AS owner, j.cost_currency AS currency, {_DAY_NUMBER} AS day,"
+        " COUNT(*) AS jobs, SUM(COALESCE(j.cpu_seconds, 0)) AS cpu_seconds,"
+        " SUM(j.memory_mb * COALESCE(j.wall_seconds, 0)) AS mb_seconds,"
+        " SUM(COALESCE(j.gpu_seconds, 0)) AS gpu_seconds,"
+        " SUM(COALESCE(j.cost_micros, 0)) AS cost_micros"
+        f" FROM jobs j JOIN users u ON u.id = j.owner_id WHERE {' AND '.join(where)}"
+        " GROUP BY 1, 2, 3", params)
     rows: dict[tuple, dict] = {}
     totals: dict[str, dict] = {}
-    for job in jobs:
-        day = datetime.fromtimestamp(job["finished_at"], tz=timezone.utc).date()
-        label = day.isoformat() if query.period == "day" else day.isoformat()[:7]
-        currency = job["cost_currency"] or DEFAULT_CURRENCY
-        for bucket in (rows.setdefault((label, job["owner"], currency),
-                                       _empty(period=label, user=job["owner"], currency=currency)),
+    for day in days:
+        label = (_EPOCH + timedelta(days=int(day["day"]))).isoformat()
+        label = label if query.period == "day" else label[:7]
+        currency = day["currency"] or DEFAULT_CURRENCY
+        for bucket in (rows.setdefault((label, day["owner"], currency),
+                                       _empty(period=label, user=day["owner"], currency=currency)),
                        totals.setdefault(currency, _empty(currency=currency))):
-            _add(bucket, job)
+            _add(bucket, day)
     return {"period": query.period, "since": query.since.isoformat(),
             "until": query.until.isoformat(),
             "rows": [_finish(r) for _, r in sorted(rows.items())],
@@ -302,12 +317,14 @@ def _empty(**keys) -> dict:
     return dict(keys, jobs=0, cpu_seconds=0.0, gb_seconds=0.0, gpu_seconds=0.0, cost_micros=0)
 
 
-def _add(bucket: dict, job: dict) -> None:
-    bucket["jobs"] += 1
-    bucket["cpu_seconds"] += job["cpu_seconds"] or 0.0
-    bucket["gb_seconds"] += job["memory_mb"] / 1024 * (job["wall_seconds"] or 0.0)
-    bucket["gpu_seconds"] += job["gpu_seconds"] or 0.0
-    bucket["cost_micros"] += job["cost_micros"] or 0
+def _add(bucket: dict, day: dict) -> None:
+    """Add one (user, currency, day) sum from the database to a period's bucket."""
+    # PostgreSQL sums BIGINT as NUMERIC (a Decimal here): back to exact integers.
+    bucket["jobs"] += int(day["jobs"])
+    bucket["cpu_seconds"] += float(day["cpu_seconds"] or 0)
+    bucket["gb_seconds"] += float(day["mb_seconds"] or 0) / 1024
+    bucket["gpu_seconds"] += float(day["gpu_seconds"] or 0)
+    bucket["cost_micros"] += int(day["cost_micros"] or 0)
 
 
 def _finish(bucket: dict) -> dict:

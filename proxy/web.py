@@ -11,10 +11,10 @@ from . import accounts, job_templates, store, webhooks
 from .auth import check_csrf, load_user, login_required, password_change_pending
 from .db import get_conn
 from .downloads import send_outputs
-from .errors import Forbidden, NotFound, ProxyError, Unauthorized
+from .errors import Forbidden, ProxyError, Unauthorized
 from .intake import submit_job
 from .live import Position
-from .models import ACTIVE_STATES, JobState, is_lookup_key
+from .models import ACTIVE_STATES, JobState
 
 bp = Blueprint("web", __name__)
 
@@ -57,7 +57,7 @@ def job_status(user):
             raise Forbidden("change your one-time password first", code="password_change_required")
         return redirect(url_for("auth.password"))
     conn = get_conn()
-    owner = visible_owner(conn, user, viewer)
+    owner = accounts.visible_owner(conn, user, viewer)
     before = request.args.get("before") or None
     jobs, cursor = store.list_jobs(conn, owner["id"], before=before, limit=state().config.page_size)
     if wants_json:
@@ -70,18 +70,6 @@ def job_status(user):
     return render_template("job_status.html", owner=owner, jobs=jobs, cursor=cursor,
                            refresh=state().config.status_refresh_s if active else None,
                            rendered_at=time.time())
-
-
-def visible_owner(conn, user: str, viewer: dict) -> dict:
-    """The user named `user` if `viewer` may see their jobs (themself or an admin).
-
-    Raises:
-        NotFound: no such user, or not visible (indistinguishable on purpose).
-    """
-    owner = accounts.get_user_by_name(conn, user) if is_lookup_key(user) else None
-    if owner is None or (owner["id"] != viewer["id"] and not viewer["is_admin"]):
-        raise NotFound(f"no job list for {user[:64]!r}", code="user_not_found")
-    return owner
 
 
 @bp.route("/jobs/<job_id>", methods=["GET"])

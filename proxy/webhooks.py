@@ -255,7 +255,7 @@ class Deliverer:
         # pass may have taken up to timeout_s each, and a claim dated from the
         # pass's start could expire before this send even began, letting
         # another process send the same notice again.
-        claimed_at = due_by
+        claimed_at = time.time()
         with conn.transaction():
             taken = conn.execute(
                 "UPDATE webhook_deliveries SET claimed_until = ?, attempts = attempts + 1"
@@ -461,7 +461,7 @@ class _Watchdog:
         self._fd = sock.fileno()
         self._timer = threading.Timer(max(0.0, self._ends_at - time.monotonic()), self._cut)
         self._timer.daemon = True
-        pass
+        self._timer.start()
 
     def disarm(self) -> None:
         with self._lock:

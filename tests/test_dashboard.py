@@ -90,4 +90,4 @@ def test_the_dashboard_shows_workers_vms_queue_by_user_and_jobs_per_hour(hub):
     assert sum(h["finished"] for h in data["jobs_per_hour"][-2:]) == 1
     assert {q["user"]: q["queued"] for q in data["queue"]} == \
         {u: s["queued"] for u, s in states.items() if s["queued"] or s["running"]}
-    assert [w["slots_used"] for w in data["workers"] if w["name"] == "dash-worker"] == [1]
+    assert [w["running"] for w in data["workers"] if w["name"] == "dash-worker"] == [1]

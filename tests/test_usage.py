@@ -13,6 +13,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from proxy import dispatch
+from proxy import usage as usage_mod
 from worker.runner import gpu_seconds
 from worker.sandbox import Outcome
 from tests.test_dispatch import make_hub  # noqa: F401  (fixture)
@@ -45,6 +47,21 @@ def finish(hub, worker, user=None, **usage) -> dict:
     r = worker.result(job_id, job["attempt"], **usage)
     assert r.status_code == 200, r.get_json()
     return hub.job(job_id, user or hub.alice)
+
+
+def finish_gpu_job(hub, worker, **usage) -> dict:
+    """A one-GPU job of alice's that `worker` claims now and finishes 30 s later.
+
+    The proxy bills at most the GPU time since the claim, so the job must have held
+    its GPU longer than the gpu_seconds reported: the clock is moved, as in _finish_at.
+    """
+    job_id = hub.submit(memory_mb=512, gpus=1)
+    [job] = worker.claim()
+    assert job["id"] == job_id
+    result = dispatch.parse_result({"attempt": job["attempt"], "state": "succeeded",
+                                    "exit_code": 0, **usage}, hub.config.log_tail_bytes)
+    hub.call(dispatch.record_result, worker.row(), job_id, result, None, now=time.time() + 30)
+    return hub.job(job_id)
 
 
 def usage(hub, caller: dict, **params):
@@ -77,11 +94,35 @@ def test_prices_are_validated_and_admin_only(hub):
     assert set_prices(hub, {"gpu_hour": "0.000001"}).get_json()["cpu_hour"] == "3.600000"
 
 
+def test_two_admins_changing_different_prices_at_once_both_keep_their_change(hub):
+    db = hub.app.extensions["jobcloud"].db
+    start = threading.Barrier(2)
+    seen = {}
+
+    def change(field: str):
+        start.wait()
+        with db.connection() as conn:
+            seen[field] = [getattr(usage_mod.set_prices(conn, {field: i}, "root"),
+                                   f"{field}_micros") for i in range(1, 31)]
+
+    threads = [threading.Thread(target=change, args=(f,)) for f in ("cpu_hour", "gpu_hour")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Each change, as returned and as stored, holds every value its admin set: the
+    # other admin's concurrent writes never put back an older one.
+    for field in ("cpu_hour", "gpu_hour"):
+        assert seen[field] == [i * 1_000_000 for i in range(1, 31)], field
+    got = hub.client.get("/api/v1/admin/prices", headers=hub.admin["headers"]).get_json()
+    assert (got["cpu_hour"], got["gpu_hour"]) == ("30.000000", "30.000000")
+
+
 def test_a_job_costs_the_prices_in_force_when_it_finished(hub):
     assert set_prices(hub, PRICES).status_code == 200
     worker = hub.register("gpu-box", gpus=1)
-    job = finish(hub, worker, memory_mb=512, gpus=1, cpu_seconds=2.5, wall_seconds=10.0,
-                 gpu_seconds=10.0, peak_memory_bytes=10**6)
+    job = finish_gpu_job(hub, worker, cpu_seconds=2.5, wall_seconds=10.0, gpu_seconds=10.0,
+                         peak_memory_bytes=10**6)
     # cpu: 2.5 s at 3.6/h = 0.0025; memory: 0.5 GB reserved x 10 s at 0.36/h = 0.0005;
     # gpu: 10 s at 36/h = 0.1.
     assert job["usage"]["gpu_seconds"] == 10.0
@@ -92,8 +133,7 @@ def test_a_job_costs_the_prices_in_force_when_it_finished(hub):
     # New prices apply to jobs finishing from now on, never to finished ones.
     assert set_prices(hub, {"currency": "USD", "cpu_hour": "7.2"}).status_code == 200
     assert hub.job(job["id"])["cost"]["amount"] == "0.103000"
-    later = finish(hub, worker, memory_mb=512, gpus=1, cpu_seconds=2.5, wall_seconds=10.0,
-                   gpu_seconds=10.0)
+    later = finish_gpu_job(hub, worker, cpu_seconds=2.5, wall_seconds=10.0, gpu_seconds=10.0)
     assert later["cost"]["amount"] == "0.105500" and later["cost"]["currency"] == "USD"
 
     # A job cancelled while queued is final too: it costs nothing.
@@ -239,3 +279,26 @@ def test_the_worker_reports_its_gpus_for_the_wall_time_as_gpu_seconds():
     assert gpu_seconds({"gpus": 2}, outcome) == 25.0
     assert gpu_seconds({"gpus": 0}, outcome) == 0.0
     assert gpu_seconds({"gpus": 1}, Outcome("failed", None, "x", None, None, None)) is None
+
+
+def test_jobs_count_on_their_utc_day_up_to_the_last_instant_before_midnight(hub):
+    """The day is floor(finish / 86400) on both databases: PostgreSQL's CAST rounds,
+    so a job finished at 23:59:59.6, or at noon (a half day), must not move a day."""
+    midnight = (int(time.time()) // 86400 - 3) * 86400
+    day_before = datetime.fromtimestamp(midnight - 1, tz=timezone.utc).date().isoformat()
+    day_of = datetime.fromtimestamp(midnight, tz=timezone.utc).date().isoformat()
+    whens = (midnight - 43200.5, midnight - 43200, midnight - 0.4, midnight, midnight + 43200,
+             midnight + 86399.9)
+    jobs = [hub.submit() for _ in whens]
+    worker = hub.register_at("w", whens[0] - 60, slots=8, cpus=16, memory_mb=65536)
+    claimed = hub.claim_at(worker, whens[0] - 60, max_jobs=len(whens))
+    assert sorted(j["id"] for j in claimed) == sorted(jobs)
+    for job, when in zip(claimed, whens):
+        result = dispatch.parse_result({"attempt": job["attempt"], "state": "succeeded",
+                                        "exit_code": 0, "cpu_seconds": 1.0, "wall_seconds": 1.0},
+                                       hub.config.log_tail_bytes)
+        hub.call(dispatch.record_result, worker.row(), job["id"], result, None, now=when)
+    data = usage(hub, hub.admin, period="day", since=day_before, until=day_of).get_json()
+    assert {row["period"]: row["jobs"] for row in data["rows"]} == {day_before: 3, day_of: 3}
+    month = usage(hub, hub.admin, period="month", since=day_before, until=day_of).get_json()
+    assert sum(row["jobs"] for row in month["rows"]) == 6

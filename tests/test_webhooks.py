@@ -12,7 +12,9 @@ import hmac
 import json
 import os
 import re
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -27,7 +29,8 @@ from proxy import webhooks
 from proxy.config import load_config
 from proxy.db import open_database
 from proxy.errors import ConfigError, ValidationError
-from tests.conftest import LiveServer, free_port, start_gunicorn, stop_gunicorn, wait_until
+from tests.conftest import (LiveServer, free_port, require, start_gunicorn, stop_gunicorn,
+                            wait_until)
 from tests.test_dispatch import make_hub  # noqa: F401  (fixture)
 
 JOBCLOUD = str(Path(sys.executable).parent / "jobcloud")
@@ -38,7 +41,7 @@ class Receiver:
     """A loopback HTTP server that records every POST and answers from a script of statuses."""
 
     def __init__(self, statuses=(), delay_s: float = 0.0, location: str | None = None,
-                 on_post=None):
+                 on_post=None, tls: ssl.SSLContext | None = None):
         self.requests: list[dict] = []
         self.statuses = list(statuses)
         receiver = self
@@ -62,9 +65,11 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}/hook"
 
     def close(self):
         self.server.shutdown()
@@ -454,6 +459,35 @@ def test_a_name_resolving_to_loopback_is_reached_only_when_that_address_is_liste
     assert request["headers"]["Host"] == f"localhost:{port}"
 
 
+def test_https_goes_to_the_checked_address_and_checks_the_names_certificate(
+        make_hub, receivers, tmp_path, monkeypatch):  # noqa: F811
+    require(shutil.which("openssl") is not None, "the openssl command (apt-get install openssl)")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    receiver = receivers(tls=tls)
+    url = f"https://localhost:{receiver.server.server_address[1]}/hook"
+    hub = make_hub(**dict(FAST, webhook_allowed_hosts="localhost, 127.0.0.1"))
+    passer = deliverer(hub, allowed_hosts=hub.config.webhook_allowed_hosts, max_attempts=1)
+    worker = hub.register("w1")
+
+    untrusted = run_job(hub, url, worker)
+    assert passer.run_once() == 1
+    assert webhook_state(hub, untrusted)["last_error"] == "TLS error"
+    assert receiver.requests == []
+
+    # Trusted, the certificate is checked for the URL's name although the
+    # connection goes to the address it resolved to.
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    trusted = run_job(hub, url, worker)
+    assert passer.run_once() == 1
+    assert webhook_state(hub, trusted)["state"] == "delivered"
+    assert [r["headers"]["Host"] for r in receiver.requests] == [url.split("/")[2]]
+
+
 @pytest.mark.parametrize("address", [
     "127.0.0.1", "127.1.2.3", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
     "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1", "::",
@@ -471,7 +505,8 @@ def test_public_addresses_are_allowed_for_listed_names():
 
 
 def test_a_graceful_shutdown_waits_for_the_post_in_flight(tmp_path, receivers):
-    receiver = receivers(delay_s=1.5)
+    # Longer than gunicorn takes to stop a worker, within webhook_timeout_s (10 s).
+    receiver = receivers(delay_s=4)
     server = live_proxy(tmp_path, workers=1)
     try:
         server.admin("user", "add", "erin")

@@ -22,11 +22,20 @@ class ProtocolError(Exception):
 
 
 class ProxyUnreachable(ProtocolError):
-    """Raised when the proxy cannot be reached (connection refused, timeout, 5xx)."""
+    """Raised when the proxy cannot be reached (connection refused or cut, timeout, 5xx)."""
 
 
 class LeaseLost(ProtocolError):
     """Raised when the proxy says this worker no longer holds a job (404/409 on a job call)."""
+
+
+# The proxy's error codes for "this worker does not hold that job (any more)";
+# other 404s on a job call (a job without a dataset) are not about the lease.
+LEASE_LOST_CODES = ("no_lease", "stale_lease", "job_not_found")
+
+# What a proxy answers while it restarts or sits behind a gateway that lost it:
+# worth another try. Any other error answer to a download is the proxy's last word.
+TRANSIENT_STATUSES = (502, 503, 504)
 
 
 class WorkerClient:
@@ -64,11 +73,31 @@ class WorkerClient:
                           timeout=self.timeout + wait_s)["jobs"]
 
     def download(self, url: str, dest) -> None:
-        """Stream one of a held job's inputs (script or dataset url from the claim) to `dest`."""
-        response = self._send("GET", url, stream=True)
-        with open(dest, "wb") as f:
-            for chunk in response.iter_content(1024 * 1024):
-                f.write(chunk)
+        """Stream one of a held job's inputs (script or dataset url from the claim) to `dest`.
+
+        Raises:
+            ProxyUnreachable: the proxy could not be reached, answered 502/503/504,
+                or the body was cut off (a proxy restarting): another run may succeed.
+            LeaseLost: this worker no longer holds the job.
+            ProtocolError: any other error answer (a 500, a missing dataset): the
+                input cannot be had, whoever tries.
+        """
+        try:
+            response = self._send("GET", url, stream=True)
+        except ProxyUnreachable as e:
+            if e.status is None or e.status in TRANSIENT_STATUSES:
+                raise
+            raise ProtocolError(f"download of {url}: {e}", status=e.status) from e
+        try:
+            with open(dest, "wb") as f:
+                for chunk in response.iter_content(1024 * 1024):
+                    f.write(chunk)
+        except requests.RequestException as e:
+            # The body is read here, outside _send: a cut mid-body (ChunkedEncodingError,
+            # a short Content-Length) is as transient as a refused connection.
+            raise ProxyUnreachable(f"download of {url} cut off: {e}") from e
+        finally:
+            response.close()  # a half-read body must not go back to the pool
 
     def append_log(self, job_id: str, attempt: int, stream: str, offset: int, data: str) -> dict:
         return self._call("POST", f"/api/v1/worker/jobs/{job_id}/logs", json={
@@ -99,6 +128,7 @@ class WorkerClient:
         except requests.RequestException as e:
             raise ProxyUnreachable(f"cannot reach the proxy at {self.base_url}: {e}") from e
         if response.status_code >= 500:
+            response.close()
             raise ProxyUnreachable(f"the proxy answered {response.status_code}",
                                    status=response.status_code)
         if response.status_code >= 400:
@@ -106,7 +136,8 @@ class WorkerClient:
                 body = response.json()
             except ValueError:
                 body = {"error": "http_error", "detail": response.text[:200]}
-            cls = LeaseLost if response.status_code in (404, 409) and "/jobs/" in path else ProtocolError
+            lost = response.status_code in (404, 409) and body.get("error") in LEASE_LOST_CODES
+            cls = LeaseLost if lost and "/jobs/" in path else ProtocolError
             raise cls(f"{body.get('error')}: {body.get('detail')}", status=response.status_code,
                       code=body.get("error"), secret=token or self.secret)
         return response

@@ -20,8 +20,8 @@ import requests
 
 from tests.conftest import LiveServer, free_port, require, start_gunicorn, stop_gunicorn
 from tests.test_browser import console_errors, page  # noqa: F401  (fixtures)
-from tests.test_worker_e2e import ML_IMAGE, iris_like_csv
-from tests.test_worker_sandbox import IMAGE, docker_ready, start_cluster, stop_worker
+from tests.test_worker_e2e import ML_IMAGE, iris_like_csv, require_ml_image
+from tests.test_worker_sandbox import IMAGE, start_cluster, stop_worker
 
 BUNDLE = Path(__file__).resolve().parent.parent / "proxy" / "static" / "editor.bundle.js"
 TICKS = 40
@@ -45,15 +45,7 @@ EXPECTED = [f"line {i}" for i in range(1, 6)] + [f"tick {i}" for i in range(1, T
 def live_cluster(tmp_path):
     """gunicorn, a worker with both images, and streams that the server ends every 2 s
     (instead of 25), so the browser's own reconnections happen during the job."""
-    ok, reason = docker_ready()
-    require(ok, reason)
-    import docker
-    try:
-        docker.from_env(timeout=10).images.get(ML_IMAGE)
-        has_ml = True
-    except docker.errors.DockerException:
-        has_ml = False
-    require(has_ml, f"image {ML_IMAGE} missing; run scripts/build-images.sh ml")
+    require_ml_image()
     c = start_cluster(tmp_path / "cluster", slots=1, gunicorn_workers=2,
                       proxy_env={"JOBCLOUD_LIVE_STREAM_S": "2"}, worker_images=f"{IMAGE},{ML_IMAGE}")
     try:

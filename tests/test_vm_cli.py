@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, wait_until
-from tests.test_vm_scaler import LoopbackProxy, make_template, require_libvirt
+from tests.test_vm_scaler import make_template, proxy, require_libvirt  # noqa: F401  (proxy: fixture)
 from vm_provisioning.cli import main
 
 
@@ -28,13 +28,6 @@ def no_vm_env(monkeypatch):
     for key in list(os.environ):
         if key.startswith("JOBCLOUD_VM_"):
             monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def proxy(app):
-    server = LoopbackProxy(app)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -58,8 +58,8 @@ def iris_like_csv(rows_per_class: int = 50, seed: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture
-def ml_cluster(tmp_path):
+def require_ml_image() -> None:
+    """A Docker engine with the jobcloud/ml image, or a skip (a failure under CI)."""
     ok, reason = docker_ready()
     require(ok, reason)
     import docker
@@ -69,6 +69,11 @@ def ml_cluster(tmp_path):
     except docker.errors.DockerException:
         has_ml = False
     require(has_ml, f"image {ML_IMAGE} missing; run scripts/build-images.sh ml")
+
+
+@pytest.fixture
+def ml_cluster(tmp_path):
+    require_ml_image()
     # A 1 s refresh keeps the wait for the status page short.
     c = start_cluster(tmp_path / "cluster", slots=1, gunicorn_workers=2,
                       proxy_env={"JOBCLOUD_STATUS_REFRESH_S": "1"},

@@ -52,6 +52,6 @@ def run(opts) -> tuple[list[Row], list[str], dict]:
 
 
 def _check(page: bytes, fmt: str) -> None:
-    ok = page.startswith(b"{") if fmt == "JSON" else b'<table id="jobs">' in page
+    ok = page.startswith(b"{") if fmt == "JSON" else b'<table id="jobs"' in page
     if not ok:
         raise BenchError(f"/job-status answered no {fmt} job list: {page[:200]!r}")

@@ -81,6 +81,9 @@ class Scaler:
         self.clock = clock
         self.store = StateStore(config.state_dir)
         self._domain_types: dict[str, str] = {}
+        # Passes run_forever has finished, failed ones included: lets a caller
+        # wait for the daemon to have looked, instead of sleeping.
+        self.passes = 0
 
     def close(self) -> None:
         """Close the libvirt connections (those passed in too)."""
@@ -99,6 +102,7 @@ class Scaler:
                 log.warning("pass failed, retrying in %.0f s: %s", self.config.interval_s, e)
             except Exception:  # a loop boundary: log it and keep the fleet managed
                 log.exception("pass failed unexpectedly")
+            self.passes += 1
             stop.wait(self.config.interval_s)
 
     def run_once(self, now: float | None = None) -> list[Decision]:

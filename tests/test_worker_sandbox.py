@@ -168,6 +168,13 @@ def test_hello_job_succeeds_with_logs_and_usage(cluster):
     assert job["usage"]["wall_seconds"] is not None
 
 
+def test_a_job_shorter_than_one_poll_still_reports_cpu_and_memory(cluster):
+    job = cluster.run("import time\ntime.sleep(0.03)")
+    assert job["state"] == "succeeded", job
+    assert job["usage"]["cpu_seconds"] is not None, job["usage"]
+    assert job["usage"]["peak_memory_bytes"] > 1024 * 1024, job["usage"]
+
+
 def test_failed_exit_code_is_reported(cluster):
     job = cluster.run("import sys; sys.exit(3)")
     assert job["state"] == "failed" and job["exit_code"] == 3, job

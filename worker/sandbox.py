@@ -206,6 +206,9 @@ class Sandbox:
             raise SandboxError(f"cannot start the job container: {e}") from e
         started = time.monotonic()
         usage = CgroupUsage(container.id)
+        # At once, before the first poll: a job shorter than POLL_S would
+        # otherwise end, taking its cgroup with it, before any look.
+        usage.sample()
         ended_by = None
         while not reader_done.wait(POLL_S):
             usage.sample()

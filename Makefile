@@ -25,8 +25,9 @@ help:
 	@echo "make soak   - chaos soak: 600 jobs while workers and the proxy are killed (~5 min)"
 	@echo "make vm-template - build the worker VM template (var/vm/template) with both job images"
 
-# The venv is rebuilt only when setup.cfg changes.
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The venv is rebuilt only when setup.cfg changes. The system packages come first:
+# libvirt-python is built from source against libvirt-dev.
+$(VENV)/.installed: setup.cfg pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.[test,postgres,worker,vm]'

@@ -3,11 +3,15 @@
 # with preseed/preseed.cfg. Takes 10-20 minutes with KVM, over an hour under
 # software emulation (it downloads and installs ~400 packages).
 #
-# Usage: preseed/virt-install.sh NAME PROXY_URL ENROLLMENT_TOKEN
-#   e.g. preseed/virt-install.sh worker-1 http://proxy.lab:3000 jce_...
+# Usage: JOBCLOUD_ENROLLMENT_TOKEN=jce_... AUTHORIZED_KEYS=FILE preseed/virt-install.sh NAME PROXY_URL
+#   e.g. JOBCLOUD_ENROLLMENT_TOKEN=$(cat token) AUTHORIZED_KEYS=~/.ssh/id_ed25519.pub \
+#        preseed/virt-install.sh worker-1 http://proxy.lab:3000
+#   The token comes from the environment, not the command line, so it shows in
+#   neither `ps` nor the shell history. AUTHORIZED_KEYS is required: the admin
+#   account's password is locked, so an SSH key is the only way in.
 # Environment: MEMORY_MB (2048), VCPUS (2), DISK_GB (20), VIRT_TYPE (kvm; qemu where
 #   KVM guests do not boot), NETWORK (default: libvirt's "default" NAT network),
-#   IMAGES (jobcloud/python,jobcloud/ml), AUTHORIZED_KEYS (a file for jcadmin's SSH login),
+#   IMAGES (jobcloud/python,jobcloud/ml),
 #   LIBVIRT_URI (qemu:///system), LOCATION (the bookworm installer tree).
 #
 # The worker package and its units go into the installer's initrd next to the
@@ -17,8 +21,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[[ $# -eq 3 ]] || { sed -n '6,7p' "$0" >&2; exit 2; }
-NAME=$1 PROXY_URL=$2 TOKEN=$3
+[[ $# -eq 2 ]] || { sed -n '6,11p' "$0" >&2; exit 2; }
+NAME=$1 PROXY_URL=$2
+[[ -n ${JOBCLOUD_ENROLLMENT_TOKEN:-} ]] || { echo "set JOBCLOUD_ENROLLMENT_TOKEN (jobcloud enroll create)" >&2; exit 2; }
+[[ -r ${AUTHORIZED_KEYS:-} ]] || { echo "set AUTHORIZED_KEYS to a readable SSH public key file: jcadmin logs in only with it" >&2; exit 2; }
 MEMORY_MB=${MEMORY_MB:-2048}
 VCPUS=${VCPUS:-2}
 DISK_GB=${DISK_GB:-20}
@@ -43,18 +49,17 @@ cp vm_provisioning/guest/* "$work/pkg/guest/"
 printf 'JOBCLOUD_WORKER_IMAGES=%s\n' "$IMAGES" > "$work/pkg/guest/template.env"
 tar -C "$work/pkg" -czf "$work/jobcloud-worker.tar.gz" .
 inject=(--initrd-inject preseed/preseed.cfg --initrd-inject "$work/jobcloud-worker.tar.gz")
-if [[ -n ${AUTHORIZED_KEYS:-} ]]; then
-    cp "$AUTHORIZED_KEYS" "$work/authorized_keys"
-    inject+=(--initrd-inject "$work/authorized_keys")
-fi
+cp "$AUTHORIZED_KEYS" "$work/authorized_keys"
+inject+=(--initrd-inject "$work/authorized_keys")
 
 # The identity seed, written by the same code the scaler uses.
 seed="$STATE_DIR/$NAME-seed.iso"
-PYTHONPATH=. "${PYTHON:-.venv/bin/python}" - "$seed" "$NAME" "$PROXY_URL" "$TOKEN" <<'PY'
-import sys, uuid
+PYTHONPATH=. "${PYTHON:-.venv/bin/python}" - "$seed" "$NAME" "$PROXY_URL" <<'PY'
+import os, sys, uuid
 from pathlib import Path
 from vm_provisioning.seed import Identity, write_seed
-path, name, url, token = sys.argv[1:]
+path, name, url = sys.argv[1:]
+token = os.environ["JOBCLOUD_ENROLLMENT_TOKEN"]
 write_seed(Path(path), Identity(instance_id=str(uuid.uuid4()), hostname=name,
                                 worker_name=name, proxy_url=url, enrollment_token=token))
 PY

@@ -58,8 +58,12 @@ def _serve(cfg, db, workers) -> int:
     else:
         print("Log in with your account. Forgot the admin password? "
               "Run: jobcloud user passwd admin", flush=True)
+    # gunicorn_conf.py reads only the environment: hand it the values the proxy's
+    # configuration settled on (a TOML file included), so the thread count the live
+    # streams are capped by is the one gunicorn really runs.
     env = dict(os.environ, JOBCLOUD_BIND=cfg.bind,
-               JOBCLOUD_DATA_DIR=os.path.abspath(cfg.data_dir))
+               JOBCLOUD_DATA_DIR=os.path.abspath(cfg.data_dir),
+               JOBCLOUD_GUNICORN_THREADS=str(cfg.gunicorn_threads))
     if workers:
         env["JOBCLOUD_GUNICORN_WORKERS"] = str(workers)
     gunicorn = shutil.which("gunicorn") or os.path.join(os.path.dirname(sys.executable), "gunicorn")

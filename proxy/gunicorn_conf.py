@@ -37,29 +37,42 @@ def worker_exit(server, worker):
 
     The delivery thread is a daemon: without this, a graceful shutdown would
     end the process in the middle of a POST, and the notice would be sent
-    again once its claim expired. An attempt ends within webhook_timeout_s,
-    which config.py keeps below graceful_timeout.
+    again once its claim expired. It stopped taking new deliveries when the
+    shutdown began (post_worker_init's handler), and an attempt ends within
+    webhook_timeout_s, which config.py keeps below graceful_timeout.
     """
-    deliverer = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("jobcloud_webhooks")
+    deliverer = _deliverer(worker)
     if deliverer is not None:
         deliverer.stop()
 
 
+def _deliverer(worker):
+    return getattr(getattr(worker, "wsgi", None), "extensions", {}).get("jobcloud_webhooks")
+
+
 def post_worker_init(worker):
-    """End the process's live streams (live.py) as soon as its graceful shutdown starts.
+    """As soon as a process's graceful shutdown starts: end its live streams
+    (live.py) and stop its webhook sender from taking new deliveries.
 
     A worker answers SIGTERM by waiting up to graceful_timeout for its open
     requests, and gunicorn has no hook at that moment (worker_exit runs after
-    the wait): so its handler is wrapped here to also set live.py's flag, and
-    streams end at their next poll instead of holding the restart.
+    the wait): so its handler is wrapped here. Streams end at their next poll
+    instead of holding the restart, and the sender only finishes the attempt in
+    flight, so worker_exit's wait for it fits in what is left of graceful_timeout.
     """
     graceful_exit = worker.handle_exit
 
     def handle_exit(sig, frame):
         _stop_live_streams(worker)
+        deliverer = _deliverer(worker)
+        if deliverer is not None:
+            deliverer.stop(timeout=0)  # only sets its flag: safe in a signal handler
         graceful_exit(sig, frame)
 
     signal.signal(signal.SIGTERM, handle_exit)
+    # signal.signal undoes gunicorn's siginterrupt(SIGTERM, False): restore it, so
+    # a SIGTERM does not interrupt the worker's system calls.
+    signal.siginterrupt(signal.SIGTERM, False)
 
 
 def worker_int(worker):

@@ -218,7 +218,7 @@ class Deliverer:
         process does not exit under a POST whose outcome is not recorded yet.
         """
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and timeout != 0:  # 0: only the flag (signal handlers)
             self._thread.join(self.timeout_s + 5 if timeout is None else timeout)
 
     def _loop(self) -> None:

@@ -19,6 +19,7 @@ command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon-system)
 command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
 [[ -f /usr/include/libvirt/libvirt.h ]] || need+=(libvirt-dev)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v genisoimage >/dev/null 2>&1 || need+=(genisoimage)
 # The code editor's bundle is built with npm from the registry (scripts/build-editor.sh).

@@ -107,6 +107,8 @@ def test_proxy_unreachable(capsys, flags):
     (["--domain-type", "xen"], "domain_type must be one of"),
     (["--max-vms", "lots"], "max_vms"),
     (["--admin-token", ""], "no admin token"),
+    (["--guest-proxy-url", "http://jobcloud.lab:3000"], "reach the proxy without DNS"),
+    (["--guest-proxy-url", "http://"], "guest_proxy_url must be an http:// or https:// URL"),
 ])
 def test_bad_configuration_exits_2(capsys, flags, extra, message):
     code, _, err = run(capsys, *flags, *extra, "list")

@@ -174,8 +174,31 @@ def test_write_seed_makes_a_nocloud_iso(tmp_path):
 def test_write_seed_refuses_an_unusable_identity(tmp_path):
     good = dict(instance_id="i", hostname="vm-1", worker_name="vm-1",
                 proxy_url="http://10.0.2.2:3000", enrollment_token="jce_x")
-    for bad in ({"hostname": "Bad_Host"}, {"proxy_url": "10.0.2.2:3000"},
+    for bad in ({"hostname": "Bad_Host"}, {"hostname": "vm-1\n"}, {"proxy_url": "10.0.2.2:3000"},
+                {"proxy_url": "http://"}, {"proxy_url": "http://10.0.2.2:3000/\nx"},
+                {"worker_name": "vm 1;reboot"}, {"worker_name": "w" * 65},
                 {"enrollment_token": ""}, {"slots": 0}):
         with pytest.raises(ConfigError):
             write_seed(tmp_path / "s.iso", Identity(**dict(good, **bad)))
     assert not (tmp_path / "s.iso").exists()
+
+
+def test_first_boot_refuses_a_seed_it_cannot_use_before_writing_anything():
+    """The guest's first-boot script checks the whole seed first: a seed missing its
+    token or with a bad host name must not leave a worker.json behind (the unit runs
+    only while there is none)."""
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.SourceFileLoader(
+        "jobcloud_firstboot", str(ROOT / "vm_provisioning" / "guest" / "firstboot"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    good = {"instance_id": "i-1", "hostname": "jc-0123456789", "name": "jc-0123456789",
+            "proxy_url": "http://10.0.2.2:3000", "enrollment_token": "jce_x", "slots": 2}
+    assert module.check_seed(good) is None
+    for bad, says in [([], "not a JSON object"),
+                      ({**good, "enrollment_token": ""}, "enrollment_token"),
+                      ({**good, "hostname": "jc-1\n"}, "not a valid host name"),
+                      ({**good, "proxy_url": "ftp://10.0.2.2"}, "http(s) URL"),
+                      ({**good, "slots": "2"}, "slots")]:
+        assert says in module.check_seed(bad)

@@ -8,6 +8,7 @@ directly (every field has a keyword); `Scaler` runs `validate` on what it is giv
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -85,6 +86,14 @@ def guest_url_for(proxy_url: str) -> str:
         netloc = USER_NET_HOST + (f":{parts.port}" if parts.port else "")
         parts = parts._replace(netloc=netloc)
     return urlunsplit(parts)
+
+
+def _is_ip(host: str | None) -> bool:
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ScalerConfig)}
@@ -182,8 +191,16 @@ def validate(cfg: ScalerConfig) -> ScalerConfig:
          "name_prefix must be 1-16 lowercase letters, digits and dashes, starting with a letter"),
         (urlsplit(cfg.proxy_url).scheme in ("http", "https") and bool(urlsplit(cfg.proxy_url).netloc),
          "proxy_url must be an http:// or https:// URL"),
-        (cfg.guest_proxy_url == "" or urlsplit(cfg.guest_proxy_url).scheme in ("http", "https"),
+        (cfg.guest_proxy_url == "" or (urlsplit(cfg.guest_proxy_url).scheme in ("http", "https")
+                                       and bool(urlsplit(cfg.guest_proxy_url).hostname)),
          "guest_proxy_url must be an http:// or https:// URL"),
+        (not any(c.isspace() or ord(c) < 32 for c in cfg.proxy_url + cfg.guest_proxy_url),
+         "proxy_url and guest_proxy_url must not contain spaces or control characters"),
+        # The guest has no DNS resolver (the template runs no systemd-resolved):
+        # a host name there would leave every VM unregistered until boot_timeout_s.
+        (_is_ip(urlsplit(cfg.resolved_guest_proxy_url).hostname),
+         "the worker VMs reach the proxy without DNS: set guest_proxy_url (or proxy_url) to a URL"
+         " with an IP address, e.g. http://192.168.1.10:3000"),
         (cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
          "log_level must be DEBUG, INFO, WARNING or ERROR"),
     ]

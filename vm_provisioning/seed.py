@@ -11,18 +11,21 @@ software emulation and many packages in the template. See docs/VMS.md.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ConfigError, SeedError
 
 SEED_LABEL = "cidata"
 # RFC 1123 host name label: what `hostname` and DHCP accept.
-_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_WORKER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # the proxy takes 1-64
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ def write_seed(path: Path, identity: Identity) -> Path:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
         partial = path.with_name(path.name + ".partial")
+        # Made 0600 before anything is written into it: the ISO holds the token.
+        partial.unlink(missing_ok=True)
+        os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
         _make_iso(partial, Path(tmp), list(files))
     partial.chmod(0o600)
     partial.replace(path)
@@ -61,15 +67,18 @@ def write_seed(path: Path, identity: Identity) -> Path:
 
 
 def _check(identity: Identity) -> None:
-    if not _HOSTNAME.match(identity.hostname):
+    if not _HOSTNAME.fullmatch(identity.hostname):
         raise ConfigError(f"hostname {identity.hostname!r} is not a valid host name "
                           "(lowercase letters, digits and '-', at most 63)")
-    if not identity.proxy_url.startswith(("http://", "https://")):
+    url = urlsplit(identity.proxy_url)
+    if url.scheme not in ("http", "https") or not url.hostname or \
+            any(c.isspace() or ord(c) < 32 for c in identity.proxy_url):
         raise ConfigError(f"proxy_url {identity.proxy_url!r} must be an http(s) URL")
     if not identity.enrollment_token:
         raise ConfigError("an enrollment token is required in the identity")
-    if not identity.instance_id or not 1 <= len(identity.worker_name) <= 100:
-        raise ConfigError("instance_id must be set and worker_name be 1-100 characters")
+    if not identity.instance_id or not _WORKER_NAME.fullmatch(identity.worker_name):
+        raise ConfigError("instance_id must be set and worker_name be 1-64 letters, digits,"
+                          " '.', '_' or '-'")
     if identity.slots is not None and not 1 <= identity.slots <= 64:
         raise ConfigError("slots must be between 1 and 64")
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import secrets
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Flask, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
@@ -32,6 +33,9 @@ class AppState:
     config: Config
     db: Database
     blobs: BlobStore
+    # Set when this process's graceful shutdown begins (begin_shutdown): long
+    # requests (live streams, claim long-polls) then answer at their next look.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -75,6 +79,19 @@ def create_app(config: Config | None = None) -> Flask:
     _register_error_handlers(app)
     app.after_request(_security_headers)
     return app
+
+
+def begin_shutdown(app: Flask) -> None:
+    """This process's graceful shutdown has begun (gunicorn_conf.py calls this
+    from the worker's SIGTERM handler): end live streams and claim long-polls at
+    their next look, since gunicorn waits for open requests up to its
+    graceful_timeout (clients reconnect to another process and resume), and stop
+    the webhook sender from taking new deliveries. Only sets flags: safe in a
+    signal handler."""
+    app.extensions["jobcloud"].stopping.set()
+    deliverer = app.extensions.get("jobcloud_webhooks")
+    if deliverer is not None:
+        deliverer.stop(timeout=0)
 
 
 def _secret_key(db: Database) -> str:

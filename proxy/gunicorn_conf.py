@@ -51,8 +51,9 @@ def _deliverer(worker):
 
 
 def post_worker_init(worker):
-    """As soon as a process's graceful shutdown starts: end its live streams
-    (live.py) and stop its webhook sender from taking new deliveries.
+    """As soon as a process's graceful shutdown starts: end its live streams and
+    claim long-polls, and stop its webhook sender from taking new deliveries
+    (proxy.begin_shutdown).
 
     A worker answers SIGTERM by waiting up to graceful_timeout for its open
     requests, and gunicorn has no hook at that moment (worker_exit runs after
@@ -63,10 +64,7 @@ def post_worker_init(worker):
     graceful_exit = worker.handle_exit
 
     def handle_exit(sig, frame):
-        _stop_live_streams(worker)
-        deliverer = _deliverer(worker)
-        if deliverer is not None:
-            deliverer.stop(timeout=0)  # only sets its flag: safe in a signal handler
+        _begin_shutdown(worker)
         graceful_exit(sig, frame)
 
     signal.signal(signal.SIGTERM, handle_exit)
@@ -77,13 +75,13 @@ def post_worker_init(worker):
 
 def worker_int(worker):
     """SIGINT/SIGQUIT: the process exits at once, but would still join its
-    request threads, so open streams must end now too."""
-    _stop_live_streams(worker)
+    request threads, so open streams and long-polls must end now too."""
+    _begin_shutdown(worker)
 
 
-def _stop_live_streams(worker):
-    from proxy.live import stop_streams  # the app is loaded by now: import at call time
+def _begin_shutdown(worker):
+    from proxy import begin_shutdown  # the app is loaded by now: import at call time
 
     app = getattr(worker, "wsgi", None)
     if app is not None and hasattr(app, "extensions"):
-        stop_streams(app)
+        begin_shutdown(app)

@@ -7,7 +7,7 @@ number of proxy processes and instances: nothing is pushed between processes.
 
 A stream holds one gunicorn thread (gthread workers) while it is open, so it
 lives at most the `live_stream_s` setting (less when the process is stopping:
-see stop_streams); the browser's EventSource then reconnects by itself
+see proxy.begin_shutdown); the browser's EventSource then reconnects by itself
 and sends the id of the last event it got as ``Last-Event-ID``, from which the
 stream resumes: no output is sent twice or skipped. A job's stream ends with an
 ``end`` event once the job is final and all its output was sent. At most
@@ -148,18 +148,10 @@ def streams_per_process(config) -> int:
 def _make_slots(setup):
     # Per process: it counts this process's threads, nothing shared.
     limit = streams_per_process(setup.app.extensions["jobcloud"].config)
+    # The process's own shutdown flag (proxy.begin_shutdown sets it): open streams
+    # end at their next poll and clients resume elsewhere from their last event.
     setup.app.extensions["jobcloud_live"] = Slots(threading.BoundedSemaphore(limit),
-                                                  threading.Event())
-
-
-def stop_streams(app) -> None:
-    """End the process's open streams at their next poll (gunicorn_conf.py calls
-    this when a worker starts its graceful shutdown): gunicorn otherwise waits
-    for them up to graceful_timeout. Clients reconnect to another process and
-    resume from their last event. Only sets a flag: safe in a signal handler."""
-    slots = app.extensions.get("jobcloud_live")
-    if slots is not None:
-        slots.stopping.set()
+                                                  setup.app.extensions["jobcloud"].stopping)
 
 
 def _resume_from() -> str | None:

@@ -117,8 +117,9 @@ def _wait_for_work(conn, worker: dict, deadline: float) -> bool:
     passes (True: the caller claims once more and answers).
 
     Returns False as soon as the worker leaves the active state (deregistered,
-    drained, revoked, marked lost): a long-poll must not keep a stopping worker,
-    or the gunicorn process shutting down beside it, waiting out the deadline.
+    drained, revoked, marked lost) or this process begins its graceful shutdown
+    (proxy.begin_shutdown): a long-poll must not keep a stopping worker, or a
+    gunicorn process being restarted, waiting out the deadline.
     The look is a cheap read, so idle long-polls do not take the write lock; it
     counts only jobs this worker could run, so a queued job nobody here can take
     (say a GPU job) does not turn the long-poll into a busy loop.
@@ -130,8 +131,10 @@ def _wait_for_work(conn, worker: dict, deadline: float) -> bool:
            f" AND memory_mb <= w.memory_mb AND image IN ({marks})))) AS work"
            " FROM workers w WHERE w.id = ?")
     params = (JobState.QUEUED.value, *images, worker["id"])
+    stopping = state().stopping
     while time.monotonic() < deadline:
-        time.sleep(min(CLAIM_POLL_S, max(0.0, deadline - time.monotonic())))
+        if stopping.wait(min(CLAIM_POLL_S, max(0.0, deadline - time.monotonic()))):
+            return False
         row = conn.query_one(sql, params)
         if row is None or row["state"] != WorkerState.ACTIVE.value:
             return False

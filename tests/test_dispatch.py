@@ -19,7 +19,7 @@ import zipfile
 
 import pytest
 
-from proxy import accounts, create_app, dispatch, store
+from proxy import accounts, begin_shutdown, create_app, dispatch, store
 from proxy.models import WorkerState
 from tests.conftest import Users, wait_until
 
@@ -596,11 +596,11 @@ def test_a_drained_worker_keeps_its_job_and_gets_no_new_ones(hub):
     assert ids(a.claim()) == [later]
 
 
-@pytest.mark.parametrize("leave", ["deregister", "drain"])
+@pytest.mark.parametrize("leave", ["deregister", "drain", "process shutdown"])
 def test_a_waiting_claim_ends_when_its_worker_stops_being_active(hub, leave):
     """A worker's long-poll answers as soon as the worker deregisters or is
-    drained, instead of holding a server thread (and a gunicorn shutdown) until
-    its deadline."""
+    drained, or the proxy process begins a graceful shutdown, instead of holding
+    a server thread (and a gunicorn restart) until its deadline."""
     a = hub.register("a")
     # Back-date the worker's last contact a little: the claim touches it when it
     # starts, which tells the test the long-poll is under way.
@@ -615,8 +615,10 @@ def test_a_waiting_claim_ends_when_its_worker_stops_being_active(hub, leave):
     wait_until(lambda: a.row()["last_seen_at"] > marker, what="the claim to start")
     if leave == "deregister":
         assert a.post("deregister").status_code == 200
-    else:
+    elif leave == "drain":
         assert hub.admin_action(a, "drain").status_code == 200
+    else:
+        begin_shutdown(hub.app)
     poll.join(timeout=25)
     assert not poll.is_alive(), "the long-poll went on after its worker left"
     assert time.monotonic() - started < 25

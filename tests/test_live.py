@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from proxy import create_app, dispatch, live
+from proxy import begin_shutdown, create_app, dispatch, live
 from tests.conftest import LiveServer, Users, free_port, login, start_gunicorn, stop_gunicorn
 from tests.test_api import ProtocolWorker, alice, submit  # noqa: F401  (fixture)
 
@@ -437,7 +437,7 @@ def test_streams_end_at_once_when_the_process_stops(app, client, alice):
     path = f"/api/v1/jobs/{job['id']}/events"
     events = stream(client, path, alice["headers"])
     assert events.next()["event"] == "state"
-    live.stop_streams(app)
+    begin_shutdown(app)
     started = time.monotonic()
     assert events.rest() == [] and time.monotonic() - started < 1
     # A stream opened meanwhile answers what it has and ends too.

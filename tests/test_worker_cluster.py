@@ -91,7 +91,8 @@ def logs_as(c: Cluster, headers: dict, job_id: str) -> str:
 
 def containers_of(client, job_id: str, attempt: int | None = None) -> list:
     labels = [f"{LABEL_JOB}={job_id}"] + ([f"{LABEL_ATTEMPT}={attempt}"] if attempt else [])
-    return client.containers.list(all=True, filters={"label": labels})
+    # ignore_removed: a container removed between the list and its inspect is gone, not an error.
+    return client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
 
 
 def running_container(client, job_id: str, attempt: int):

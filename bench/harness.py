@@ -21,7 +21,7 @@ import psutil
 import requests
 
 from proxy import accounts
-from proxy.blobs import BlobStore
+from proxy.blobs import BlobStore, StoredBlob
 from proxy.config import load_config
 from proxy.db import open_database
 from proxy.models import JobState
@@ -87,11 +87,11 @@ class Proxy:
             _, token = accounts.create_enrollment(conn, "bench", "bench")
         return token
 
-    def store_script(self, text: str = "print('hello from a benchmark job')\n") -> tuple[str, int]:
-        """Commit one script blob; returns (blob name, size)."""
+    def store_script(self, text: str = "print('hello from a benchmark job')\n") -> StoredBlob:
+        """Commit one script blob."""
         upload = self.blobs.new_upload(self.config.max_script_bytes, "the script")
         upload.write(text.encode())
-        return self.blobs.commit(upload), upload.size
+        return self.blobs.commit(upload)
 
     def seed_jobs(self, owner: Account, count: int, *, queued_one_in: int = 0,
                   gpus: int = 0) -> None:
@@ -102,9 +102,8 @@ class Proxy:
                 rest are marked succeeded: a user's history is mostly finished.
             gpus: GPUs each job asks for.
         """
-        blob, size = self.store_script()
-        job = NewJob(owner_id=owner.id, name="seeded", script_name="main.py", script_blob=blob,
-                     script_size=size, image=self.config.default_image, cpus=1.0,
+        job = NewJob(owner_id=owner.id, name="seeded", script_name="main.py",
+                     script=self.store_script(), image=self.config.default_image, cpus=1.0,
                      memory_mb=512, timeout_s=600, gpus=gpus)
         left = count
         with self.db.connection() as conn:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import secrets
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 
 from flask import Flask, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from . import webhooks
+from .appstate import AppState
 from .blobs import BlobStore, human_size
 from .config import Config, load_config
 from .db import Database, close_conn, open_database
@@ -24,18 +23,6 @@ from .errors import ProxyError
 from .models import iso
 
 log = logging.getLogger("proxy")
-
-
-@dataclass
-class AppState:
-    """What every request needs, built once per process."""
-
-    config: Config
-    db: Database
-    blobs: BlobStore
-    # Set when this process's graceful shutdown begins (begin_shutdown): long
-    # requests (live streams, claim long-polls) then answer at their next look.
-    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 def create_app(config: Config | None = None) -> Flask:

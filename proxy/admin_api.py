@@ -1,9 +1,10 @@
 """Admin API (/api/v1/admin): users, worker enrollment tokens, workers (drain, resume, revoke)."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from . import accounts, dispatch, limits, usage, vms
+from . import accounts, limits, usage, vms, workers
+from .appstate import app_state
 from .auth import api_admin
 from .db import get_conn
 from .jsonbody import json_object
@@ -92,8 +93,8 @@ def revoke_enrollment(enrollment_id):
 def list_workers():
     api_admin()
     include_gone = request.args.get("all") in ("1", "true")
-    return jsonify({"workers": [dispatch.worker_json(w)
-                                for w in dispatch.list_workers(get_conn(), include_gone)]})
+    return jsonify({"workers": [workers.worker_json(w)
+                                for w in workers.list_workers(get_conn(), include_gone)]})
 
 
 @bp.route("/workers/<worker_id>/<action>", methods=["POST"])
@@ -103,9 +104,9 @@ def worker_action(worker_id, action):
               "revoke": WorkerState.REVOKED}.get(action)
     if target is None:
         raise ValidationError("action must be drain, resume or revoke", code="invalid_action")
-    worker = dispatch.set_worker_state(get_conn(), worker_id, target,
-                                       max_attempts=current_app.extensions["jobcloud"].config.max_attempts)
-    return jsonify(dispatch.worker_json(worker))
+    worker = workers.set_worker_state(get_conn(), worker_id, target,
+                                       max_attempts=app_state().config.max_attempts)
+    return jsonify(workers.worker_json(worker))
 
 
 def _enrollment_json(e: dict) -> dict:

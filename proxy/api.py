@@ -5,9 +5,10 @@ A user sees only their own jobs (admins see all); others' jobs are 404.
 """
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request, url_for
+from flask import Blueprint, jsonify, request, url_for
 
 from . import accounts, store, webhooks
+from .appstate import app_state
 from .auth import api_user
 from .db import get_conn
 from .downloads import send_outputs
@@ -19,10 +20,6 @@ from .models import JobState, iso
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
-def state():
-    return current_app.extensions["jobcloud"]
-
-
 @bp.route("/me", methods=["GET"])
 def me():
     user = api_user()
@@ -32,7 +29,7 @@ def me():
 @bp.route("/jobs", methods=["POST"])
 def create_job():
     user = api_user()
-    st = state()
+    st = app_state()
     job = submit_job(get_conn(), st.config, st.blobs, user, request.stream,
                      request.headers.get("Content-Type"))
     return jsonify(store.job_json(job)), 201, {"Location": f"/api/v1/jobs/{job['id']}"}
@@ -41,7 +38,7 @@ def create_job():
 @bp.route("/jobs", methods=["GET"])
 def list_jobs():
     user = api_user()
-    limit = _int_arg("limit", state().config.page_size, 1, 500)
+    limit = _int_arg("limit", app_state().config.page_size, 1, 500)
     job_state = request.args.get("state") or None
     if job_state is not None and job_state not in {s.value for s in JobState}:
         raise ValidationError(f"state must be one of {[s.value for s in JobState]}",
@@ -72,7 +69,7 @@ def get_logs(job_id):
 
 @bp.route("/jobs/<job_id>/outputs", methods=["GET"])
 def get_outputs(job_id):
-    return send_outputs(store.get_visible_job(get_conn(), job_id, api_user()), state().blobs)
+    return send_outputs(store.get_visible_job(get_conn(), job_id, api_user()), app_state().blobs)
 
 
 @bp.route("/jobs/<job_id>/cancel", methods=["POST"])

@@ -10,9 +10,20 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TooLarge
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A committed blob. Its name is its sha256: one value, stored in the
+    *_blob column (where it is) and the *_sha256 column (what it is)."""
+
+    sha256: str
+    size: int
+
 
 class BlobStore:
     def __init__(self, data_dir: str):
@@ -31,8 +42,8 @@ class BlobStore:
     def new_upload(self, limit: int, what: str) -> "Upload":
         return Upload(self, limit, what)
 
-    def commit(self, upload: "Upload") -> str:
-        """Move a finished upload into the store durably; returns the blob name."""
+    def commit(self, upload: "Upload") -> StoredBlob:
+        """Move a finished upload into the store durably."""
         upload.finish()
         blob = upload.sha256
         target = self.path(blob)
@@ -43,7 +54,7 @@ class BlobStore:
             os.replace(upload.path, target)
             _fsync_dir(target.parent)
         upload.committed = True
-        return blob
+        return StoredBlob(blob, upload.size)
 
 
 class Upload:

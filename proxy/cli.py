@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from . import accounts, dispatch, limits, usage
+from . import accounts, limits, usage, workers
 from .config import load_config
 from .db import open_database
 from .errors import ProxyError
@@ -35,7 +35,7 @@ def proxy_main(argv=None) -> int:
             print("schema is current")
         elif args.command == "reap":
             with db.connection() as conn, conn.transaction():
-                n = dispatch.reap(conn, lease_timeout_s=cfg.lease_timeout_s,
+                n = workers.reap(conn, lease_timeout_s=cfg.lease_timeout_s,
                                   max_attempts=cfg.max_attempts)
             print(f"requeued or failed {n} job(s)")
         elif args.command == "serve":

@@ -10,11 +10,11 @@ import time
 
 from flask import Blueprint, Response, g, jsonify, render_template, request, url_for
 
-from . import accounts, dispatch, usage, vms
+from . import accounts, usage, vms, workers
 from .auth import api_admin, api_user, login_required
 from .db import get_conn
 from .errors import Forbidden
-from .models import JobState, iso
+from .models import JobState, id_floor, iso
 
 bp = Blueprint("dashboard", __name__)
 
@@ -97,7 +97,7 @@ def dashboard_data(conn, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     return {
         "generated_at": iso(now),
-        "workers": [dispatch.worker_json(w) for w in dispatch.list_workers(conn)],
+        "workers": [workers.worker_json(w) for w in workers.list_workers(conn)],
         "vms": [vms.vm_json(v) for v in vms.list_vms(conn)],
         "scaler_events": [vms.event_json(e) for e in vms.recent_events(conn, SCALER_EVENTS_SHOWN)],
         "queue": _queue_by_user(conn),
@@ -122,7 +122,7 @@ def _jobs_per_hour(conn, now: float) -> list[dict]:
     first = (int(now) // 3600 - DASHBOARD_HOURS + 1) * 3600
     # Job ids start with their submission time in microseconds (models.new_id):
     # "submitted since" is an id range on the primary key, no extra index.
-    since_id = f"j{first * 1_000_000:014x}"
+    since_id = id_floor("j", first)
     submitted = conn.query("SELECT submitted_at AS t FROM jobs WHERE id >= ?", (since_id,))
     finished = conn.query("SELECT finished_at AS t FROM jobs WHERE finished_at >= ?", (first,))
     hours = [{"hour": iso(first + 3600 * i), "submitted": 0, "finished": 0}

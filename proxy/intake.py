@@ -69,13 +69,12 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
         # Every check runs before the first commit: a refusal must not leave blobs behind.
         dataset_name = (_display_name(form.filenames.get("dataset", ""), "dataset file name")
                         or "dataset.zip") if dataset is not None else None
-        script_blob = blobs.commit(script)
-        dataset_blob = blobs.commit(dataset) if dataset is not None else None
+        stored_script = blobs.commit(script)
+        stored_dataset = blobs.commit(dataset) if dataset is not None else None
         with conn.transaction():
             return create_job(conn, NewJob(
-                owner_id=user["id"], name=name, script_name=script_name, script_blob=script_blob,
-                script_size=script.size, dataset_name=dataset_name, dataset_blob=dataset_blob,
-                dataset_size=dataset.size if dataset else None, webhook_url=webhook_url,
+                owner_id=user["id"], name=name, script_name=script_name, script=stored_script,
+                dataset_name=dataset_name, dataset=stored_dataset, webhook_url=webhook_url,
                 **fields))
     finally:
         form.discard()

@@ -11,7 +11,7 @@ import math
 import time
 
 from .errors import TooManyRequests, ValidationError
-from .models import JobState
+from .models import JobState, id_floor
 
 # name -> (type, lowest allowed value)
 FIELDS = {
@@ -101,7 +101,7 @@ def check_counts(conn, user_id: str, limits: dict, now: float | None = None) -> 
     if limits.get("max_submissions_per_minute") is not None:
         # Job ids start with their submission time in microseconds (models.new_id),
         # so "the last minute" is an id range on the (owner_id, id) index.
-        since = f"j{int((now - 60) * 1_000_000):014x}"
+        since = id_floor("j", now - 60)
         recent = conn.query_one("SELECT COUNT(*) AS n FROM jobs WHERE owner_id = ? AND id >= ?",
                                 (user_id, since))["n"]
         if recent >= limits["max_submissions_per_minute"]:

@@ -40,10 +40,11 @@ from dataclasses import dataclass
 from flask import Blueprint, Response, current_app, request
 
 from . import accounts, store
+from .appstate import app_state
 from .auth import api_user
 from .db import get_conn
 from .errors import StoreUnavailable, ValidationError
-from .models import FINAL_STATES, JobState
+from .models import FINAL_VALUES
 
 bp = Blueprint("live", __name__)
 
@@ -69,7 +70,6 @@ CLOCK_MARGIN_S = 5.0
 # fewer): it bounds each poll's work for a deep queue. Running jobs are always
 # all followed (the cluster's slots bound them).
 USER_STREAM_JOBS = 500
-FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 STREAMS = ("stdout", "stderr")
 
 _POSITION = re.compile(r"^(\d{1,9})-(\d{1,15})-(\d{1,15})$")
@@ -127,11 +127,11 @@ def user_events(user):
 
 
 def _db():
-    return current_app.extensions["jobcloud"].db
+    return app_state().db
 
 
 def _timing() -> Timing:
-    return Timing(max_s=current_app.extensions["jobcloud"].config.live_stream_s)
+    return Timing(max_s=app_state().config.live_stream_s)
 
 
 def _slots() -> Slots:
@@ -329,7 +329,7 @@ def user_stream(db, owner_id: str, since: float | None, timing: Timing,
         nonlocal look_back
         read_at = time.time()
         with db.connection() as conn:
-            jobs = [job for job in _changed_jobs(conn, owner_id, look_back)
+            jobs = [job for job in store.changed_jobs(conn, owner_id, look_back, USER_STREAM_JOBS)
                     if sent.get(job["id"]) != _mark(job)]
         events = []
         for job in sorted(jobs, key=lambda j: j["id"]):
@@ -340,49 +340,6 @@ def user_stream(db, owner_id: str, since: float | None, timing: Timing,
         return events, False
 
     return _paced(step, timing, slots)
-
-
-def _changed_jobs(conn, owner_id: str, since: float | None) -> list[dict]:
-    """The user's jobs that may have changed since `since`, full rows, in one query."""
-    return store.jobs_by_subquery(conn, *changed_ids_query(owner_id, since))
-
-
-def changed_ids_query(owner_id: str, since: float | None) -> tuple[str, list]:
-    """A SELECT of the ids of the user's jobs that may have changed since `since`.
-
-    Every change of a job either leaves it active (queued, running, requeued,
-    cancel requested) or sets finished_at, so these show every job whose state
-    changed since `since`. One indexed read each, joined by UNION (an OR of
-    them would scan all of the user's jobs): running jobs by jobs_state (all
-    of the cluster's running jobs at most), unreserved queued ones by
-    jobs_queue, the finished by jobs_owner_finished, the submitted by
-    jobs_owner (ids are time-ordered). A queued job reserved for a worker is
-    left out for the moment it takes to start: it shows again as running.
-    Queued, finished and submitted ones are each capped at USER_STREAM_JOBS,
-    so a deep queue never hides the running and finished ones.
-
-    Returns:
-        (sql, params)
-    """
-    running, queued = JobState.RUNNING.value, JobState.QUEUED.value
-    # `owner_id || ''` keeps SQLite off jobs_owner_finished (all of the user's
-    # jobs) for the running ones: it would take an owner index over jobs_state.
-    parts = ["SELECT id FROM jobs WHERE state = ? AND owner_id || '' = ?",
-             "SELECT id FROM (SELECT id FROM jobs WHERE worker_id IS NULL AND state = ?"
-             " AND owner_id = ? ORDER BY id DESC LIMIT ?) queued"]
-    params: list = [running, owner_id, queued, owner_id, USER_STREAM_JOBS]
-    if since is not None:
-        parts += ["SELECT id FROM (SELECT id FROM jobs WHERE owner_id = ? AND finished_at >= ?"
-                  " ORDER BY finished_at DESC LIMIT ?) finished",
-                  "SELECT id FROM (SELECT id FROM jobs WHERE owner_id = ? AND id >= ?"
-                  " ORDER BY id DESC LIMIT ?) submitted"]
-        params += [owner_id, since, USER_STREAM_JOBS, owner_id, id_at(since), USER_STREAM_JOBS]
-    return " UNION ".join(parts), params
-
-
-def id_at(ts: float) -> str:
-    """The smallest job id new_id() could give out at time `ts` (models.new_id)."""
-    return f"j{max(0, int(ts * 1_000_000)):014x}"
 
 
 def _mark(job: dict) -> tuple:

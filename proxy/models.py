@@ -22,6 +22,9 @@ class JobState(str, Enum):
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT})
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
+# The same sets as the strings stored in rows and sent in JSON.
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
+ACTIVE_VALUES = frozenset(s.value for s in ACTIVE_STATES)
 
 
 class WorkerState(str, Enum):
@@ -41,7 +44,17 @@ def new_id(prefix: str = "") -> str:
     Sorting by id sorts by creation time, so "newest first" and FIFO need no
     extra column, and ids are not guessable.
     """
-    return f"{prefix}{time.time_ns() // 1000:014x}{secrets.token_hex(8)}"
+    return f"{prefix}{_id_time(time.time_ns() // 1000)}{secrets.token_hex(8)}"
+
+
+def id_floor(prefix: str, ts: float) -> str:
+    """The smallest id new_id(prefix) could give out at time `ts`: ids from `ts`
+    on sort at or after it, so a time range is an id range on the primary key."""
+    return f"{prefix}{_id_time(max(0, int(ts * 1_000_000)))}"
+
+
+def _id_time(microseconds: int) -> str:
+    return f"{microseconds:014x}"
 
 
 def is_lookup_key(value) -> bool:

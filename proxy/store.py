@@ -1,7 +1,8 @@
-"""Jobs as users see them: create, read, list, cancel, logs.
+"""The jobs table: create, read, list, cancel, logs, and the one transition
+of a job to a final state (`finish_job`).
 
-What happens to a job once a worker is involved (claims, leases, results) is
-in dispatch.py.
+What happens to a job once a worker is involved is in scheduler.py (who gets
+it) and leases.py (holding it, its output and result, requeueing it).
 """
 from __future__ import annotations
 
@@ -10,27 +11,33 @@ from dataclasses import dataclass
 
 from . import usage, webhooks
 from .errors import Conflict, NotFound, ValidationError
-from .models import JobState, is_lookup_key, iso, new_id
+from .blobs import StoredBlob
+from .models import FINAL_STATES, JobState, id_floor, is_lookup_key, iso, new_id
 
 # A job row as users see it: its owner's name and its webhook delivery, if any.
 _JOB_SELECT = ("SELECT j.*, u.name AS owner" + webhooks.JOB_COLUMNS +
                " FROM jobs j JOIN users u ON u.id = j.owner_id" + webhooks.JOB_JOIN)
+
+# Columns a final transition may set besides state, finished_at and the lease.
+FINAL_COLUMNS = frozenset({
+    "exit_code", "failure_reason", "stdout_tail", "stderr_tail", "stdout_truncated",
+    "stderr_truncated", "output_blob", "output_sha256", "output_size", "cpu_seconds",
+    "peak_memory_bytes", "wall_seconds", "gpu_seconds", "worker_id", "reserved_at"})
+
 
 @dataclass(frozen=True)
 class NewJob:
     owner_id: str
     name: str
     script_name: str
-    script_blob: str
-    script_size: int
+    script: StoredBlob
     image: str
     cpus: float
     memory_mb: int
     timeout_s: int
     gpus: int
     dataset_name: str | None = None
-    dataset_blob: str | None = None
-    dataset_size: int | None = None
+    dataset: StoredBlob | None = None
     webhook_url: str | None = None
 
 
@@ -38,16 +45,21 @@ def create_job(conn, job: NewJob, now: float | None = None) -> dict:
     """Insert a queued job (its files are already durable); returns the stored row."""
     now = time.time() if now is None else now
     job_id = new_id("j")
+    dataset = job.dataset
     conn.execute(
         "INSERT INTO jobs (id, owner_id, name, script_name, script_blob, script_sha256, script_size,"
         " dataset_name, dataset_blob, dataset_sha256, dataset_size, image, cpus, memory_mb,"
         " timeout_s, gpus, state, attempt, submitted_at, webhook_url)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-        (job_id, job.owner_id, job.name, job.script_name, job.script_blob, job.script_blob,
-         job.script_size, job.dataset_name, job.dataset_blob, job.dataset_blob, job.dataset_size,
-         job.image, job.cpus, job.memory_mb, job.timeout_s, job.gpus, JobState.QUEUED.value, now,
+        (job_id, job.owner_id, job.name, job.script_name, *_blob_columns(job.script),
+         job.dataset_name, *_blob_columns(dataset), job.image, job.cpus, job.memory_mb, job.timeout_s, job.gpus, JobState.QUEUED.value, now,
          job.webhook_url))
     return get_job(conn, job_id)
+
+
+def _blob_columns(blob: StoredBlob | None) -> tuple:
+    """(*_blob, *_sha256, *_size) of a stored blob: its name is its sha256."""
+    return (None, None, None) if blob is None else (blob.sha256, blob.sha256, blob.size)
 
 
 def get_job(conn, job_id: str) -> dict | None:
@@ -57,6 +69,45 @@ def get_job(conn, job_id: str) -> dict | None:
 def jobs_by_subquery(conn, ids_sql: str, params) -> list[dict]:
     """The jobs whose ids the SELECT `ids_sql` gives, read in full in one query."""
     return conn.query(f"{_JOB_SELECT} WHERE j.id IN ({ids_sql})", params)
+
+
+def changed_jobs(conn, owner_id: str, since: float | None, limit: int) -> list[dict]:
+    """The user's jobs that may have changed since `since`, full rows, in one query
+    (the live user stream's read: see changed_ids_query)."""
+    return jobs_by_subquery(conn, *changed_ids_query(owner_id, since, limit))
+
+
+def changed_ids_query(owner_id: str, since: float | None, limit: int) -> tuple[str, list]:
+    """A SELECT of the ids of the user's jobs that may have changed since `since`.
+
+    Every change of a job either leaves it active (queued, running, requeued,
+    cancel requested) or sets finished_at, so these show every job whose state
+    changed since `since`. One indexed read each, joined by UNION (an OR of
+    them would scan all of the user's jobs): running jobs by jobs_state (all
+    of the cluster's running jobs at most), unreserved queued ones by
+    jobs_queue, the finished by jobs_owner_finished, the submitted by
+    jobs_owner (ids are time-ordered). A queued job reserved for a worker is
+    left out for the moment it takes to start: it shows again as running.
+    Queued, finished and submitted ones are each capped at `limit`, so a deep
+    queue never hides the running and finished ones.
+
+    Returns:
+        (sql, params)
+    """
+    running, queued = JobState.RUNNING.value, JobState.QUEUED.value
+    # `owner_id || ''` keeps SQLite off jobs_owner_finished (all of the user's
+    # jobs) for the running ones: it would take an owner index over jobs_state.
+    parts = ["SELECT id FROM jobs WHERE state = ? AND owner_id || '' = ?",
+             "SELECT id FROM (SELECT id FROM jobs WHERE worker_id IS NULL AND state = ?"
+             " AND owner_id = ? ORDER BY id DESC LIMIT ?) queued"]
+    params: list = [running, owner_id, queued, owner_id, limit]
+    if since is not None:
+        parts += ["SELECT id FROM (SELECT id FROM jobs WHERE owner_id = ? AND finished_at >= ?"
+                  " ORDER BY finished_at DESC LIMIT ?) finished",
+                  "SELECT id FROM (SELECT id FROM jobs WHERE owner_id = ? AND id >= ?"
+                  " ORDER BY id DESC LIMIT ?) submitted"]
+        params += [owner_id, since, limit, owner_id, id_floor("j", since), limit]
+    return " UNION ".join(parts), params
 
 
 def get_visible_job(conn, job_id: str, viewer: dict) -> dict:
@@ -102,13 +153,9 @@ def cancel_job(conn, job: dict, now: float | None = None) -> dict:
     """
     now = time.time() if now is None else now
     with conn.transaction():
-        n = conn.execute(
-            "UPDATE jobs SET state = ?, finished_at = ?, worker_id = NULL, reserved_at = NULL,"
-            " failure_reason = ? WHERE id = ? AND state = ?",
-            (JobState.CANCELLED.value, now, "cancelled by user", job["id"], JobState.QUEUED.value))
-        if n:
-            job_finished(conn, job["id"], now)
-        else:
+        n = finish_job(conn, job["id"], JobState.CANCELLED, now, expect=JobState.QUEUED,
+                       failure_reason="cancelled by user", worker_id=None, reserved_at=None)
+        if not n:
             n = conn.execute(
                 "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = ?",
                 (job["id"], JobState.RUNNING.value))
@@ -118,7 +165,40 @@ def cancel_job(conn, job: dict, now: float | None = None) -> dict:
     return get_job(conn, job["id"])
 
 
-def job_finished(conn, job_id: str, now: float) -> None:
+def finish_job(conn, job_id: str, final: JobState, now: float, *, expect: JobState,
+               holder: tuple[str, int] | None = None, **columns) -> bool:
+    """Move a job to a final state: the only place where that happens.
+
+    A compare-and-set: the job must still be in state `expect` (and, with
+    `holder`, held by that worker under that attempt), so of two racing
+    endings (a result and a lease expiry, a cancel and a claim) exactly one
+    applies. The one that does fixes the job's cost and queues its webhook,
+    inside the caller's transaction, so both happen once per job.
+
+    Args:
+        holder: (worker_id, attempt) for a worker's result; None when no lease is checked.
+        columns: what else the ending sets (FINAL_COLUMNS), e.g. exit_code.
+
+    Returns:
+        Whether this call made the job final.
+    """
+    if final not in FINAL_STATES or not columns.keys() <= FINAL_COLUMNS:
+        raise ValueError(f"not a final transition: {final}, {sorted(columns)}")
+    sets = ", ".join(f"{name} = ?" for name in columns)
+    where, params = "id = ? AND state = ?", [job_id, expect.value]
+    if holder is not None:
+        where += " AND worker_id = ? AND attempt = ?"
+        params += list(holder)
+    n = conn.execute(
+        f"UPDATE jobs SET state = ?, finished_at = ?, lease_expires_at = NULL"
+        f"{', ' + sets if sets else ''} WHERE {where}",
+        (final.value, now, *columns.values(), *params))
+    if n:
+        _job_finished(conn, job_id, now)
+    return bool(n)
+
+
+def _job_finished(conn, job_id: str, now: float) -> None:
     """Once per job, inside the transaction that made it final: fix its cost, queue its webhook."""
     if usage.record_cost(conn, job_id)["webhook_url"]:
         job = get_job(conn, job_id)

@@ -8,6 +8,7 @@ from flask import (Blueprint, current_app, flash, g, jsonify, redirect, render_t
                    url_for)
 
 from . import accounts, job_templates, store, webhooks
+from .appstate import app_state
 from .auth import check_csrf, load_user, login_required, password_change_pending
 from .db import get_conn
 from .downloads import send_outputs
@@ -19,20 +20,16 @@ from .models import ACTIVE_STATES, JobState
 bp = Blueprint("web", __name__)
 
 
-def state():
-    return current_app.extensions["jobcloud"]
-
-
 @bp.route("/", methods=["GET"])
 @login_required
 def index():
-    return render_template("index.html", cfg=state().config)
+    return render_template("index.html", cfg=app_state().config)
 
 
 @bp.route("/jobs", methods=["POST"])
 @login_required
 def submit():
-    st = state()
+    st = app_state()
     try:
         job = submit_job(get_conn(), st.config, st.blobs, g.user, request.stream,
                          request.headers.get("Content-Type"), csrf_check=check_csrf)
@@ -59,7 +56,7 @@ def job_status(user):
     conn = get_conn()
     owner = accounts.visible_owner(conn, user, viewer)
     before = request.args.get("before") or None
-    jobs, cursor = store.list_jobs(conn, owner["id"], before=before, limit=state().config.page_size)
+    jobs, cursor = store.list_jobs(conn, owner["id"], before=before, limit=app_state().config.page_size)
     if wants_json:
         return jsonify({
             "user": owner["name"], "jobs": [store.job_json(j) for j in jobs],
@@ -68,7 +65,7 @@ def job_status(user):
     active = any(j["state"] in {s.value for s in ACTIVE_STATES} for j in jobs)
     # The page updates itself over live.py's stream; the refresh is for browsers without scripts.
     return render_template("job_status.html", owner=owner, jobs=jobs, cursor=cursor,
-                           refresh=state().config.status_refresh_s if active else None,
+                           refresh=app_state().config.status_refresh_s if active else None,
                            rendered_at=time.time())
 
 
@@ -84,7 +81,7 @@ def job_page(job_id):
     active = job["state"] in {s.value for s in ACTIVE_STATES}
     return render_template("job.html", job=job, job_view=store.job_json(job), logs=logs,
                            position=position.event_id(),
-                           refresh=state().config.status_refresh_s if active else None)
+                           refresh=app_state().config.status_refresh_s if active else None)
 
 
 @bp.route("/new", methods=["GET"])
@@ -93,7 +90,7 @@ def new_job():
     """The code editor page; "Run" posts to /jobs like the upload form."""
     # Without the built bundle (scripts/build-editor.sh) the page keeps a plain text area.
     bundle = os.path.exists(os.path.join(current_app.static_folder, "editor.bundle.js"))
-    cfg = state().config
+    cfg = app_state().config
     return render_template("new_job.html", cfg=cfg, templates=job_templates.load(cfg.images),
                            editor_bundle=bundle)
 
@@ -116,7 +113,7 @@ def cancel(job_id):
 @bp.route("/jobs/<job_id>/outputs", methods=["GET"])
 @login_required
 def outputs(job_id):
-    return send_outputs(store.get_visible_job(get_conn(), job_id, g.user), state().blobs)
+    return send_outputs(store.get_visible_job(get_conn(), job_id, g.user), app_state().blobs)
 
 
 @bp.route("/account/webhook", methods=["GET", "POST"])
@@ -130,4 +127,4 @@ def webhook_secret():
         flash("New webhook secret made: update your receivers.")
         return redirect(url_for("web.webhook_secret"))
     return render_template("webhook.html", secret=webhooks.secret_for(conn, g.user["id"]),
-                           allowed_hosts=state().config.webhook_allowed_hosts)
+                           allowed_hosts=app_state().config.webhook_allowed_hosts)

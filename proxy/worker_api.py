@@ -4,6 +4,14 @@ between proxy and worker. Workers only ever call the proxy.
 register (enrollment token) -> secret; then with the secret:
 heartbeat, claim (long-poll), download inputs of held jobs, append log chunks,
 post the result, deregister.
+
+Every answer that can carry orders carries them whole: heartbeat, claim and
+a result that claims its successor each say which held jobs to cancel and
+whether to drain (workers.Orders), so a worker learns of them on whichever
+call comes first. The worker reads each answer into one typed object
+(worker/client.py); tests/test_worker_protocol.py holds the two to the same
+fields. This module reads and checks what workers send (the wire format);
+what it means is in workers.py, scheduler.py and leases.py.
 """
 from __future__ import annotations
 
@@ -11,15 +19,16 @@ import json
 import time
 import zipfile
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
-from . import accounts, dispatch
+from . import accounts, leases, scheduler, workers
+from .appstate import app_state
 from .auth import bearer_token
 from .db import get_conn
 from .downloads import send_blob
-from .jsonbody import json_object
 from .errors import NotFound, Unauthorized, ValidationError
-from .models import JobState, WorkerState
+from .jsonbody import integer, json_object, number
+from .models import FINAL_VALUES, JobState, WorkerState
 from .uploads import FormSpec, parse_form
 
 bp = Blueprint("worker_api", __name__, url_prefix="/api/v1")
@@ -28,25 +37,26 @@ bp = Blueprint("worker_api", __name__, url_prefix="/api/v1")
 # of this on average before a waiting worker sees it (bench/worker.py: trivial).
 # Each look is one indexed read, no lock.
 CLAIM_POLL_S = 0.05
-
-
-def state():
-    return current_app.extensions["jobcloud"]
+# Jobs one claim (or one result's claim_next) may take.
+MAX_CLAIM = 64
+# Largest usage figure a result may report: 2**53 is exact as a JSON number
+# and as a 64-bit INTEGER, and far above any real byte count or second count.
+MAX_USAGE = 2**53
 
 
 def _lease_args() -> dict:
-    cfg = state().config
+    cfg = app_state().config
     return {"lease_timeout_s": cfg.lease_timeout_s, "max_attempts": cfg.max_attempts}
 
 
 def current_worker() -> dict:
     secret = bearer_token()
     conn = get_conn()
-    worker = dispatch.worker_for_secret(conn, secret)
+    worker = workers.worker_for_secret(conn, secret)
     if worker is None:
         # A worker that was only silent too long (a network cut, a frozen VM)
         # is told so, and registers again; a revoked or unknown one is not.
-        if dispatch.is_lost_worker_secret(conn, secret):
+        if workers.is_lost_worker_secret(conn, secret):
             raise Unauthorized("this worker was marked lost (silent past its lease) and its jobs "
                                "were requeued; register again", code="worker_lost")
         raise Unauthorized("the worker secret is not valid (unknown, retired or not a worker secret)",
@@ -54,6 +64,8 @@ def current_worker() -> dict:
     g.worker = worker
     return worker
 
+
+# ------------------------------------------------------------------------ routes
 
 @bp.route("/workers/register", methods=["POST"])
 def register():
@@ -63,10 +75,10 @@ def register():
         raise Unauthorized("the enrollment token is not valid (unknown, expired or revoked)",
                            code="invalid_enrollment_token")
     body = json_object()
-    cap = dispatch.parse_capacity(body)
-    worker, secret = dispatch.register_worker(conn, enrollment, body.get("name"), cap,
-                                              **_lease_args())
-    cfg = state().config
+    cap = parse_capacity(body)
+    worker, secret = workers.register_worker(conn, enrollment, body.get("name"), cap,
+                                             **_lease_args())
+    cfg = app_state().config
     return jsonify({"worker_id": worker["id"], "secret": secret,
                     "heartbeat_interval_s": cfg.heartbeat_interval_s,
                     "lease_timeout_s": cfg.lease_timeout_s}), 201
@@ -79,37 +91,27 @@ def heartbeat():
     running = body.get("running", [])
     if not isinstance(running, list) or not all(isinstance(i, str) for i in running) or len(running) > 10_000:
         raise ValidationError("running must be a list of job ids", code="invalid_running")
-    return jsonify(dispatch.heartbeat(get_conn(), worker, running, **_lease_args()))
+    return jsonify(workers.heartbeat(get_conn(), worker, running, **_lease_args()).json())
 
 
 @bp.route("/worker/claim", methods=["POST"])
 def claim():
     worker = current_worker()
     body = json_object()
-    max_jobs = body.get("max_jobs", 1)
-    wait_s = body.get("wait_s", 0)
-    if not isinstance(max_jobs, int) or isinstance(max_jobs, bool) or not 0 <= max_jobs <= 64:
-        raise ValidationError("max_jobs must be an integer between 0 and 64", code="invalid_max_jobs")
-    cfg = state().config
-    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or \
-            not 0 <= wait_s <= cfg.claim_wait_max_s:
-        raise ValidationError(f"wait_s must be between 0 and {cfg.claim_wait_max_s:g}",
-                              code="invalid_wait")
+    max_jobs = integer(body, "max_jobs", lo=0, hi=MAX_CLAIM, default=1, required=False,
+                       code="invalid_max_jobs")
+    wait_max = app_state().config.claim_wait_max_s
+    wait_s = number(body, "wait_s", lo=0, hi=wait_max, default=0, required=False,
+                    code="invalid_wait", message=f"wait_s must be between 0 and {wait_max:g}")
     conn = get_conn()
     deadline = time.monotonic() + wait_s
     while True:
-        jobs = dispatch.claim(conn, worker, max_jobs, **_lease_args())
+        jobs = scheduler.claim(conn, worker, max_jobs, **_lease_args())
         if jobs or max_jobs == 0 or time.monotonic() >= deadline:
             break
         if not _wait_for_work(conn, worker, deadline):
             break
-    drain = dispatch.get_worker(conn, worker["id"])["state"] == WorkerState.DRAINING.value
-    # Cancellations ride on the claim answer too, so a worker learns of them on
-    # whichever call comes first.
-    cancel = [r["id"] for r in conn.query(
-        "SELECT id FROM jobs WHERE worker_id = ? AND state = ? AND cancel_requested = 1",
-        (worker["id"], JobState.RUNNING.value))]
-    return jsonify({"jobs": [_claimed_json(j) for j in jobs], "drain": drain, "cancel": cancel})
+    return jsonify(_claim_answer(conn, worker, jobs))
 
 
 def _wait_for_work(conn, worker: dict, deadline: float) -> bool:
@@ -120,27 +122,22 @@ def _wait_for_work(conn, worker: dict, deadline: float) -> bool:
     drained, revoked, marked lost) or this process begins its graceful shutdown
     (proxy.begin_shutdown): a long-poll must not keep a stopping worker, or a
     gunicorn process being restarted, waiting out the deadline.
-    The look is a cheap read, so idle long-polls do not take the write lock; it
-    counts only jobs this worker could run, so a queued job nobody here can take
-    (say a GPU job) does not turn the long-poll into a busy loop.
     """
-    images = json.loads(worker["images"]) or [""]
-    marks = ", ".join("?" for _ in images)
-    sql = ("SELECT w.state AS state, EXISTS (SELECT 1 FROM jobs WHERE state = ? AND"
-           " (worker_id = w.id OR (worker_id IS NULL AND gpus <= w.gpus AND cpus <= w.cpus"
-           f" AND memory_mb <= w.memory_mb AND image IN ({marks})))) AS work"
-           " FROM workers w WHERE w.id = ?")
-    params = (JobState.QUEUED.value, *images, worker["id"])
-    stopping = state().stopping
+    stopping = app_state().stopping
     while time.monotonic() < deadline:
         if stopping.wait(min(CLAIM_POLL_S, max(0.0, deadline - time.monotonic()))):
             return False
-        row = conn.query_one(sql, params)
-        if row is None or row["state"] != WorkerState.ACTIVE.value:
+        state, work = workers.has_work(conn, worker)
+        if state != WorkerState.ACTIVE.value:
             return False
-        if row["work"]:
+        if work:
             return True
     return True
+
+
+def _claim_answer(conn, worker: dict, jobs: list[dict]) -> dict:
+    """A claim's answer: the jobs now held, and the worker's orders."""
+    return {"jobs": [_claimed_json(j) for j in jobs], **workers.orders(conn, worker["id"]).json()}
 
 
 def _claimed_json(job: dict) -> dict:
@@ -158,38 +155,41 @@ def _claimed_json(job: dict) -> dict:
 
 @bp.route("/worker/jobs/<job_id>/script", methods=["GET"])
 def download_script(job_id):
-    job = dispatch.held_job(get_conn(), current_worker(), job_id)
-    return send_blob(state().blobs, job["script_blob"], "main.py", "text/x-python")
+    job = leases.held_job(get_conn(), current_worker(), job_id)
+    return send_blob(app_state().blobs, job["script_blob"], "main.py", "text/x-python")
 
 
 @bp.route("/worker/jobs/<job_id>/dataset", methods=["GET"])
 def download_dataset(job_id):
-    job = dispatch.held_job(get_conn(), current_worker(), job_id)
+    job = leases.held_job(get_conn(), current_worker(), job_id)
     if not job["dataset_blob"]:
         raise NotFound("this job has no dataset", code="no_dataset")
-    return send_blob(state().blobs, job["dataset_blob"], "dataset.zip", "application/zip")
+    return send_blob(app_state().blobs, job["dataset_blob"], "dataset.zip", "application/zip")
 
 
 @bp.route("/worker/jobs/<job_id>/logs", methods=["POST"])
 def append_log(job_id):
     worker = current_worker()
     body = json_object()
-    attempt = body.get("attempt")
-    if not isinstance(attempt, int) or isinstance(attempt, bool):
-        raise ValidationError("attempt must be an integer", code="invalid_attempt")
-    return jsonify(dispatch.append_log(
-        get_conn(), worker, job_id, attempt, body.get("stream"), body.get("offset"),
-        body.get("data"), log_max_bytes=state().config.log_max_bytes))
+    attempt = integer(body, "attempt", lo=1, hi=2**31 - 1, code="invalid_attempt",
+                      message="attempt must be a positive integer")
+    offset = integer(body, "offset", lo=0, hi=MAX_USAGE, code="invalid_offset",
+                     message="offset must be a non-negative integer")
+    data = body.get("data")
+    if not isinstance(data, str):
+        raise ValidationError("data must be a string", code="invalid_data")
+    return jsonify(leases.append_log(
+        get_conn(), worker, job_id, attempt, body.get("stream"), offset, data,
+        log_max_bytes=app_state().config.log_max_bytes))
 
 
 @bp.route("/worker/jobs/<job_id>/result", methods=["POST"])
 def post_result(job_id):
     """The final result: JSON, or multipart with a `result` JSON field and an `outputs` zip."""
     worker = current_worker()
-    st = state()
+    st = app_state()
     cfg = st.config
-    mimetype = request.mimetype
-    if mimetype == "application/json":
+    if request.mimetype == "application/json":
         result, upload, form = json_object(), None, None
     else:
         form = parse_form(request.stream, request.headers.get("Content-Type"), FormSpec(
@@ -202,18 +202,18 @@ def post_result(job_id):
             form.discard()
             raise ValidationError("the result field must be a JSON object", code="invalid_json") from None
     try:
-        parsed = dispatch.parse_result(result, cfg.log_tail_bytes)
-        claim_next = _claim_next(result)
+        parsed = parse_result(result, cfg.log_tail_bytes)
+        claim_next = integer(result, "claim_next", lo=0, hi=MAX_CLAIM, default=0, required=False,
+                             code="invalid_result")
         conn = get_conn()
         # Refuse a stale lease before keeping any of its files.
-        dispatch.check_lease(conn, worker, job_id, parsed.attempt)
+        leases.check_lease(conn, worker, job_id, parsed.attempt)
         output = None
         if upload is not None:
             if not zipfile.is_zipfile(upload.path):
                 raise ValidationError("outputs must be a zip archive", code="invalid_outputs")
-            blob = st.blobs.commit(upload)
-            output = (blob, blob, upload.size)
-        job, applied = dispatch.record_result(conn, worker, job_id, parsed, output)
+            output = st.blobs.commit(upload)
+        job, applied = leases.record_result(conn, worker, job_id, parsed, output)
     finally:
         if form is not None:
             form.discard()
@@ -221,21 +221,90 @@ def post_result(job_id):
     if claim_next:
         # Result and next claim in one round trip: the freed slot is filled at
         # once, and a busy worker makes half the requests (bench/claim).
-        answer["jobs"] = [_claimed_json(j) for j in
-                          dispatch.claim(conn, worker, claim_next, **_lease_args())]
+        jobs = scheduler.claim(conn, worker, claim_next, **_lease_args())
+        answer.update(_claim_answer(conn, worker, jobs))
     return jsonify(answer)
-
-
-def _claim_next(result: dict) -> int:
-    value = result.get("claim_next", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
-        raise ValidationError("claim_next must be an integer between 0 and 64", code="invalid_result")
-    return value
 
 
 @bp.route("/worker/deregister", methods=["POST"])
 def deregister():
     worker = current_worker()
-    dispatch.set_worker_state(get_conn(), worker["id"], WorkerState.GONE,
-                              max_attempts=state().config.max_attempts)
+    workers.set_worker_state(get_conn(), worker["id"], WorkerState.GONE,
+                             max_attempts=app_state().config.max_attempts)
     return jsonify({"worker_id": worker["id"], "state": WorkerState.GONE.value})
+
+
+# ------------------------------------------------------------------- wire format
+
+def parse_capacity(data: dict) -> workers.Capacity:
+    """Validate a worker's reported capacity.
+
+    Raises:
+        ValidationError: a field is missing, of the wrong type or out of range.
+    """
+    def num(key, lo, hi, integral=False, required=True):
+        return number(data, key, lo=lo, hi=hi, integer=integral, required=required,
+                      code="invalid_capacity")
+
+    images = data.get("images")
+    if not isinstance(images, list) or not all(isinstance(i, str) and 0 < len(i) <= 200 for i in images):
+        raise ValidationError("images must be a list of image names", code="invalid_capacity")
+    if len(images) > 100:
+        raise ValidationError("at most 100 images", code="invalid_capacity")
+    return workers.Capacity(
+        cpus=num("cpus", 0.01, 4096), memory_mb=num("memory_mb", 16, 64 * 1024 * 1024, True),
+        gpus=num("gpus", 0, 1024, True), slots=num("slots", 1, 1024, True),
+        images=tuple(images), disk_mb=num("disk_mb", 0, 2**53, True, required=False))
+
+
+def parse_result(data: dict, tail_bytes: int) -> leases.Result:
+    """Validate a worker's result document.
+
+    Args:
+        tail_bytes: how much of each of stdout and stderr is kept (the end).
+
+    Raises:
+        ValidationError: a field is missing or invalid.
+    """
+    if not isinstance(data, dict):
+        raise ValidationError("the result must be a JSON object", code="invalid_result")
+    state = data.get("state")
+    if state not in FINAL_VALUES:
+        raise ValidationError(f"state must be one of {sorted(FINAL_VALUES)}", code="invalid_result")
+    reason = data.get("failure_reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ValidationError("failure_reason must be a string or null", code="invalid_result")
+
+    def usage(key, kind=float):
+        # Bounded and finite: Python's JSON reads Infinity and NaN, which the
+        # job's JSON would then carry (invalid JSON), and a larger integer
+        # overflows the database's 64-bit INTEGER (a 500).
+        value = number(data, key, lo=0, hi=MAX_USAGE, required=False, code="invalid_result",
+                       message=f"{key} must be a number between 0 and {MAX_USAGE}")
+        return None if value is None else kind(value)
+
+    def text(key):
+        v = data.get(key) or ""
+        if not isinstance(v, str):
+            raise ValidationError(f"{key} must be a string", code="invalid_result")
+        raw = leases.storable_text(v).encode("utf-8")
+        return raw[-tail_bytes:].decode("utf-8", "ignore"), len(raw) > tail_bytes
+
+    stdout, out_cut = text("stdout")
+    stderr, err_cut = text("stderr")
+    return leases.Result(
+        attempt=integer(data, "attempt", lo=1, hi=2**31 - 1, code="invalid_result",
+                        message="attempt must be a positive integer"),
+        state=JobState(state),
+        exit_code=integer(data, "exit_code", lo=-2**31, hi=2**31 - 1, required=False,
+                          code="invalid_result",
+                          message="exit_code must be a 32-bit integer or null"),
+        failure_reason=(reason or None) and leases.storable_text(reason[:1000]),
+        stdout=stdout, stderr=stderr,
+        stdout_truncated=bool(data.get("stdout_truncated")) or out_cut,
+        stderr_truncated=bool(data.get("stderr_truncated")) or err_cut,
+        cpu_seconds=usage("cpu_seconds"),
+        peak_memory_bytes=usage("peak_memory_bytes", int),
+        wall_seconds=usage("wall_seconds"),
+        gpu_seconds=usage("gpu_seconds"),
+    )

@@ -3,7 +3,7 @@ heartbeats, results, cancel, drain, logs and input downloads.
 
 Every test runs on SQLite and on a real PostgreSQL (`database_url`). Users and
 workers talk to the real Flask app through its test client; where a test needs
-time to pass (a lease running out) it calls proxy.dispatch with `now=` instead
+time to pass (a lease running out) it calls the proxy's scheduler and workers with `now=` instead
 of sleeping, or uses a lease of one second and waits on the condition.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import zipfile
 
 import pytest
 
-from proxy import accounts, begin_shutdown, create_app, dispatch, store
+from proxy import accounts, begin_shutdown, create_app, scheduler, store, worker_api, workers
+from proxy.blobs import StoredBlob
 from proxy.models import WorkerState
 from tests.conftest import Users, wait_until
 
@@ -61,7 +62,7 @@ class Worker:
                                                  "offset": offset, "data": data})
 
     def row(self) -> dict:
-        return self.hub.call(dispatch.get_worker, self.id)
+        return self.hub.call(workers.get_worker, self.id)
 
 
 class Hub:
@@ -135,8 +136,8 @@ class Hub:
         """Register a worker as if at time `now` (for tests that move the clock)."""
         with self.app.extensions["jobcloud"].db.connection() as conn:
             enrollment = accounts.enrollment_for_token(conn, self.enrollment, now)
-            row, secret = dispatch.register_worker(
-                conn, enrollment, name, dispatch.parse_capacity(_capacity(name, **capacity)),
+            row, secret = workers.register_worker(
+                conn, enrollment, name, worker_api.parse_capacity(_capacity(name, **capacity)),
                 now=now, **self.lease)
         return Worker(self, name, row["id"], secret)
 
@@ -148,10 +149,10 @@ class Hub:
         return job_id, worker
 
     def claim_at(self, worker: Worker, now: float, max_jobs: int = 1) -> list[dict]:
-        return self.call(dispatch.claim, worker.row(), max_jobs, now=now, **self.lease)
+        return self.call(scheduler.claim, worker.row(), max_jobs, now=now, **self.lease)
 
     def heartbeat_at(self, worker: Worker, running, now: float) -> dict:
-        return self.call(dispatch.heartbeat, worker.row(), list(running), now=now, **self.lease)
+        return self.call(workers.heartbeat, worker.row(), list(running), now=now, **self.lease).json()
 
 
 def _capacity(name: str, cpus: float = 4, memory_mb: int = 8192, gpus: int = 0, slots: int = 4,
@@ -261,10 +262,10 @@ def test_an_unrunnable_head_longer_than_one_dispatch_batch_does_not_block_the_qu
     big = hub.register("big-no-gpu", gpus=0, memory_mb=16384)
     template = hub.row(hub.submit(gpus=1, memory_mb=8192))
     with hub.app.extensions["jobcloud"].db.connection() as conn, conn.transaction():
-        for _ in range(dispatch.DISPATCH_BATCH + 10):
+        for _ in range(scheduler.DISPATCH_BATCH + 10):
             store.create_job(conn, store.NewJob(
                 owner_id=hub.alice["id"], name="needs-both", script_name="main.py",
-                script_blob=template["script_blob"], script_size=template["script_size"],
+                script=StoredBlob(template["script_sha256"], template["script_size"]),
                 image="jobcloud/python", cpus=1, memory_mb=8192, timeout_s=60, gpus=1))
     runnable = hub.submit()
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from proxy import begin_shutdown, create_app, dispatch, live
+from proxy import begin_shutdown, create_app, live, store, workers
 from tests.conftest import LiveServer, Users, free_port, login, start_gunicorn, stop_gunicorn
 from tests.test_api import ProtocolWorker, alice, submit  # noqa: F401  (fixture)
 
@@ -179,7 +179,7 @@ def test_resume_across_a_requeue_restarts_with_the_new_attempt(app, client, user
 
     # The first worker goes silent: its lease runs out and the job is requeued.
     with app.extensions["jobcloud"].db.connection() as conn, conn.transaction():
-        assert dispatch.reap(conn, lease_timeout_s=1, max_attempts=3, now=time.time() + 60) == 1
+        assert workers.reap(conn, lease_timeout_s=1, max_attempts=3, now=time.time() + 60) == 1
     second_worker = ProtocolWorker(client, users.enrollment(), name="w2")
     [second] = second_worker.claim()
     assert second["attempt"] == 2
@@ -341,7 +341,7 @@ def test_user_stream_reads_through_indexes_in_one_query(make_config):
     app = create_app(make_config())  # SQLite: its EXPLAIN QUERY PLAN is stable
     with app.extensions["jobcloud"].db.connection() as conn:
         for since in (None, time.time()):
-            sql, params = live.changed_ids_query("u1", since)
+            sql, params = store.changed_ids_query("u1", since, live.USER_STREAM_JOBS)
             plan = [r["detail"] for r in conn.query(
                 f"EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE id IN ({sql})", params)]
             reads = [d for d in plan if re.match(r"(SCAN|SEARCH) jobs\b", d)]

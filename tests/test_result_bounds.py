@@ -3,13 +3,13 @@ GPUs since the claim, 0 for a CPU job, whatever the worker claims. It is billed,
 so a rogue worker must not be able to bill GPU time nobody held.
 
 Through the real worker API (test_dispatch's Hub), on SQLite and PostgreSQL;
-where time must pass, dispatch.record_result(now=...) moves the clock.
+where time must pass, leases.record_result(now=...) moves the clock.
 """
 from __future__ import annotations
 
 import pytest
 
-from proxy import dispatch
+from proxy import leases, worker_api
 from tests.test_dispatch import make_hub  # noqa: F401  (fixture)
 
 
@@ -34,10 +34,10 @@ def test_gpu_time_is_bounded_by_the_gpus_held_since_the_claim(hub):
     claimed = {j["id"]: j for j in worker.claim(max_jobs=2)}
     for job_id, reported in ((honest, 15.5), (greedy, 10**6)):
         started = hub.row(job_id)["started_at"]
-        result = dispatch.parse_result({"attempt": claimed[job_id]["attempt"], "state": "succeeded",
+        result = worker_api.parse_result({"attempt": claimed[job_id]["attempt"], "state": "succeeded",
                                         "exit_code": 0, "gpu_seconds": reported},
                                        hub.config.log_tail_bytes)
-        hub.call(dispatch.record_result, worker.row(), job_id, result, None, now=started + 10)
+        hub.call(leases.record_result, worker.row(), job_id, result, None, now=started + 10)
     # 2 GPUs for 10 s: 20 GPU-seconds at most.
     assert hub.row(honest)["gpu_seconds"] == 15.5
     assert hub.row(greedy)["gpu_seconds"] == 20.0

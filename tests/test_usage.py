@@ -2,7 +2,7 @@
 /usage totals per day and month that are exactly the sum of the jobs' costs.
 
 Jobs run through the real worker protocol (test_dispatch's Hub). Jobs that must
-finish on another day are finished with dispatch.record_result(now=...), the
+finish on another day are finished with leases.record_result(now=...), the
 same function the result endpoint calls, with the clock moved instead of waiting.
 Every test runs on SQLite and on PostgreSQL.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import dispatch
+from proxy import leases, worker_api
 from proxy import usage as usage_mod
 from worker.runner import gpu_seconds
 from worker.sandbox import Outcome
@@ -58,9 +58,9 @@ def finish_gpu_job(hub, worker, **usage) -> dict:
     job_id = hub.submit(memory_mb=512, gpus=1)
     [job] = worker.claim()
     assert job["id"] == job_id
-    result = dispatch.parse_result({"attempt": job["attempt"], "state": "succeeded",
+    result = worker_api.parse_result({"attempt": job["attempt"], "state": "succeeded",
                                     "exit_code": 0, **usage}, hub.config.log_tail_bytes)
-    hub.call(dispatch.record_result, worker.row(), job_id, result, None, now=time.time() + 30)
+    hub.call(leases.record_result, worker.row(), job_id, result, None, now=time.time() + 30)
     return hub.job(job_id)
 
 
@@ -157,9 +157,9 @@ def test_gpu_seconds_from_a_worker_are_validated(hub):
 def _finish_at(hub, name: str, when: float, **usage) -> dict:
     """A job of alice's that ran on worker `name` and finished at time `when`."""
     job_id, worker = hub.claimed_at(name, when - 60)
-    result = dispatch.parse_result({"attempt": 1, "state": "succeeded", "exit_code": 0, **usage},
+    result = worker_api.parse_result({"attempt": 1, "state": "succeeded", "exit_code": 0, **usage},
                                    hub.config.log_tail_bytes)
-    hub.call(dispatch.record_result, worker.row(), job_id, result, None, now=when)
+    hub.call(leases.record_result, worker.row(), job_id, result, None, now=when)
     return hub.job(job_id)
 
 
@@ -294,10 +294,10 @@ def test_jobs_count_on_their_utc_day_up_to_the_last_instant_before_midnight(hub)
     claimed = hub.claim_at(worker, whens[0] - 60, max_jobs=len(whens))
     assert sorted(j["id"] for j in claimed) == sorted(jobs)
     for job, when in zip(claimed, whens):
-        result = dispatch.parse_result({"attempt": job["attempt"], "state": "succeeded",
+        result = worker_api.parse_result({"attempt": job["attempt"], "state": "succeeded",
                                         "exit_code": 0, "cpu_seconds": 1.0, "wall_seconds": 1.0},
                                        hub.config.log_tail_bytes)
-        hub.call(dispatch.record_result, worker.row(), job["id"], result, None, now=when)
+        hub.call(leases.record_result, worker.row(), job["id"], result, None, now=when)
     data = usage(hub, hub.admin, period="day", since=day_before, until=day_of).get_json()
     assert {row["period"]: row["jobs"] for row in data["rows"]} == {day_before: 3, day_of: 3}
     month = usage(hub, hub.admin, period="month", since=day_before, until=day_of).get_json()

@@ -1,0 +1,231 @@
+"""Leases: what a worker may do with a job it holds, and what happens when it
+stops holding it.
+
+A claim (scheduler.py) gives a worker a job under a lease: the job is
+`running` with that worker's id, an attempt number and `lease_expires_at`,
+which the worker's heartbeats extend (workers.py). Under the lease the worker
+downloads the job's inputs (`held_job`), streams its output (`append_log`)
+and posts one result (`record_result`). A lease that runs out, or whose
+worker is lost or retired, is requeued (`requeue`) until the job used its
+`max_attempts`; a job that ends here ends through store.finish_job, the one
+final transition.
+
+Every change is a compare-and-set that restates the lease it expects (worker,
+attempt, state), so a late or repeated call from an old holder never changes
+a job that moved on: it gets 404 (no lease) or 409 (stale lease).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from . import store
+from .blobs import StoredBlob
+from .errors import Conflict, NotFound, ValidationError
+from .models import FINAL_VALUES, JobState, is_lookup_key
+
+WORKER_LOST_REASON = "worker lost"
+LOG_STREAMS = ("stdout", "stderr")
+
+
+@dataclass(frozen=True)
+class Result:
+    """A worker's validated final result for one attempt (worker_api.parse_result)."""
+
+    attempt: int
+    state: JobState
+    exit_code: int | None
+    failure_reason: str | None
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    cpu_seconds: float | None
+    peak_memory_bytes: int | None
+    wall_seconds: float | None
+    gpu_seconds: float | None = None
+
+
+# ----------------------------------------------------------------- holding a job
+
+def held_job(conn, worker: dict, job_id: str, attempt: int | None = None) -> dict:
+    """The job if `worker` holds its lease (for `attempt`, when given).
+
+    Raises:
+        NotFound: the worker does not hold this job (never held it, or lost it).
+    """
+    job = _get_job(conn, job_id)
+    if (job is None or job["worker_id"] != worker["id"] or job["state"] != JobState.RUNNING.value
+            or (attempt is not None and job["attempt"] != attempt)):
+        raise NotFound("this worker holds no lease on that job", code="no_lease")
+    return job
+
+
+def _get_job(conn, job_id: str) -> dict | None:
+    if not is_lookup_key(job_id):
+        return None
+    return conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+
+def extend(conn, worker_id: str, job_ids: list[str], until: float) -> None:
+    """Extend the leases `worker_id` holds on `job_ids` (a heartbeat) to `until`."""
+    for chunk in (job_ids[i:i + 500] for i in range(0, len(job_ids), 500)):
+        conn.execute(
+            "UPDATE jobs SET lease_expires_at = ? WHERE worker_id = ? AND state = ?"
+            f" AND id IN ({', '.join('?' for _ in chunk)})",
+            (until, worker_id, JobState.RUNNING.value, *chunk))
+
+
+def held_by(conn, worker_id: str) -> list[dict]:
+    """The jobs `worker_id` holds now: id and whether their owner asked to cancel."""
+    return conn.query("SELECT id, cancel_requested FROM jobs WHERE worker_id = ? AND state = ?",
+                      (worker_id, JobState.RUNNING.value))
+
+
+def cancel_requested(conn, worker_id: str) -> list[str]:
+    """Ids of the jobs `worker_id` holds whose owner asked to cancel them."""
+    return sorted(r["id"] for r in held_by(conn, worker_id) if r["cancel_requested"])
+
+
+# ------------------------------------------------------------------------- logs
+
+def append_log(conn, worker: dict, job_id: str, attempt: int, stream: str, offset: int, data: str,
+               *, log_max_bytes: int) -> dict:
+    """Store one chunk of a running job's output; repeated chunks are ignored.
+
+    Raises:
+        ValidationError: an unknown stream.
+        NotFound: the worker does not hold this attempt of the job.
+    """
+    if stream not in LOG_STREAMS:
+        raise ValidationError("stream must be stdout or stderr", code="invalid_stream")
+    held_job(conn, worker, job_id, attempt)
+    data = storable_text(data)
+    size = len(data.encode("utf-8"))
+    if offset + size > log_max_bytes:
+        conn.execute(f"UPDATE jobs SET {stream}_truncated = 1 WHERE id = ?", (job_id,))
+        return {"stored": False, "truncated": True}
+    conn.execute(
+        "INSERT INTO job_logs (job_id, attempt, stream, byte_offset, data) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING", (job_id, attempt, stream, offset, data))
+    return {"stored": True, "truncated": False}
+
+
+def storable_text(text: str) -> str:
+    """`text` with what neither database can store replaced, byte for byte.
+
+    PostgreSQL TEXT refuses NUL, and a lone surrogate (valid in JSON, not in
+    UTF-8) cannot be encoded at all. Each becomes a one-byte "?", so the byte
+    offsets the worker counted for later log chunks still line up.
+    """
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "?")
+
+
+# ---------------------------------------------------------------------- results
+
+def check_lease(conn, worker: dict, job_id: str, attempt: int) -> dict:
+    """The job if this worker holds (or held, for a finished job) the lease of `attempt`.
+
+    Raises:
+        NotFound: no such job.
+        Conflict: another attempt or another worker holds it.
+    """
+    job = _get_job(conn, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    if job["worker_id"] != worker["id"] or job["attempt"] != attempt or \
+            job["state"] == JobState.QUEUED.value:
+        raise _stale()
+    return job
+
+
+def record_result(conn, worker: dict, job_id: str, result: Result, output: StoredBlob | None,
+                  now: float | None = None) -> tuple[dict, bool]:
+    """Store a job's final result under the worker's lease.
+
+    Args:
+        output: the stored output archive, or None.
+
+    Returns:
+        (job, applied): applied is False when this exact result was already stored.
+
+    Raises:
+        Conflict: the lease is stale (another attempt or another worker).
+        NotFound: no such job.
+    """
+    now = time.time() if now is None else now
+    with conn.transaction():
+        # GPU time is the worker's word, and it is billed: bound it by what the
+        # lease gave (the job's GPUs since the claim, 0 for a CPU job), so a
+        # rogue or buggy worker cannot bill GPU time nobody held.
+        held = conn.query_one("SELECT gpus, started_at FROM jobs WHERE id = ?", (job_id,))
+        gpu_s = result.gpu_seconds
+        if gpu_s is not None and held is not None:
+            gpu_s = min(gpu_s, held["gpus"] * max(0.0, now - (held["started_at"] or now)))
+        applied = store.finish_job(
+            conn, job_id, result.state, now, expect=JobState.RUNNING,
+            holder=(worker["id"], result.attempt),
+            exit_code=result.exit_code, failure_reason=result.failure_reason,
+            stdout_tail=result.stdout, stderr_tail=result.stderr,
+            stdout_truncated=int(result.stdout_truncated),
+            stderr_truncated=int(result.stderr_truncated),
+            output_blob=output and output.sha256, output_sha256=output and output.sha256,
+            output_size=output and output.size, cpu_seconds=result.cpu_seconds,
+            peak_memory_bytes=result.peak_memory_bytes, wall_seconds=result.wall_seconds,
+            gpu_seconds=gpu_s)
+        job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    if applied:
+        return job, True
+    same_lease = job["worker_id"] == worker["id"] and job["attempt"] == result.attempt
+    if same_lease and job["state"] in FINAL_VALUES:
+        return job, False  # a retry of a result we already have: harmless
+    raise _stale()
+
+
+def _stale() -> Conflict:
+    return Conflict("stale lease: this job is held by another attempt or worker", code="stale_lease")
+
+
+# ------------------------------------------------------------------- requeueing
+
+def requeue_expired(conn, now: float, max_attempts: int) -> int:
+    """Requeue (or end) every running job whose lease ran out. Returns how many."""
+    expired = conn.query("SELECT id FROM jobs WHERE state = ? AND lease_expires_at < ?",
+                         (JobState.RUNNING.value, now))
+    for job in expired:
+        requeue(conn, job["id"], now, max_attempts)
+    return len(expired)
+
+
+def requeue_held(conn, worker_id: str, now: float, max_attempts: int) -> None:
+    """Requeue (or end) every job `worker_id` holds: it was retired or replaced."""
+    for job in held_by(conn, worker_id):
+        requeue(conn, job["id"], now, max_attempts)
+
+
+def requeue(conn, job_id: str, now: float, max_attempts: int) -> None:
+    """A running job lost its lease: queue it again, or end it when it must not run again.
+
+    It ends `cancelled` when its owner asked to cancel it, `failed` (worker
+    lost) after `max_attempts` attempts.
+    """
+    job = conn.query_one("SELECT attempt, cancel_requested FROM jobs WHERE id = ? AND state = ?",
+                         (job_id, JobState.RUNNING.value))
+    if job is None:
+        return
+    if job["cancel_requested"]:
+        final, reason = JobState.CANCELLED, "cancelled by user (worker lost)"
+    elif job["attempt"] >= max_attempts:
+        final, reason = JobState.FAILED, WORKER_LOST_REASON
+    else:
+        conn.execute(
+            "UPDATE jobs SET state = ?, worker_id = NULL, reserved_at = NULL, lease_expires_at = NULL,"
+            " started_at = NULL WHERE id = ? AND state = ?",
+            (JobState.QUEUED.value, job_id, JobState.RUNNING.value))
+        return
+    # worker_id is cleared: no worker posted this outcome, so a late result
+    # from the old holder is stale (409), not a harmless duplicate.
+    store.finish_job(conn, job_id, final, now, expect=JobState.RUNNING, failure_reason=reason,
+                     worker_id=None)

@@ -1,0 +1,201 @@
+"""The scheduler: which queued job goes to which worker, and the claim that
+hands a worker its jobs.
+
+A claim first runs `_dispatch`, which reserves queued jobs for live workers
+with free slots and the capacity each job needs (a reservation is the job's
+worker_id set while it is still queued), then the claiming worker takes the
+jobs reserved for it: they become `running` under its lease (leases.py).
+
+Fair share across users, round-robin across workers: each free slot goes to
+the user with the fewest jobs running or reserved (divided by their priority
+weight), ties to the user served longest ago; the job goes to the eligible
+worker that was served longest ago (`rr_seq`). So jobs go around the workers
+in turn, whichever worker happens to poll first. It all runs inside the
+claim's transaction under the dispatch lock (workers.worker_call), so two
+claims never reserve the same job.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from . import workers
+from .models import JobState, WorkerState
+
+# How many queued jobs one dispatch query reads at most; a pass reads further
+# batches only while free slots remain and the previous batch was full. A
+# batch is sized from the free slots: most claims reserve one job, and
+# building hundreds of rows for that was most of a claim's cost (bench/claim).
+DISPATCH_BATCH = 256
+DISPATCH_BATCH_PER_SLOT = 4
+
+
+def claim(conn, worker: dict, max_jobs: int, *, lease_timeout_s: float, max_attempts: int,
+          now: float | None = None) -> list[dict]:
+    """Give `worker` up to `max_jobs` jobs, in round-robin turn with the other live workers.
+
+    Returns:
+        The jobs now running under the worker's lease (possibly none).
+
+    Raises:
+        NotFound: the worker was retired meanwhile (worker_retired).
+    """
+    now = time.time() if now is None else now
+    with workers.worker_call(conn, worker, now, lease_timeout_s, max_attempts):
+        _dispatch(conn, now, lease_timeout_s)
+        mine = conn.query(
+            "SELECT id FROM jobs WHERE state = ? AND worker_id = ? ORDER BY id LIMIT ?",
+            (JobState.QUEUED.value, worker["id"], max(0, max_jobs)))
+        taken = []
+        for row in mine:
+            n = conn.execute(
+                "UPDATE jobs SET state = ?, attempt = attempt + 1, started_at = ?,"
+                " lease_expires_at = ?, reserved_at = NULL, exit_code = NULL,"
+                " failure_reason = NULL WHERE id = ? AND state = ? AND worker_id = ?",
+                (JobState.RUNNING.value, now, now + lease_timeout_s, row["id"],
+                 JobState.QUEUED.value, worker["id"]))
+            if n:
+                taken.append(row["id"])
+        return [conn.query_one("SELECT * FROM jobs WHERE id = ?", (i,)) for i in taken]
+
+
+def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
+    """Reserve queued jobs for live workers with free slots. Returns how many.
+
+    Fair across users: each free slot goes to the user with the fewest jobs
+    running or reserved now, divided by their priority weight (user_limits);
+    ties go to the user served longest ago (`users.rr_seq`), then to the oldest
+    queued job. A user at their max_running gets nothing more. So one user's thousand
+    queued jobs cannot starve another's one, and users take turns. Within a
+    user, jobs go in submission order; the job goes to the eligible worker that
+    was served longest ago (round-robin across workers).
+    """
+    workers = conn.query(
+        "SELECT w.id, w.cpus, w.memory_mb, w.gpus, w.slots, w.images, w.rr_seq,"
+        " (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state IN (?, ?)) AS used"
+        " FROM workers w WHERE w.state = ? AND w.last_seen_at >= ?",
+        (JobState.QUEUED.value, JobState.RUNNING.value, WorkerState.ACTIVE.value,
+         now - lease_timeout_s))
+    # A worker that lists no images can run nothing (and would make `IN ()`,
+    # which PostgreSQL refuses).
+    free = [w for w in (dict(w, images=set(json.loads(w["images"]))) for w in workers)
+            if w["used"] < w["slots"] and w["images"]]
+    if not free:
+        return 0
+    owners = _queued_owners(conn)
+    if not owners:
+        return 0
+    load = _owner_load(conn, [w["id"] for w in workers])
+    next_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM workers")["m"] + 1
+    user_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM users")["m"] + 1
+    slots = sum(w["slots"] - w["used"] for w in free)
+    batch = min(DISPATCH_BATCH, max(16, DISPATCH_BATCH_PER_SLOT * slots))
+    pending: dict[str, list[dict]] = {}   # owner -> fetched, not yet placed jobs
+    after: dict[str, str] = {}            # owner -> id the next fetch starts after
+    reserved = 0
+    while owners and any(w["used"] < w["slots"] for w in free):
+        owner = min(owners, key=lambda o: (load.get(o, 0) / owners[o]["weight"],
+                                           owners[o]["rr_seq"], owners[o]["head"]))
+        cap = owners[owner]["max_running"]
+        if cap is not None and load.get(owner, 0) >= cap:
+            del owners[owner]   # at their max_running: their jobs wait
+            continue
+        job, w = _next_placeable(conn, owner, free, pending, after, batch)
+        if job is None:
+            del owners[owner]   # nothing of theirs fits a free worker now
+            continue
+        n = conn.execute(
+            "UPDATE jobs SET worker_id = ?, reserved_at = ? WHERE id = ? AND state = ?"
+            " AND worker_id IS NULL", (w["id"], now, job["id"], JobState.QUEUED.value))
+        if n:
+            w["used"] += 1
+            w["rr_seq"] = next_seq
+            conn.execute("UPDATE workers SET rr_seq = ? WHERE id = ?", (next_seq, w["id"]))
+            next_seq += 1
+            reserved += 1
+            load[owner] = load.get(owner, 0) + 1
+            owners[owner]["rr_seq"] = user_seq
+            conn.execute("UPDATE users SET rr_seq = ? WHERE id = ?", (user_seq, owner))
+            user_seq += 1
+        if pending.get(owner):
+            owners[owner]["head"] = pending[owner][0]["id"]
+    return reserved
+
+
+def _next_placeable(conn, owner: str, free: list[dict], pending: dict, after: dict,
+                    batch: int) -> tuple[dict | None, dict | None]:
+    """The owner's oldest queued job some free worker can run now, with that worker."""
+    while True:
+        if not pending.get(owner):
+            if after.get(owner) == "":
+                return None, None  # read to the end already
+            jobs = _queued_batch(conn, free, after.get(owner, ""), batch, owner)
+            # A whole batch can fit the free workers' combined limits and yet
+            # none of them alone (a GPU on one, the memory on another): the
+            # next call reads on, so such a head cannot block what is behind it.
+            after[owner] = jobs[-1]["id"] if len(jobs) == batch else ""
+            pending[owner] = jobs
+            if not jobs:
+                return None, None
+        job = pending[owner].pop(0)
+        fits = [w for w in free if w["used"] < w["slots"] and _fits(job, w)]
+        if fits:
+            return job, min(fits, key=lambda w: (w["rr_seq"], w["id"]))
+
+
+def _queued_owners(conn) -> dict[str, dict]:
+    """Users with unreserved queued jobs -> their oldest job's id ("head"), their
+    place in the turn ("rr_seq"), weight and max_running.
+
+    A loose index scan (one index probe per user on jobs_queue), so its cost
+    grows with the number of users waiting, not with the queue's length.
+    """
+    q = JobState.QUEUED.value
+    rows = conn.query(
+        "WITH RECURSIVE owners(owner_id) AS ("
+        " SELECT MIN(owner_id) FROM jobs WHERE worker_id IS NULL AND state = ?"
+        " UNION ALL"
+        " SELECT (SELECT MIN(j.owner_id) FROM jobs j WHERE j.worker_id IS NULL AND j.state = ?"
+        " AND j.owner_id > owners.owner_id) FROM owners WHERE owners.owner_id IS NOT NULL)"
+        " SELECT owner_id, (SELECT MIN(j.id) FROM jobs j WHERE j.worker_id IS NULL"
+        " AND j.state = ? AND j.owner_id = owners.owner_id) AS head,"
+        " (SELECT u.rr_seq FROM users u WHERE u.id = owners.owner_id) AS rr_seq,"
+        " (SELECT l.weight FROM user_limits l WHERE l.user_id = owners.owner_id) AS weight,"
+        " (SELECT l.max_running FROM user_limits l WHERE l.user_id = owners.owner_id) AS max_running"
+        " FROM owners WHERE owner_id IS NOT NULL", (q, q, q))
+    return {r["owner_id"]: {"head": r["head"], "rr_seq": r["rr_seq"], "weight": r["weight"] or 1.0,
+                            "max_running": r["max_running"]} for r in rows}
+
+
+def _owner_load(conn, live_worker_ids: list[str]) -> dict[str, int]:
+    """Jobs each user has running, or reserved on a live worker, right now."""
+    load: dict[str, int] = {}
+    for r in conn.query("SELECT owner_id, COUNT(*) AS n FROM jobs WHERE state = ? GROUP BY owner_id",
+                        (JobState.RUNNING.value,)):
+        load[r["owner_id"]] = r["n"]
+    if live_worker_ids:
+        marks = ", ".join("?" for _ in live_worker_ids)
+        for r in conn.query(
+                f"SELECT owner_id, COUNT(*) AS n FROM jobs WHERE worker_id IN ({marks})"
+                " AND state = ? GROUP BY owner_id", (*live_worker_ids, JobState.QUEUED.value)):
+            load[r["owner_id"]] = load.get(r["owner_id"], 0) + r["n"]
+    return load
+
+
+def _queued_batch(conn, free: list[dict], after: str, limit: int, owner: str) -> list[dict]:
+    """The owner's next unreserved queued jobs after id `after` that a free worker could run."""
+    # Filtering on the free workers' combined limits keeps a head of jobs no
+    # one can run (say gpus=1 with no GPU worker) out of the scan altogether.
+    images = sorted(set().union(*(w["images"] for w in free)))
+    placeholders = ", ".join("?" for _ in images)
+    return conn.query(
+        "SELECT id, cpus, memory_mb, gpus, image FROM jobs WHERE worker_id IS NULL AND state = ?"
+        f" AND owner_id = ? AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
+        " AND id > ? ORDER BY id LIMIT ?",
+        (JobState.QUEUED.value, owner, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
+         max(w["memory_mb"] for w in free), *images, after, limit))
+
+
+def _fits(job: dict, worker: dict) -> bool:
+    return (job["gpus"] <= worker["gpus"] and job["cpus"] <= worker["cpus"]
+            and job["memory_mb"] <= worker["memory_mb"] and job["image"] in worker["images"])

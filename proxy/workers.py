@@ -1,0 +1,258 @@
+"""The worker registry: registration, heartbeats, admin states, and reaping
+workers that went silent.
+
+A worker is `active` (gets jobs) or `draining` (finishes its jobs, gets no
+new ones) while it heartbeats; it ends `lost` (silent past the lease timeout:
+it may register again), `gone` (deregistered, or replaced by a registration
+under its name) or `revoked` (by an admin). Whenever a worker leaves the live
+states, the jobs reserved for it go back to the queue and the jobs it held
+are requeued (leases.py).
+
+How a change stays atomic on both databases: every change to who holds a job
+happens inside a write transaction that takes the dispatch lock (SQLite:
+BEGIN IMMEDIATE, which serializes writers; PostgreSQL: a transaction-scoped
+advisory lock), and every state change is a compare-and-set UPDATE whose
+WHERE clause restates the state it expects. Nothing lives in process memory,
+so any number of gunicorn processes and proxy instances can serve workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+
+from . import accounts, leases
+from .db import PG_DISPATCH_LOCK
+from .errors import NotFound, ValidationError
+from .models import LIVE_WORKER_STATES, JobState, WorkerState, iso, new_id
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a worker offers (worker_api.parse_capacity validates it)."""
+
+    cpus: float
+    memory_mb: int
+    gpus: int
+    slots: int
+    images: tuple[str, ...]
+    disk_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class Orders:
+    """What a worker must do, told on every heartbeat and claim answer.
+
+    cancel: jobs it holds whose owner asked to cancel them; unknown: jobs it
+    says it runs but no longer holds (stop them, no result); drain: finish
+    what it holds, claim nothing new.
+    """
+
+    cancel: list[str]
+    drain: bool
+    unknown: list[str] | None = None
+
+    def json(self) -> dict:
+        answer = {"cancel": self.cancel, "drain": self.drain}
+        if self.unknown is not None:
+            answer["unknown"] = self.unknown
+        return answer
+
+
+# ----------------------------------------------------------------- registration
+
+def register_worker(conn, enrollment: dict, name: str, cap: Capacity, *, lease_timeout_s: float,
+                    max_attempts: int, now: float | None = None) -> tuple[dict, str]:
+    """Register a worker; a live worker of the same name is replaced (it restarted).
+
+    Returns:
+        (worker row, the worker's secret, shown once).
+
+    Raises:
+        ValidationError: the name is not 1-64 printable characters.
+    """
+    now = time.time() if now is None else now
+    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
+        raise ValidationError("name must be 1-64 printable characters", code="invalid_name")
+    secret = accounts.new_secret(accounts.WORKER_SECRET_PREFIX)
+    worker_id = new_id("w")
+    with conn.transaction(lock=PG_DISPATCH_LOCK):
+        for old in conn.query("SELECT id FROM workers WHERE name = ? AND state IN (?, ?)",
+                              (name, *LIVE_WORKER_STATES)):
+            _retire(conn, old["id"], WorkerState.GONE, now, max_attempts)
+        # A newcomer joins the round-robin turn next to the longest waiting.
+        rr = conn.query_one("SELECT COALESCE(MIN(rr_seq), 0) AS m FROM workers WHERE state IN (?, ?)",
+                            LIVE_WORKER_STATES)["m"]
+        conn.execute(
+            "INSERT INTO workers (id, name, secret_hash, enrollment_id, state, cpus, memory_mb,"
+            " gpus, slots, images, registered_at, last_seen_at, rr_seq, disk_mb)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (worker_id, name, accounts.hash_token(secret), enrollment["id"],
+             WorkerState.ACTIVE.value, cap.cpus, cap.memory_mb, cap.gpus, cap.slots,
+             json.dumps(list(cap.images)), now, now, rr, cap.disk_mb))
+    return get_worker(conn, worker_id), secret
+
+
+def worker_for_secret(conn, secret: str) -> dict | None:
+    """The live worker whose secret this is, or None."""
+    if not secret.startswith(accounts.WORKER_SECRET_PREFIX):
+        return None
+    return conn.query_one("SELECT * FROM workers WHERE secret_hash = ? AND state IN (?, ?)",
+                          (accounts.hash_token(secret), *LIVE_WORKER_STATES))
+
+
+def is_lost_worker_secret(conn, secret: str) -> bool:
+    """True when `secret` belongs to a worker the proxy marked lost (it may register again)."""
+    if not secret.startswith(accounts.WORKER_SECRET_PREFIX):
+        return False
+    return conn.query_one("SELECT id FROM workers WHERE secret_hash = ? AND state = ?",
+                          (accounts.hash_token(secret), WorkerState.LOST.value)) is not None
+
+
+def get_worker(conn, worker_id: str) -> dict | None:
+    return conn.query_one("SELECT * FROM workers WHERE id = ?", (worker_id,))
+
+
+def list_workers(conn, include_gone: bool = False) -> list[dict]:
+    rows = conn.query(
+        "SELECT w.*, (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = ?)"
+        " AS running FROM workers w ORDER BY w.name, w.id", (JobState.RUNNING.value,))
+    return [r for r in rows if include_gone or r["state"] in LIVE_WORKER_STATES]
+
+
+def worker_json(w: dict) -> dict:
+    return {"id": w["id"], "name": w["name"], "state": w["state"], "cpus": w["cpus"],
+            "memory_mb": w["memory_mb"], "gpus": w["gpus"], "slots": w["slots"],
+            "disk_mb": w.get("disk_mb"),
+            "images": json.loads(w["images"]), "running": w.get("running"),
+            "registered_at": iso(w["registered_at"]), "last_seen_at": iso(w["last_seen_at"])}
+
+
+def set_worker_state(conn, worker_id: str, state: WorkerState, *, max_attempts: int,
+                     now: float | None = None) -> dict:
+    """Admin actions: drain, resume, revoke, or a worker deregistering itself.
+
+    Raises:
+        NotFound: no live worker with that id.
+    """
+    now = time.time() if now is None else now
+    with conn.transaction(lock=PG_DISPATCH_LOCK):
+        worker = get_worker(conn, worker_id)
+        if worker is None or worker["state"] not in LIVE_WORKER_STATES:
+            raise NotFound(f"no live worker {worker_id!r}", code="worker_not_found")
+        if state in (WorkerState.ACTIVE, WorkerState.DRAINING):
+            conn.execute("UPDATE workers SET state = ? WHERE id = ?", (state.value, worker_id))
+            release_reservations(conn, worker_id)
+        else:
+            _retire(conn, worker_id, state, now, max_attempts)
+    return get_worker(conn, worker_id)
+
+
+# ------------------------------------------------------------------- heartbeats
+
+def heartbeat(conn, worker: dict, running_ids: list[str], *, lease_timeout_s: float,
+              max_attempts: int, now: float | None = None) -> Orders:
+    """Record that a worker is alive and extend the leases of the jobs it holds.
+
+    Returns:
+        The worker's orders, with `unknown`: the jobs it says it runs but
+        does not hold.
+
+    Raises:
+        NotFound: the worker was retired meanwhile (worker_retired).
+    """
+    now = time.time() if now is None else now
+    with worker_call(conn, worker, now, lease_timeout_s, max_attempts):
+        # Only the jobs the worker says it runs: one it holds without knowing
+        # (the answer to a claim was lost on the way) then expires and is
+        # requeued, instead of being kept alive for ever by heartbeats.
+        leases.extend(conn, worker["id"], running_ids, now + lease_timeout_s)
+        held = leases.held_by(conn, worker["id"])
+        draining = is_draining(conn, worker["id"])
+    return Orders(cancel=sorted(r["id"] for r in held if r["cancel_requested"]),
+                  drain=draining,
+                  unknown=sorted(set(running_ids) - {r["id"] for r in held}))
+
+
+def orders(conn, worker_id: str) -> Orders:
+    """The worker's orders now, for a claim answer (no `unknown`: a claim does
+    not say what the worker runs)."""
+    return Orders(cancel=leases.cancel_requested(conn, worker_id), drain=is_draining(conn, worker_id))
+
+
+def is_draining(conn, worker_id: str) -> bool:
+    row = get_worker(conn, worker_id)
+    return row is not None and row["state"] == WorkerState.DRAINING.value
+
+
+@contextlib.contextmanager
+def worker_call(conn, worker: dict, now: float, lease_timeout_s: float, max_attempts: int):
+    """The transaction of a heartbeat or a claim: lost workers reaped, this one marked seen.
+
+    Not durable: a claim or heartbeat lost in a power cut costs a rerun of the
+    job (its lease is gone, so the late result is refused), never the job.
+
+    Raises:
+        NotFound: this worker is no longer live (worker_retired).
+    """
+    with conn.transaction(lock=PG_DISPATCH_LOCK, durable=False):
+        reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
+        if not _touch(conn, worker["id"], now):
+            raise NotFound("this worker was retired; register again", code="worker_retired")
+        yield
+
+
+def _touch(conn, worker_id: str, now: float) -> bool:
+    return bool(conn.execute("UPDATE workers SET last_seen_at = ? WHERE id = ? AND state IN (?, ?)",
+                             (now, worker_id, *LIVE_WORKER_STATES)))
+
+
+def has_work(conn, worker: dict) -> tuple[str | None, bool]:
+    """(the worker's state, whether a job it could run is queued): a claim
+    long-poll's look, one read without the write lock.
+
+    It counts only jobs this worker could run, so a queued job nobody here
+    can take (say a GPU job) does not turn a long-poll into a busy loop.
+    """
+    images = json.loads(worker["images"]) or [""]
+    marks = ", ".join("?" for _ in images)
+    row = conn.query_one(
+        "SELECT w.state AS state, EXISTS (SELECT 1 FROM jobs WHERE state = ? AND"
+        " (worker_id = w.id OR (worker_id IS NULL AND gpus <= w.gpus AND cpus <= w.cpus"
+        f" AND memory_mb <= w.memory_mb AND image IN ({marks})))) AS work"
+        " FROM workers w WHERE w.id = ?", (JobState.QUEUED.value, *images, worker["id"]))
+    return (None, False) if row is None else (row["state"], bool(row["work"]))
+
+
+# ------------------------------------------------------------------ lost workers
+
+def reap(conn, *, lease_timeout_s: float, max_attempts: int, now: float | None = None) -> int:
+    """Mark silent workers lost and requeue the jobs whose lease ran out.
+
+    Called at the start of every claim and heartbeat (and by `jobcloud-proxy
+    reap`), inside their transaction, so no background thread is needed.
+
+    Returns:
+        The number of jobs requeued or failed.
+    """
+    now = time.time() if now is None else now
+    for w in conn.query("SELECT id FROM workers WHERE state IN (?, ?) AND last_seen_at < ?",
+                        (*LIVE_WORKER_STATES, now - lease_timeout_s)):
+        conn.execute("UPDATE workers SET state = ?, retired_at = ? WHERE id = ? AND state IN (?, ?)",
+                     (WorkerState.LOST.value, now, w["id"], *LIVE_WORKER_STATES))
+        release_reservations(conn, w["id"])
+    return leases.requeue_expired(conn, now, max_attempts)
+
+
+def _retire(conn, worker_id: str, state: WorkerState, now: float, max_attempts: int) -> None:
+    conn.execute("UPDATE workers SET state = ?, retired_at = ? WHERE id = ?",
+                 (state.value, now, worker_id))
+    release_reservations(conn, worker_id)
+    leases.requeue_held(conn, worker_id, now, max_attempts)
+
+
+def release_reservations(conn, worker_id: str) -> None:
+    """Put the queued jobs reserved for `worker_id` (not yet claimed) back in the queue."""
+    conn.execute("UPDATE jobs SET worker_id = NULL, reserved_at = NULL WHERE worker_id = ? AND state = ?",
+                 (worker_id, JobState.QUEUED.value))

@@ -7,7 +7,7 @@ from . import accounts, limits, usage, vms, workers
 from .appstate import app_state
 from .auth import api_admin
 from .db import get_conn
-from .jsonbody import json_object
+from .jsonbody import is_number, json_object
 from .errors import NotFound, ValidationError
 from .models import WorkerState, is_lookup_key, iso
 
@@ -74,8 +74,7 @@ def create_enrollment():
     # Bounded: a NaN, an infinity or 1e300 seconds was stored, and then every
     # listing of the tokens failed on the date it cannot print (a 500).
     if not isinstance(label, str) or (expires is not None and (
-            isinstance(expires, bool) or not isinstance(expires, (int, float))
-            or not 0 < expires <= accounts.MAX_ENROLLMENT_S)):
+            not is_number(expires) or not 0 < expires <= accounts.MAX_ENROLLMENT_S)):
         raise ValidationError(f"label must be a string and expires_in_s a number of seconds "
                               f"between 0 and {accounts.MAX_ENROLLMENT_S}", code="invalid_enrollment")
     record, token = accounts.create_enrollment(get_conn(), label, admin["name"], expires)

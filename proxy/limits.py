@@ -2,15 +2,15 @@
 
 Per-job limits (cpus, memory, GPUs, time) refuse a submission with 400; count
 and rate limits (jobs queued, submissions per minute) with 429; the running
-limit and the weight are applied by the dispatcher (dispatch.py). Every
+limit and the weight are applied by the scheduler (scheduler.py). Every
 refusal names the limit and its value.
 """
 from __future__ import annotations
 
-import math
 import time
 
 from .errors import TooManyRequests, ValidationError
+from .jsonbody import is_number
 from .models import JobState, id_floor
 
 # name -> (type, lowest allowed value)
@@ -70,8 +70,7 @@ def _checked(name: str, value):
     if value is None:
         return None
     kind, low = FIELDS[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (kind is int and not float(value).is_integer()) or not math.isfinite(value):
+    if not is_number(value, integer=kind is int):
         raise ValidationError(f"{name} must be {'a whole number' if kind is int else 'a number'}"
                               " or null", code="invalid_limits")
     if not low <= value <= UPPER:

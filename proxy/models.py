@@ -15,10 +15,6 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
 
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATES
-
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT})
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})

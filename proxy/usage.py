@@ -26,7 +26,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 from .errors import ValidationError
-from .models import FINAL_STATES, iso
+from .models import FINAL_VALUES, iso
 
 MICROS = 1_000_000
 # An hourly price above a million units is a typo, not a price.
@@ -282,7 +282,7 @@ def report(conn, query: UsageQuery, owner_id: str | None) -> dict:
     start = datetime(query.since.year, query.since.month, query.since.day, tzinfo=timezone.utc)
     end = datetime(query.until.year, query.until.month, query.until.day,
                    tzinfo=timezone.utc) + timedelta(days=1)
-    finals = [s.value for s in FINAL_STATES]
+    finals = sorted(FINAL_VALUES)
     where = ["j.finished_at >= ?", "j.finished_at < ?",
              f"j.state IN ({', '.join('?' for _ in finals)})"]
     params: list = [start.timestamp(), end.timestamp(), *finals]

@@ -9,12 +9,12 @@ calls libvirt.
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections import Counter
 
 from .errors import ValidationError
+from .jsonbody import is_number
 from .models import LIVE_WORKER_STATES, JobState, iso, new_id
 
 VM_STATES = ("booting", "ready", "draining", "stopping")
@@ -212,8 +212,7 @@ def _vm(v: dict) -> dict:
     created = v.get("created_at")
     if not (_text(v.get("name"), 64) and _text(v.get("host_uri"), 500) and v.get("state") in VM_STATES
             and (v.get("worker_name") is None or _text(v.get("worker_name"), 64))
-            and (created is None or (isinstance(created, (int, float)) and not isinstance(created, bool)
-                                     and math.isfinite(created) and 0 <= created < 2**35))):
+            and (created is None or (is_number(created) and 0 <= created < 2**35))):
         raise ValidationError("each VM needs name (1-64 chars), host_uri, state "
                               f"({', '.join(VM_STATES)}), and optionally worker_name and "
                               "created_at (seconds since the epoch)", code="invalid_report")

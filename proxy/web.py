@@ -15,7 +15,7 @@ from .downloads import send_outputs
 from .errors import Forbidden, ProxyError, Unauthorized
 from .intake import submit_job
 from .live import Position
-from .models import ACTIVE_STATES, JobState
+from .models import ACTIVE_VALUES, JobState
 
 bp = Blueprint("web", __name__)
 
@@ -62,7 +62,7 @@ def job_status(user):
             "user": owner["name"], "jobs": [store.job_json(j) for j in jobs],
             "next": url_for("web.job_status", user=owner["name"], before=cursor) if cursor else None,
         })
-    active = any(j["state"] in {s.value for s in ACTIVE_STATES} for j in jobs)
+    active = any(j["state"] in ACTIVE_VALUES for j in jobs)
     # The page updates itself over live.py's stream; the refresh is for browsers without scripts.
     return render_template("job_status.html", owner=owner, jobs=jobs, cursor=cursor,
                            refresh=app_state().config.status_refresh_s if active else None,
@@ -78,7 +78,7 @@ def job_page(job_id):
     # The page shows what is stored now and follows the rest live (live.py)
     # from this position.
     position = Position(job["attempt"], logs["stdout"]["next_offset"], logs["stderr"]["next_offset"])
-    active = job["state"] in {s.value for s in ACTIVE_STATES}
+    active = job["state"] in ACTIVE_VALUES
     return render_template("job.html", job=job, job_view=store.job_json(job), logs=logs,
                            position=position.event_id(),
                            refresh=app_state().config.status_refresh_s if active else None)

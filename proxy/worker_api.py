@@ -9,7 +9,7 @@ Every answer that can carry orders carries them whole: heartbeat, claim and
 a result that claims its successor each say which held jobs to cancel and
 whether to drain (workers.Orders), so a worker learns of them on whichever
 call comes first. The worker reads each answer into one typed object
-(worker/client.py); tests/test_worker_protocol.py holds the two to the same
+(worker/protocol.py); tests/test_worker_protocol.py holds the two to the same
 fields. This module reads and checks what workers send (the wire format);
 what it means is in workers.py, scheduler.py and leases.py.
 """

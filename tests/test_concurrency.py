@@ -122,7 +122,7 @@ def claim_through_http(name, base_url, enrollment, user_token, scratch_dir, barr
                                                         "stdout": data.decode()})
             except LeaseLost as e:  # 404/409: another worker holds the job
                 return str(e)
-            return None if answer["applied"] is True else answer
+            return None if answer.applied is True else answer
 
         def queue_empty():
             r = user.get(f"{base_url}/api/v1/jobs", params={"state": "queued", "limit": 1}, timeout=30)
@@ -131,7 +131,7 @@ def claim_through_http(name, base_url, enrollment, user_token, scratch_dir, barr
 
         try:
             barrier.wait(timeout=60)
-            return work_until_queue_empty(lambda n: worker.claim(n, wait_s=0.2), finish,
+            return work_until_queue_empty(lambda n: worker.claim(n, wait_s=0.2).jobs, finish,
                                           queue_empty, seed=name)
         finally:
             scratch.unlink(missing_ok=True)
@@ -312,7 +312,7 @@ def test_a_restarted_proxy_still_has_every_job_it_accepted(live_server, store_ap
         worker = WorkerClient(live_server.url)
         worker.register(enrollment, "after-restart", cpus=4, memory_mb=8192, gpus=0, slots=32,
                         images=["jobcloud/python"])
-        jobs = worker.claim(max_jobs=32)
+        jobs = worker.claim(max_jobs=32).jobs
         assert sorted(j["id"] for j in jobs) == sorted(submitted)
         scripts = {}
         for job in jobs:

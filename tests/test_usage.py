@@ -274,11 +274,13 @@ def test_the_admin_cli_shows_and_sets_prices_in_the_shared_store(hub, database_u
 
 
 def test_the_worker_reports_its_gpus_for_the_wall_time_as_gpu_seconds():
-    outcome = Outcome("succeeded", 0, None, cpu_seconds=3.0, peak_memory_bytes=1,
-                      wall_seconds=12.5)
+    outcome = Outcome(state="succeeded", exit_code=0, failure_reason=None, cpu_seconds=3.0,
+                      peak_memory_bytes=1, wall_seconds=12.5)
     assert gpu_seconds({"gpus": 2}, outcome) == 25.0
     assert gpu_seconds({"gpus": 0}, outcome) == 0.0
-    assert gpu_seconds({"gpus": 1}, Outcome("failed", None, "x", None, None, None)) is None
+    assert gpu_seconds({"gpus": 1}, Outcome(state="failed", exit_code=None, failure_reason="x",
+                                                      cpu_seconds=None, peak_memory_bytes=None,
+                                                      wall_seconds=None)) is None
 
 
 def test_jobs_count_on_their_utc_day_up_to_the_last_instant_before_midnight(hub):

@@ -1,7 +1,9 @@
 """HTTP client for the worker protocol (see the proxy's /api/v1/openapi.json).
 
 The worker only ever opens connections to the proxy. Transport errors and
-error answers are translated here into `ProtocolError` subclasses.
+error answers are translated here into `ProtocolError` subclasses
+(worker/errors.py); the answers the worker acts on come back as the typed
+answers of worker/protocol.py, never as raw dicts.
 """
 from __future__ import annotations
 
@@ -9,24 +11,12 @@ import json
 
 import requests
 
+from .errors import LeaseLost, MalformedAnswer, ProtocolError, ProxyUnreachable
+from .protocol import ClaimAnswer, HeartbeatAnswer, RegisterAnswer, ResultAnswer
 
-class ProtocolError(Exception):
-    """Raised when the proxy refuses a request or cannot be reached."""
-
-    def __init__(self, message: str, status: int | None = None, code: str | None = None,
-                 secret: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.secret = secret  # the credential the refused request carried
-
-
-class ProxyUnreachable(ProtocolError):
-    """Raised when the proxy cannot be reached (connection refused or cut, timeout, 5xx)."""
-
-
-class LeaseLost(ProtocolError):
-    """Raised when the proxy says this worker no longer holds a job (404/409 on a job call)."""
+# The exceptions are defined in worker/errors.py (the one hierarchy) and
+# imported from here by callers that think of them as the client's.
+__all__ = ["WorkerClient", "ProtocolError", "ProxyUnreachable", "LeaseLost", "MalformedAnswer"]
 
 
 # The proxy's error codes for "this worker does not hold that job (any more)";
@@ -57,20 +47,46 @@ class WorkerClient:
     # ---------------------------------------------------------------- protocol
 
     def register(self, enrollment_token: str, name: str, *, cpus: float, memory_mb: int,
-                 gpus: int, slots: int, images: list[str], disk_mb: int | None = None) -> dict:
-        answer = self._call("POST", "/api/v1/workers/register", token=enrollment_token, json={
-            "name": name, "cpus": cpus, "memory_mb": memory_mb, "gpus": gpus, "slots": slots,
-            "images": images, "disk_mb": disk_mb})
-        self.secret, self.worker_id = answer["secret"], answer["worker_id"]
+                 gpus: int, slots: int, images: list[str], disk_mb: int | None = None
+                 ) -> RegisterAnswer:
+        """Register with an enrollment token; later calls use the secret it answers.
+
+        Raises:
+            ProxyUnreachable: worth another try.
+            ProtocolError: the token or the capacity was refused.
+            MalformedAnswer: the answer does not match the protocol.
+        """
+        answer = RegisterAnswer.from_json(self._call(
+            "POST", "/api/v1/workers/register", token=enrollment_token, json={
+                "name": name, "cpus": cpus, "memory_mb": memory_mb, "gpus": gpus, "slots": slots,
+                "images": images, "disk_mb": disk_mb}))
+        self.secret, self.worker_id = answer.secret, answer.worker_id
         return answer
 
-    def heartbeat(self, running: list[str]) -> dict:
-        return self._call("POST", "/api/v1/worker/heartbeat", json={"running": running})
+    def heartbeat(self, running: list[str]) -> HeartbeatAnswer:
+        """Say which jobs run here (their leases are extended); returns the proxy's orders.
 
-    def claim(self, max_jobs: int = 1, wait_s: float = 0) -> list[dict]:
-        return self._call("POST", "/api/v1/worker/claim",
-                          json={"max_jobs": max_jobs, "wait_s": wait_s},
-                          timeout=self.timeout + wait_s)["jobs"]
+        Raises:
+            ProxyUnreachable: worth another try.
+            ProtocolError: refused (code "worker_lost": register again).
+            MalformedAnswer: the answer does not match the protocol.
+        """
+        return HeartbeatAnswer.from_json(
+            self._call("POST", "/api/v1/worker/heartbeat", json={"running": running}))
+
+    def claim(self, max_jobs: int = 1, wait_s: float = 0) -> ClaimAnswer:
+        """Lease up to `max_jobs` jobs, waiting up to `wait_s` for one to be queued.
+
+        Returns:
+            the leased jobs, with the proxy's cancel and drain orders.
+        Raises:
+            ProxyUnreachable: worth another try.
+            ProtocolError: refused (code "worker_lost": register again).
+            MalformedAnswer: the answer does not match the protocol.
+        """
+        return ClaimAnswer.from_json(self._call(
+            "POST", "/api/v1/worker/claim", json={"max_jobs": max_jobs, "wait_s": wait_s},
+            timeout=self.timeout + wait_s))
 
     def download(self, url: str, dest) -> None:
         """Stream one of a held job's inputs (script or dataset url from the claim) to `dest`.
@@ -103,22 +119,39 @@ class WorkerClient:
         return self._call("POST", f"/api/v1/worker/jobs/{job_id}/logs", json={
             "attempt": attempt, "stream": stream, "offset": offset, "data": data})
 
-    def post_result(self, job_id: str, result: dict, outputs_path=None) -> dict:
+    def post_result(self, job_id: str, result: dict, outputs_path=None) -> ResultAnswer:
+        """Post a held job's final result, with its outputs archive if any.
+
+        Args:
+            result: the result document; a `claim_next` > 0 in it asks for that
+                many successors in the same round trip (answered as `.claim`).
+        Raises:
+            ProxyUnreachable: worth another try.
+            LeaseLost: this worker no longer holds the job.
+            ProtocolError: the result was refused.
+            MalformedAnswer: the result was taken, but the answer does not
+                match the protocol.
+        """
         path = f"/api/v1/worker/jobs/{job_id}/result"
         if outputs_path is None:
-            return self._call("POST", path, json=result)
+            return ResultAnswer.from_json(self._call("POST", path, json=result))
         with open(outputs_path, "rb") as f:
-            return self._call("POST", path, files={
+            return ResultAnswer.from_json(self._call("POST", path, files={
                 "result": (None, json.dumps(result), "application/json"),
-                "outputs": ("outputs.zip", f, "application/zip")})
+                "outputs": ("outputs.zip", f, "application/zip")}))
 
     def deregister(self) -> dict:
         return self._call("POST", "/api/v1/worker/deregister")
 
     # --------------------------------------------------------------- transport
 
-    def _call(self, method: str, path: str, **kwargs) -> dict:
-        return self._send(method, path, **kwargs).json()
+    def _call(self, method: str, path: str, **kwargs):
+        response = self._send(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError as e:  # requests' JSONDecodeError, whichever json it uses
+            raise MalformedAnswer(f"{method} {path}: the answer is not JSON",
+                                  status=response.status_code) from e
 
     def _send(self, method: str, path: str, token: str | None = None, timeout=None, **kwargs):
         headers = {"Authorization": f"Bearer {token or self.secret}"}

@@ -8,6 +8,12 @@ Shutdown order (first SIGTERM/SIGINT, or `request_stop()`):
 4. stop what is still running (no result: the proxy requeues it), deregister.
 A second signal skips the wait: containers are stopped at once, and the
 deregistration hands their jobs back.
+
+The proxy's orders (cancel these jobs, stop those you no longer hold, drain)
+come on heartbeat answers, on claim answers, and on result answers that claim
+a successor: `apply_orders` applies them alike, whichever arrives first, so a
+cancel reaches a busy worker within one claim round trip rather than one
+heartbeat interval.
 """
 from __future__ import annotations
 
@@ -21,11 +27,12 @@ import time
 
 import psutil
 
-from .client import ProtocolError, ProxyUnreachable, WorkerClient
+from .client import WorkerClient
 from .config import WorkerConfig
-from .errors import EXIT_FORCED, EXIT_OK, EXIT_REGISTER
+from .errors import EXIT_FORCED, EXIT_OK, EXIT_REGISTER, MalformedAnswer, ProtocolError, ProxyUnreachable
 from .inputs import DatasetCache, remove_tree
-from .runner import JobRunner
+from .protocol import ClaimAnswer
+from .runner import JobRunner, Successors
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -121,14 +128,17 @@ class Worker:
                 self.stopping.wait(self.backoff(tries))
                 continue
             except ProtocolError as e:
+                # Refused, or an answer not understood (a proxy of another version).
                 log.error("register refused: %s", e)
                 return False
-            self.heartbeat_interval = float(answer.get("heartbeat_interval_s") or self.heartbeat_interval)
+            self.heartbeat_interval = answer.heartbeat_interval_s
             secret_file = self.config.data_path / SECRET_FILE
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.client.secret)
-            log.info("registered as %s (%s): %s", self.config.name, answer["worker_id"], cap)
+            log.info("registered as %s (%s): %s; heartbeat every %gs, lost after %gs of silence",
+                     self.config.name, answer.worker_id, cap, answer.heartbeat_interval_s,
+                     answer.lease_timeout_s)
             return True
         return False
 
@@ -144,9 +154,12 @@ class Worker:
         while not self.giving_up.is_set():
             try:
                 answer = self.client.heartbeat(self.running_ids())
-                self.apply_heartbeat(answer)
+                self.apply_orders(cancel=answer.cancel, unknown=answer.unknown, drain=answer.drain)
             except ProxyUnreachable as e:
                 log.info("heartbeat: %s", e)
+            except MalformedAnswer as e:
+                # The leases were extended all the same; the next beat tries again.
+                log.error("heartbeat: %s", e)
             except ProtocolError as e:
                 if not self.recover_lost(e):
                     log.error("heartbeat refused (%s): this worker is no longer registered", e)
@@ -156,12 +169,36 @@ class Worker:
                 log.exception("heartbeat")
             self.giving_up.wait(self.heartbeat_interval)
 
-    def apply_heartbeat(self, answer: dict) -> None:
-        for job_id in answer.get("cancel", []):
+    def apply_orders(self, *, cancel: tuple[str, ...], drain: bool, unknown: tuple[str, ...] = ()) -> None:
+        """Act on the proxy's orders, from whichever answer carried them.
+
+        Args:
+            cancel: running jobs whose owner cancelled them: stopped, and their
+                result says "cancelled".
+            drain: take no new jobs (until an answer says otherwise).
+            unknown: jobs this worker runs but no longer holds (heartbeats
+                only): stopped without a result, another run owns them.
+        """
+        for job_id in cancel:
             self._stop_job(job_id, "cancelled")
-        for job_id in answer.get("unknown", []):
+        for job_id in unknown:
             self._stop_job(job_id, "lost")
-        self.draining = bool(answer.get("drain"))
+        # The last answer wins. Heartbeat and claim answers can cross on the
+        # way, so a stale one may undo a drain for a moment; harmless, because
+        # the proxy gives a draining worker no jobs and its next answer says so.
+        self.draining = drain
+
+    def apply_claim(self, answer: ClaimAnswer) -> None:
+        """Start the jobs a claim answer leased, then apply its orders.
+
+        Jobs first: a cancel can name a job of this very answer (its owner
+        cancelled it between the claim and the answer), and must find its
+        runner. A drain only stops the next claim, which the claim loop makes
+        after this returns; jobs already leased are this worker's to finish.
+        """
+        for job in answer.jobs:
+            self.start_job(job)
+        self.apply_orders(cancel=answer.cancel, drain=answer.drain)
 
     def claim_loop(self) -> None:
         tries = 0
@@ -172,9 +209,10 @@ class Worker:
                 self._slot_freed.clear()
                 continue
             try:
-                answer_jobs = self.client.claim(max_jobs=free, wait_s=self.config.claim_wait_s)
+                answer = self.client.claim(max_jobs=free, wait_s=self.config.claim_wait_s)
                 tries = 0
-            except ProxyUnreachable as e:
+            except (ProxyUnreachable, MalformedAnswer) as e:
+                # A malformed answer may be a proxy mid-upgrade: as worth another try.
                 tries += 1
                 delay = self.backoff(tries)
                 log.warning("claim: %s; retry in %.1fs", e, delay)
@@ -190,14 +228,13 @@ class Worker:
                 log.exception("claim")
                 self.stopping.wait(self.backoff(1))
                 continue
-            for job in answer_jobs:
-                self.start_job(job)
+            self.apply_claim(answer)
 
     def start_job(self, job: dict) -> None:
         runner = JobRunner(job, client=self.client, sandbox=self.sandbox, cache=self.cache,
                            config=self.config, backoff=self.backoff, giving_up=self.giving_up,
                            on_done=self._job_done,
-                           next_jobs=(self._claim_with_result, self._start_claimed))
+                           successors=Successors(want=self._claim_with_result, take=self.apply_claim))
         with self._lock:
             self._runners[runner.job_id] = runner
         if self.stopping.is_set():
@@ -267,10 +304,6 @@ class Worker:
         # The finishing job's slot is about to be free: take its successor in
         # the same request, unless this worker is stopping or draining.
         return 0 if self.stopping.is_set() or self.draining else 1
-
-    def _start_claimed(self, jobs: list[dict]) -> None:
-        for job in jobs:
-            self.start_job(job)
 
     def _job_done(self, runner: JobRunner) -> None:
         with self._lock:

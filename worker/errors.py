@@ -1,6 +1,7 @@
 """The worker's one exception hierarchy. Transport errors (requests, docker)
 are translated into these at the boundary: worker/client.py for the proxy,
-worker/sandbox.py for the Docker engine.
+worker/protocol.py for the proxy's answers, worker/sandbox.py for the Docker
+engine.
 """
 from __future__ import annotations
 
@@ -23,6 +24,37 @@ class UnsafeArchive(InputError):
 
 class SandboxError(WorkerError):
     """Raised when the Docker engine cannot create, run or inspect a job's container."""
+
+
+class ProtocolError(WorkerError):
+    """Raised when the proxy refuses a request or cannot be reached.
+
+    Args:
+        status: the HTTP status of the answer, None when there was none.
+        code: the proxy's error code (`{"error": code}`), when it gave one.
+        secret: the credential the refused request carried, so a loop can tell
+            whether another loop has registered again since.
+    """
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 secret: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.secret = secret
+
+
+class ProxyUnreachable(ProtocolError):
+    """Raised when the proxy cannot be reached (connection refused or cut, timeout, 5xx)."""
+
+
+class LeaseLost(ProtocolError):
+    """Raised when the proxy says this worker no longer holds a job (404/409 on a job call)."""
+
+
+class MalformedAnswer(ProtocolError):
+    """Raised when a successful answer does not match the protocol (not JSON, a
+    missing field, a wrong type): a proxy of another version."""
 
 
 # Named exit codes of `jobcloud-worker`.

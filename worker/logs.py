@@ -8,7 +8,8 @@ import codecs
 import logging
 import threading
 
-from .client import LeaseLost, ProtocolError, ProxyUnreachable, WorkerClient
+from .client import WorkerClient
+from .errors import LeaseLost, ProtocolError, ProxyUnreachable
 
 log = logging.getLogger(__name__)
 

@@ -7,19 +7,36 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .client import LeaseLost, ProtocolError, ProxyUnreachable, WorkerClient
+from .client import WorkerClient
 from .config import WorkerConfig
-from .errors import InputError, SandboxError
+from .errors import InputError, LeaseLost, MalformedAnswer, ProtocolError, ProxyUnreachable, SandboxError
 from .inputs import DatasetCache, extract_dataset, remove_tree, sha256_of
 from .logs import LogShipper, LogStream
 from .outputs import collect_outputs
+from .protocol import ClaimAnswer
 from .sandbox import JOB_USER, JobSpec, Outcome, Sandbox
 
 log = logging.getLogger(__name__)
 
 JOB_UID, JOB_GID = (int(i) for i in JOB_USER.split(":"))
+STREAMS = ("stdout", "stderr")
+
+
+@dataclass(frozen=True)
+class Successors:
+    """How a finishing job claims its successors in the same request as its
+    result, so a freed slot is filled without a claim round trip of its own.
+
+    want: how many jobs to ask for, looked up just before each try (0 once the
+        worker is stopping or draining).
+    take: gets the claim part of the result answer: its orders and its jobs.
+    """
+    want: Callable[[], int]
+    take: Callable[[ClaimAnswer], None]
 
 
 class JobRunner(threading.Thread):
@@ -29,11 +46,13 @@ class JobRunner(threading.Thread):
         claimed: the job as the claim answered it.
         backoff: callable(attempt_number) -> seconds, for result retries.
         giving_up: an Event set when the worker must stop now (second signal).
+        successors: claim the next jobs along with the result; None to post
+            results alone.
     """
 
     def __init__(self, claimed: dict, *, client: WorkerClient, sandbox: Sandbox, cache: DatasetCache,
                  config: WorkerConfig, backoff, giving_up: threading.Event, on_done,
-                 next_jobs=None):
+                 successors: Successors | None = None):
         super().__init__(name=f"job-{claimed['id']}", daemon=True)
         self.job = claimed
         self.client = client
@@ -43,9 +62,7 @@ class JobRunner(threading.Thread):
         self.backoff = backoff
         self.giving_up = giving_up
         self.on_done = on_done
-        # (want, take): how many jobs to claim along with the result, and where
-        # the claimed ones go; None to post results alone.
-        self.next_jobs = next_jobs
+        self.successors = successors
         self.job_dir = config.data_path / "jobs" / f"{claimed['id']}-{claimed['attempt']}"
         self._stop_reason: str | None = None
         self._shipper: LogShipper | None = None
@@ -77,8 +94,8 @@ class JobRunner(threading.Thread):
 
     def _execute(self) -> tuple[dict | None, Path | None]:
         input_dir, output_dir = self._make_job_dir()
-        streams = [LogStream(n, self.config.log_max_bytes, self.config.log_tail_bytes)
-                   for n in ("stdout", "stderr")]
+        streams = {name: LogStream(name, self.config.log_max_bytes, self.config.log_tail_bytes)
+                   for name in STREAMS}
         try:
             self._fetch_inputs(input_dir)
         except (InputError, ProtocolError, OSError) as e:
@@ -92,18 +109,19 @@ class JobRunner(threading.Thread):
                 return None, None
             log.warning("job %s: inputs: %s", self.job_id, e)
             return self._result("failed", failure_reason=f"inputs: {e}"), None
-        shipper = LogShipper(self.client, self.job_id, self.job["attempt"], streams,
+        shipper = LogShipper(self.client, self.job_id, self.job["attempt"], list(streams.values()),
                              self.config.log_flush_s)
         shipper.start()
         self._shipper = shipper
         try:
             outcome = self.sandbox.run(
                 self._spec(), input_dir, output_dir,
-                on_output=lambda name, data: streams[name == "stderr"].feed(data),
+                on_output=lambda name, data: streams[name].feed(data),
                 stop_reason=lambda: self._stop_reason)
         except SandboxError as e:
             log.warning("job %s: %s", self.job_id, e)
-            outcome = Outcome("failed", None, str(e), None, None, None)
+            outcome = Outcome(state="failed", exit_code=None, failure_reason=str(e), cpu_seconds=None,
+                              peak_memory_bytes=None, wall_seconds=None)
         finally:
             shipper.finish()
         if outcome.state == "abandoned" or shipper.lease_lost:
@@ -154,8 +172,8 @@ class JobRunner(threading.Thread):
                        memory_mb=int(j["memory_mb"]), gpus=int(j.get("gpus") or 0),
                        timeout_s=float(j["timeout_s"]))
 
-    def _outcome_result(self, outcome: Outcome, streams: list[LogStream], collected) -> dict:
-        out, err = streams
+    def _outcome_result(self, outcome: Outcome, streams: dict[str, LogStream], collected) -> dict:
+        out, err = streams["stdout"], streams["stderr"]
         return self._result(
             outcome.state, exit_code=outcome.exit_code, failure_reason=outcome.failure_reason,
             stdout=out.tail(), stderr=err.tail(),
@@ -174,11 +192,12 @@ class JobRunner(threading.Thread):
                 # Logs go first: once the result is in, the proxy takes no more chunks.
                 if self._shipper is not None and not self._shipper.flush():
                     raise ProxyUnreachable("log chunks not delivered yet")
-                want = self.next_jobs[0]() if self.next_jobs else 0
+                want = self.successors.want() if self.successors else 0
                 answer = self.client.post_result(self.job_id, dict(result, claim_next=want), archive)
-                log.info("job %s: %s (applied=%s)", self.job_id, answer.get("state"), answer.get("applied"))
-                if answer.get("jobs"):
-                    self.next_jobs[1](answer["jobs"])
+                log.info("job %s: %s (applied=%s)", self.job_id, answer.state, answer.applied)
+                # Even without jobs: the claim part carries cancel and drain orders.
+                if answer.claim is not None and self.successors:
+                    self.successors.take(answer.claim)
                 return
             except ProxyUnreachable as e:
                 tries += 1
@@ -187,6 +206,11 @@ class JobRunner(threading.Thread):
                 if self.giving_up.wait(delay):
                     log.warning("job %s: worker stopping; result not delivered", self.job_id)
                     return
+            except MalformedAnswer as e:
+                # A 2xx: the result is in. Any job claimed with it is not known
+                # here; its lease runs out and it is requeued.
+                log.error("job %s: result delivered, answer not understood: %s", self.job_id, e)
+                return
             except ProtocolError as e:
                 log.warning("job %s: the proxy refused the result: %s", self.job_id, e)
                 return

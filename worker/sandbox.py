@@ -252,14 +252,14 @@ class Sandbox:
         common = dict(exit_code=exit_code, cpu_seconds=usage.cpu_seconds,
                       peak_memory_bytes=usage.peak_memory_bytes, wall_seconds=round(wall, 3))
         if ended_by == "timed_out":
-            return Outcome("timed_out", failure_reason="timeout exceeded", **common)
+            return Outcome(state="timed_out", failure_reason="timeout exceeded", **common)
         if ended_by in ("cancelled", "abandoned"):
-            return Outcome(ended_by, failure_reason=f"stopped by the worker ({ended_by})", **common)
+            return Outcome(state=ended_by, failure_reason=f"stopped by the worker ({ended_by})", **common)
         if st.get("OOMKilled"):
-            return Outcome("failed", failure_reason=OOM_REASON, **common)
+            return Outcome(state="failed", failure_reason=OOM_REASON, **common)
         if exit_code == 0:
-            return Outcome("succeeded", failure_reason=None, **common)
-        return Outcome("failed", failure_reason=f"exit code {exit_code}", **common)
+            return Outcome(state="succeeded", failure_reason=None, **common)
+        return Outcome(state="failed", failure_reason=f"exit code {exit_code}", **common)
 
     def _remove(self, container) -> None:
         try:

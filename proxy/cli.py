@@ -58,12 +58,11 @@ def _serve(cfg, db, workers) -> int:
     else:
         print("Log in with your account. Forgot the admin password? "
               "Run: jobcloud user passwd admin", flush=True)
-    # gunicorn_conf.py reads only the environment: hand it the values the proxy's
-    # configuration settled on (a TOML file included), so the thread count the live
-    # streams are capped by is the one gunicorn really runs.
+    # gunicorn_conf.py loads the same validated configuration; what this command
+    # settled beyond it (the bind and worker count given here, the data directory
+    # made absolute before gunicorn changes directory) goes through the environment.
     env = dict(os.environ, JOBCLOUD_BIND=cfg.bind,
-               JOBCLOUD_DATA_DIR=os.path.abspath(cfg.data_dir),
-               JOBCLOUD_GUNICORN_THREADS=str(cfg.gunicorn_threads))
+               JOBCLOUD_DATA_DIR=os.path.abspath(cfg.data_dir))
     if workers:
         env["JOBCLOUD_GUNICORN_WORKERS"] = str(workers)
     gunicorn = shutil.which("gunicorn") or os.path.join(os.path.dirname(sys.executable), "gunicorn")

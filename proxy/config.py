@@ -2,7 +2,13 @@
 
 Read once at the entry point (`load_config`) and passed inward; nothing else in
 the package reads the environment. Precedence: defaults < file < environment.
-Every value is validated here, so the rest of the code can trust it.
+Every value is validated here, so the rest of the code can trust it. The
+layering and type coercion are jobcloud_config's, shared with the scaler;
+what each setting means and which values are allowed are here.
+
+gunicorn's settings (bind, processes, threads, logs) are settings of the proxy
+too: proxy/gunicorn_conf.py reads them from here, so `gunicorn_threads` is one
+number for gunicorn and for the live-stream cap that depends on it.
 """
 from __future__ import annotations
 
@@ -10,9 +16,10 @@ import dataclasses
 import ipaddress
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from jobcloud_config import SettingError, layered
 
 from .errors import ConfigError
 
@@ -78,9 +85,21 @@ class Config:
     # (live.streams_per_process), so heartbeats, claims and pages always find a
     # free thread.
     live_streams_max: int = 4
-    # gunicorn's threads per process: proxy/gunicorn_conf.py reads the same
-    # JOBCLOUD_GUNICORN_THREADS (default 8 there too); only the cap above uses it here.
+    # gunicorn's threads per process (gunicorn_conf.py): a claim long-polls and
+    # a live stream holds its thread, so a process needs several; the cap above is
+    # derived from it.
     gunicorn_threads: int = 8
+    # gunicorn's processes; 0: twice the CPUs, at least 4 (no state lives in one).
+    gunicorn_workers: int = 0
+    # gunicorn's access log: "-" is stdout (journald), a path a file.
+    access_log: str = "-"
+    # Addresses whose X-Forwarded-* headers gunicorn trusts, comma-separated: none
+    # by default, loopback included; a front proxy on this host is named explicitly.
+    forwarded_allow_ips: str = ""
+    # gunicorn >= 25.1 opens a control socket at one fixed per-user path, which
+    # several proxies on one host (and the tests) would fight over: off unless a
+    # path is given.
+    gunicorn_control_socket: str = ""
     # Log level for the proxy's own logs (stdout).
     log_level: str = "INFO"
     # Hosts a job's webhook may target (exact names or IPs, "*.example.org" for
@@ -105,6 +124,10 @@ class Config:
         return "sqlite:///" + str(Path(self.data_dir).resolve() / "jobcloud.db")
 
     @property
+    def resolved_gunicorn_workers(self) -> int:
+        return self.gunicorn_workers or max(4, (os.cpu_count() or 1) * 2)
+
+    @property
     def url(self) -> str:
         if self.public_url:
             return self.public_url.rstrip("/")
@@ -114,7 +137,6 @@ class Config:
         return f"http://{host}:{port}"
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ENV_PREFIX = "JOBCLOUD_"
 
 
@@ -122,62 +144,20 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
     """Build the validated configuration.
 
     Args:
-        env: environment mapping (default: os.environ).
+        env: environment mapping (default: os.environ); JOBCLOUD_CONFIG names
+            the TOML file (its [proxy] table, or its top level).
         overrides: values that win over everything (tests, CLI flags).
 
     Raises:
         ConfigError: a value is unknown, of the wrong type or out of range.
     """
     env = os.environ if env is None else env
-    values: dict = {}
-    config_file = env.get(ENV_PREFIX + "CONFIG")
-    if config_file:
-        values.update(_read_file(config_file))
-    for name in _FIELDS:
-        key = ENV_PREFIX + name.upper()
-        if key in env:
-            values[name] = env[key]
-    values.update(overrides or {})
-    return validate({k: _coerce(k, v) for k, v in values.items()})
-
-
-def _read_file(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    section = data.get("proxy", data)
-    unknown = sorted(set(section) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return dict(section)
-
-
-def _coerce(name: str, value):
-    if name not in _FIELDS:
-        raise ConfigError(f"unknown setting {name!r}")
-    kind = type(_FIELDS[name].default)
-    try:
-        if kind is tuple:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            return tuple(str(v) for v in value)
-        if kind is bool:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"setting {name}: {value!r} is not a valid {kind.__name__}") from None
+        values = layered(Config, env=env, prefix=ENV_PREFIX, section="proxy",
+                         config_file=env.get(ENV_PREFIX + "CONFIG"), overrides=overrides)
+    except SettingError as e:
+        raise ConfigError(str(e)) from None
+    return validate(values)
 
 
 def validate(values: dict) -> Config:
@@ -212,6 +192,10 @@ def validate(values: dict) -> Config:
         (1 <= cfg.live_stream_s <= 300, "live_stream_s must be between 1 and 300"),
         (1 <= cfg.live_streams_max <= 1000, "live_streams_max must be between 1 and 1000"),
         (1 <= cfg.gunicorn_threads <= 1000, "gunicorn_threads must be between 1 and 1000"),
+        (0 <= cfg.gunicorn_workers <= 1000,
+         "gunicorn_workers must be between 0 (twice the CPUs) and 1000"),
+        (all(_valid_forwarder(a) for a in cfg.forwarded_allow_ips.split(",") if a.strip()),
+         "forwarded_allow_ips must list IP addresses or networks, or *"),
         (cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
          "log_level must be DEBUG, INFO, WARNING or ERROR"),
         (":" in cfg.bind and cfg.bind.rpartition(":")[2].isdigit()
@@ -247,3 +231,13 @@ def _valid_host_pattern(host: str) -> bool:
         pass
     labels = name.split(".")
     return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
+def _valid_forwarder(entry: str) -> bool:
+    """An address or network gunicorn's forwarded_allow_ips takes, or "*" (any)."""
+    entry = entry.strip()
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return entry == "*"
+    return True

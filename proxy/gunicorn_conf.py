@@ -3,33 +3,50 @@
 gthread workers: a claim may long-poll for up to claim_wait_max_s, and a sync
 worker would be blocked for that whole time; threads keep the other requests
 flowing. No state that matters lives in a process, so any count works.
+
+Bind, processes, threads and logs are the proxy's validated configuration
+(proxy.config: JOBCLOUD_* variables and the JOBCLOUD_CONFIG file), read once
+when gunicorn loads this file, which is the server's entry point: the thread
+count the app caps its live streams by is the one gunicorn runs, by
+construction, and a mistyped value stops the start with one line naming the
+setting instead of a traceback. gunicorn's own flags (--bind, --workers) still
+win over what is read here, as they win over any config file.
 """
-import multiprocessing
-import os
 import signal
 
-bind = os.environ.get("JOBCLOUD_BIND", "127.0.0.1:3000")
-workers = int(os.environ.get("JOBCLOUD_GUNICORN_WORKERS", max(4, multiprocessing.cpu_count() * 2)))
+from proxy.config import load_config
+from proxy.errors import ConfigError
+
+
+def _settings():
+    try:
+        return load_config()
+    except ConfigError as e:
+        # SystemExit, not the ConfigError: gunicorn prints a traceback for an
+        # exception raised while it imports this file, and only the message matters.
+        raise SystemExit(f"jobcloud-proxy: invalid configuration: {e.detail}") from None
+
+
+_cfg = _settings()
+bind = _cfg.bind
+workers = _cfg.resolved_gunicorn_workers
 worker_class = "gthread"
-threads = int(os.environ.get("JOBCLOUD_GUNICORN_THREADS", "8"))
+threads = _cfg.gunicorn_threads
 # Long enough for a 2 GiB upload on a slow link and a 30 s long-poll.
 timeout = 600
+# Above webhook_timeout_s (at most 20, config.py), so a shutdown waits for a POST in flight.
 graceful_timeout = 30
 keepalive = 5
-accesslog = os.environ.get("JOBCLOUD_ACCESS_LOG", "-")
+accesslog = _cfg.access_log
 errorlog = "-"
 # Uploads are streamed by the app; do not let gunicorn cap request lines below defaults.
 limit_request_line = 8190
-# gunicorn >= 25.1 opens a control socket at one fixed per-user path, which
-# several proxies on one host (and the tests) would fight over: off unless a
-# path is given.
-_control = os.environ.get("JOBCLOUD_GUNICORN_CONTROL_SOCKET", "")
-control_socket_disable = not _control
-if _control:
-    control_socket = _control
+control_socket_disable = not _cfg.gunicorn_control_socket
+if _cfg.gunicorn_control_socket:
+    control_socket = _cfg.gunicorn_control_socket
 # Trust no client's forwarding headers (X-Forwarded-*, SCRIPT_NAME) by default,
-# loopback included: a front proxy on this host must be named here explicitly.
-forwarded_allow_ips = os.environ.get("JOBCLOUD_FORWARDED_ALLOW_IPS", "")
+# loopback included (see forwarded_allow_ips in config.py).
+forwarded_allow_ips = _cfg.forwarded_allow_ips
 
 
 def worker_exit(server, worker):

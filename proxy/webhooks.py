@@ -2,12 +2,13 @@
 
 Targets: only http(s) URLs whose host is on the admin allow-list
 (`webhook_allowed_hosts`), checked at submission (400 naming the rule) and
-again before every attempt; redirects are never followed. The proxy must not
-become a way to reach addresses its users cannot: at each attempt the name is
-resolved and the connection goes to the address that was checked, which must
-be public unless the admin listed that very address (`address_allowed`). A
-failed attempt shows its user a short reason ("timeout", "HTTP 500"), never
-the exception's text. Every attempt ends within `webhook_timeout_s` in all.
+again before every attempt, and at each attempt only the checked address,
+public unless the admin listed that very address. The rules are
+webhook_targets.py's; the one POST (no redirects, one deadline for the whole
+attempt, a short reason such as "timeout" or "HTTP 500" for its user, never the
+exception's text) is webhook_post.py's. This module keeps the names its callers
+use (`check_url`, `address_allowed`, `MAX_URL_LENGTH`, ...), so they need not
+know how it is divided.
 
 Signing: one secret per user (`secret_for`), shown to that user only (API
 /api/v1/webhook-secret, page /account/webhook). Per user rather than one
@@ -31,25 +32,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.client
-import ipaddress
 import json
 import logging
-import os
 import secrets
-import socket
-import ssl
 import threading
 import time
 from enum import Enum
-from urllib.parse import urlsplit
 
 from .errors import ValidationError
 from .models import iso, new_id
+from .webhook_post import SendFailed, post
+# MAX_URL_LENGTH, address_allowed and host_allowed are not used here: callers and
+# tests know them as webhooks.<name>.
+from .webhook_targets import (MAX_URL_LENGTH, address_allowed, host_allowed,  # noqa: F401
+                              url_problem)
 
 log = logging.getLogger(__name__)
 
-MAX_URL_LENGTH = 2048
 # Longest pause between two attempts, whatever the backoff doubling says.
 MAX_BACKOFF_S = 3600.0
 # A claim outlives the request's timeout by this much before another process may retry it.
@@ -85,37 +84,10 @@ def check_url(url: str, allowed_hosts: tuple[str, ...]) -> str:
     if not allowed_hosts:
         raise ValidationError("webhooks are disabled on this proxy (webhook_allowed_hosts is empty)",
                               code="webhook_not_allowed")
-    problem = _url_problem(url, allowed_hosts)
+    problem = url_problem(url, allowed_hosts)
     if problem:
         raise ValidationError(problem, code="webhook_not_allowed")
     return url
-
-
-def _url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None:
-    if len(url) > MAX_URL_LENGTH:
-        return f"the webhook URL is longer than {MAX_URL_LENGTH} characters"
-    try:
-        parts = urlsplit(url)
-        parts.port  # raises ValueError on a malformed port
-    except ValueError:
-        return "the webhook URL is not a valid URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "the webhook URL must be an http:// or https:// URL with a host"
-    if parts.username is not None or parts.password is not None:
-        return "the webhook URL must not carry a user name or password"
-    if any(c.isspace() or ord(c) < 32 for c in url):
-        return "the webhook URL contains spaces or control characters"
-    if not host_allowed(parts.hostname, allowed_hosts):
-        return (f"webhook host {parts.hostname[:100]!r} is not allowed: the admin allow-list "
-                f"webhook_allowed_hosts is {', '.join(allowed_hosts)}")
-    return None
-
-
-def host_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
-    """True when `host` is listed, or is a subdomain of a listed "*.domain"."""
-    host = host.lower().rstrip(".")
-    return any(host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:]))
-               for pattern in allowed_hosts)
 
 
 # --------------------------------------------------------------------- secrets
@@ -202,6 +174,7 @@ class Deliverer:
 
     @classmethod
     def from_config(cls, db, cfg) -> "Deliverer":
+        """The deliverer the proxy's validated config (`cfg`) asks for; not started yet."""
         return cls(db, allowed_hosts=cfg.webhook_allowed_hosts,
                    max_attempts=cfg.webhook_max_attempts, backoff_s=cfg.webhook_backoff_s,
                    timeout_s=cfg.webhook_timeout_s, poll_s=cfg.webhook_poll_s)
@@ -298,7 +271,7 @@ class Deliverer:
         tell them which ports of an allowed host are open. The detail goes to the
         log, which only the admin reads.
         """
-        problem = _url_problem(delivery["url"], self.allowed_hosts)
+        problem = url_problem(delivery["url"], self.allowed_hosts)
         if problem:
             return None, problem
         body = delivery["body"].encode()
@@ -319,163 +292,3 @@ class Deliverer:
         log.warning("webhook %s for job %s, attempt %d: HTTP %d", delivery["id"],
                     delivery["job_id"], delivery["attempts"], status)
         return status, f"HTTP {status}"
-
-
-# ----------------------------------------------------------------- one POST
-
-class SendFailed(Exception):
-    """Raised when a webhook POST gets no HTTP answer; `reason` is safe to show its user."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-def post(url: str, body: bytes, headers: dict, *, allowed_hosts: tuple[str, ...],
-         deadline_s: float) -> int:
-    """POST `body` to `url` once, within `deadline_s` in all, and return the HTTP status.
-
-    The host name is resolved here and the connection goes to the address that
-    was checked (`reachable_address`), so a name cannot pass the allow-list and
-    then resolve elsewhere. Only the status line and headers are read (their
-    size is bounded by http.client: 100 lines of at most 64 KiB); a watchdog
-    closes the connection at the deadline, however slowly the receiver sends.
-
-    Raises:
-        SendFailed: no address may be reached, or no HTTP answer within the deadline.
-    """
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    port = parts.port or (443 if https else 80)
-    address = reachable_address(parts.hostname, port, allowed_hosts)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    watchdog = _Watchdog(deadline_s)
-    try:
-        sock = socket.create_connection((address, port), timeout=deadline_s)
-    except OSError as e:
-        raise _failure(e, timed_out=False) from None
-    response = None
-    try:
-        watchdog.guard(sock)
-        if https:
-            # Certificate and SNI for the name in the URL, not for the address.
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-        kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
-        connection = kind(parts.hostname, port, timeout=deadline_s)
-        # Already connected to the checked address; the Host header names the URL's host.
-        connection.sock = sock
-        connection.request("POST", target, body=body, headers=headers)
-        response = connection.getresponse()
-        watchdog.disarm()
-        if watchdog.fired:
-            # A cut mid-headers reads as their end to http.client: not an answer.
-            raise SendFailed("timeout", f"no complete answer within {deadline_s}s")
-        return response.status
-    except (OSError, http.client.HTTPException) as e:
-        raise _failure(e, timed_out=watchdog.fired) from None
-    finally:
-        watchdog.disarm()
-        if response is not None:
-            response.close()  # the body is never read: closing drops it with the connection
-        sock.close()
-
-
-def reachable_address(host: str, port: int, allowed_hosts: tuple[str, ...]) -> str:
-    """The first address `host` resolves to that a webhook may reach.
-
-    Raises:
-        SendFailed: the name does not resolve, or only to addresses not allowed.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as e:
-        raise SendFailed("host name not resolved", str(e)) from None
-    addresses = [info[4][0] for info in infos]
-    for address in addresses:
-        if address_allowed(address, allowed_hosts):
-            return address
-    raise SendFailed("address not allowed",
-                     f"{host} resolves to {', '.join(addresses)}: not public, not allow-listed")
-
-
-def address_allowed(address: str, allowed_hosts: tuple[str, ...]) -> bool:
-    """True for a public address, or for any address listed exactly in `allowed_hosts`.
-
-    Loopback, private, link-local, shared (100.64/10), reserved, multicast and
-    unspecified addresses are reachable only through an explicit entry for the
-    address itself: a name on the list, wildcard or not, never unlocks them,
-    since whoever controls the name's DNS chooses where it points.
-    """
-    ip = _ip(address.split("%", 1)[0])  # an IPv6 zone ("fe80::1%eth0") is not part of it
-    if any(_ip(entry) == ip for entry in allowed_hosts):
-        return True
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback
-                                 or ip.is_link_local or ip.is_private or ip.is_unspecified)
-
-
-def _ip(text: str):
-    """The address in `text` (an IPv4-mapped IPv6 one as its IPv4 address), or None."""
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def _failure(e: Exception, timed_out: bool) -> SendFailed:
-    """The reason a user is shown for a failed POST; the exception's text stays in the log."""
-    detail = f"{type(e).__name__}: {e}"
-    if timed_out or isinstance(e, TimeoutError):
-        return SendFailed("timeout", detail)
-    if isinstance(e, ConnectionRefusedError):
-        return SendFailed("connection refused", detail)
-    if isinstance(e, ssl.SSLError):  # certificate errors included
-        return SendFailed("TLS error", detail)
-    if isinstance(e, http.client.HTTPException):
-        return SendFailed("invalid HTTP response", detail)
-    return SendFailed("connection failed", detail)
-
-
-class _Watchdog:
-    """Cuts a connection when an attempt's total deadline passes.
-
-    Socket timeouts bound each read, not the attempt: a receiver sending one
-    byte a second would hold the delivery thread for as long as it liked.
-    shutdown() on the connection wakes the blocked read at once; it goes
-    through a duplicate of the descriptor because an ssl wrap takes over the
-    socket object, and under a lock so it never touches a descriptor that was
-    closed and reused.
-    """
-
-    def __init__(self, deadline_s: float):
-        self.fired = False
-        self._ends_at = time.monotonic() + deadline_s
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._timer: threading.Timer | None = None
-
-    def guard(self, sock: socket.socket) -> None:
-        self._fd = sock.fileno()
-        self._timer = threading.Timer(max(0.0, self._ends_at - time.monotonic()), self._cut)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def disarm(self) -> None:
-        with self._lock:
-            self._fd = None
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _cut(self) -> None:
-        with self._lock:
-            if self._fd is None:
-                return
-            self.fired = True
-            try:
-                with socket.socket(fileno=os.dup(self._fd)) as dup:
-                    dup.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by the receiver: the read ends by itself

@@ -1,6 +1,16 @@
-"""Configuration: defaults, file, environment, validation with clear messages."""
+"""Configuration: defaults, file, environment, validation with clear messages;
+gunicorn started with the same validated settings; the loader the proxy and
+the scaler share (jobcloud_config)."""
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
 import pytest
 
+from jobcloud_config import SettingError, layered
+from proxy import live
 from proxy.config import load_config
 from proxy.errors import ConfigError
 
@@ -57,3 +67,108 @@ def test_unreadable_or_invalid_file_is_a_clear_error(tmp_path):
     bad.write_text("[proxy\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(env={"JOBCLOUD_CONFIG": str(bad)})
+
+
+# ------------------------------------------------------------ gunicorn's settings
+
+def _gunicorn_settings(env: dict) -> subprocess.CompletedProcess:
+    """Load proxy/gunicorn_conf.py as gunicorn does (--print-config: load, print, exit)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "python:proxy.gunicorn_conf", "--print-config",
+         "proxy:create_app()"],
+        env={**_clean_env(), **env}, capture_output=True, text=True, timeout=60)
+
+
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("JOBCLOUD_")}
+
+
+def _printed(out: str, name: str) -> str:
+    return re.search(rf"^{name}\s+= (.*)$", out, re.MULTILINE).group(1)
+
+
+def test_gunicorn_runs_the_validated_configs_thread_count(tmp_path):
+    """One number: what gunicorn runs is config.gunicorn_threads, from the
+    environment or from the config file, and so is what live.py caps streams by."""
+    env = {"JOBCLOUD_GUNICORN_THREADS": "3", "JOBCLOUD_GUNICORN_WORKERS": "2",
+           "JOBCLOUD_BIND": "127.0.0.1:3999", "JOBCLOUD_ACCESS_LOG": "/dev/null"}
+    done = _gunicorn_settings(env)
+    assert done.returncode == 0, done.stderr
+    cfg = load_config(env=env)
+    assert _printed(done.stdout, "threads") == str(cfg.gunicorn_threads) == "3"
+    assert _printed(done.stdout, "workers") == str(cfg.resolved_gunicorn_workers) == "2"
+    assert _printed(done.stdout, "bind") == "['127.0.0.1:3999']"
+    assert _printed(done.stdout, "accesslog") == "/dev/null"
+    assert live.streams_per_process(cfg) == 1  # half of 3 threads, so some stay free
+
+    conf = tmp_path / "proxy.toml"
+    conf.write_text("[proxy]\ngunicorn_threads = 5\n")
+    done = _gunicorn_settings({"JOBCLOUD_CONFIG": str(conf)})
+    assert done.returncode == 0, done.stderr
+    assert _printed(done.stdout, "threads") == "5"
+    assert load_config(env={"JOBCLOUD_CONFIG": str(conf)}).gunicorn_threads == 5
+
+
+def test_gunicorn_defaults_are_the_configs():
+    done = _gunicorn_settings({})
+    assert done.returncode == 0, done.stderr
+    cfg = load_config(env={})
+    assert _printed(done.stdout, "threads") == "8" == str(cfg.gunicorn_threads)
+    assert _printed(done.stdout, "workers") == str(max(4, (os.cpu_count() or 1) * 2))
+    assert _printed(done.stdout, "bind") == "['127.0.0.1:3000']"
+    assert _printed(done.stdout, "forwarded_allow_ips") == "[]"  # trust no forwarder
+    assert _printed(done.stdout, "control_socket_disable") == "True"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JOBCLOUD_GUNICORN_THREADS": "0"}, "gunicorn_threads must be between 1 and 1000"),
+    ({"JOBCLOUD_GUNICORN_THREADS": "many"}, "setting gunicorn_threads: 'many' is not a valid int"),
+    ({"JOBCLOUD_GUNICORN_WORKERS": "-1"}, "gunicorn_workers must be between"),
+    ({"JOBCLOUD_FORWARDED_ALLOW_IPS": "proxy.example.org"}, "forwarded_allow_ips"),
+])
+def test_gunicorn_refuses_to_start_on_an_invalid_setting_in_one_line(env, message):
+    done = _gunicorn_settings(env)
+    assert done.returncode != 0
+    assert f"jobcloud-proxy: invalid configuration: {message}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_forwarders_may_be_addresses_networks_or_any():
+    cfg = load_config(env={"JOBCLOUD_FORWARDED_ALLOW_IPS": "127.0.0.1, 10.0.0.0/8,::1"})
+    assert cfg.forwarded_allow_ips == "127.0.0.1, 10.0.0.0/8,::1"
+    assert load_config(env={"JOBCLOUD_FORWARDED_ALLOW_IPS": "*"}).forwarded_allow_ips == "*"
+
+
+# ------------------------------------------------- the loader the deployables share
+
+@dataclass(frozen=True)
+class Sample:
+    count: int = 1
+    ratio: float = 0.5
+    names: tuple[str, ...] = ("a",)
+    label: str = "x"
+    slots: int | None = None
+
+
+@pytest.mark.parametrize("field, value", [
+    ("count", True), ("count", 2.5), ("count", "2.5"), ("ratio", True), ("ratio", "half"),
+])
+def test_the_shared_loader_refuses_what_toml_would_let_through(field, value):
+    with pytest.raises(SettingError, match=f"setting {field}: .* is not a valid"):
+        layered(Sample, env={}, prefix="T_", overrides={field: value})
+
+
+def test_the_shared_loader_layers_file_environment_and_overrides(tmp_path):
+    conf = tmp_path / "t.toml"
+    conf.write_text('[t]\ncount = 2\nnames = ["f"]\nlabel = "file"\n')
+    values = layered(Sample, env={"T_COUNT": "3", "T_NAMES": "e1, e2", "T_SLOTS": ""},
+                     prefix="T_", config_file=str(conf), section="t",
+                     overrides={"count": 4, "label": None}, nullable={"slots": int})
+    # The override wins, None is "not given", "" clears a nullable field.
+    assert values == {"count": 4, "names": ("e1", "e2"), "label": "file", "slots": None}
+    assert layered(Sample, env={"T_SLOTS": "6"}, prefix="T_", nullable={"slots": int}) == {"slots": 6}
+    with pytest.raises(SettingError, match="unknown setting 'nope'"):
+        layered(Sample, env={}, prefix="T_", overrides={"nope": 1})
+    conf.write_text("[t]\nnope = 1\n")
+    with pytest.raises(SettingError, match=r"unknown setting\(s\) nope"):
+        layered(Sample, env={}, prefix="T_", config_file=str(conf), section="t")

@@ -128,6 +128,8 @@ def test_template_holds_no_identity_and_no_secrets(template, disk_files):
     # What a clone needs to become itself and run jobs is there.
     assert "JOBCLOUD_WORKER_IMAGES=jobcloud/python" in disk_files("/etc/jobcloud/template.env")
     assert "class Worker" in disk_files("/opt/jobcloud/worker/daemon.py")
+    # The settings loader beside it, on the worker's PYTHONPATH (/opt/jobcloud).
+    assert "def layered(" in disk_files("/opt/jobcloud/jobcloud_config.py")
     wants = disk_files.listing("/etc/systemd/system/multi-user.target.wants")
     assert {"jobcloud-firstboot.service", "jobcloud-worker.service", "docker.service"} <= set(wants)
     repositories = json.loads(disk_files("/var/lib/docker/image/overlay2/repositories.json"))

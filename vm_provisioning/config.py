@@ -2,19 +2,20 @@
 
 Read once at the entry point (`load_config`, called by `jobcloud-vm`) and passed
 inward as a `ScalerConfig`; nothing else in the package reads the environment.
-Precedence: defaults < file < environment < flags. Tests build a `ScalerConfig`
+Precedence: defaults < file < environment < flags (the layering and coercion are
+jobcloud_config's, shared with the proxy). Tests build a `ScalerConfig`
 directly (every field has a keyword); `Scaler` runs `validate` on what it is given.
 """
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
+
+from jobcloud_config import SettingError, layered
 
 from .errors import ConfigError
 
@@ -96,10 +97,6 @@ def _is_ip(host: str | None) -> bool:
     return True
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(ScalerConfig)}
-_OPTIONAL_INT = {"worker_slots"}
-
-
 def load_config(env: dict | None = None, overrides: dict | None = None,
                 config_file: str | None = None) -> ScalerConfig:
     """Build the validated configuration.
@@ -113,55 +110,14 @@ def load_config(env: dict | None = None, overrides: dict | None = None,
         ConfigError: a value is unknown, of the wrong type or out of range.
     """
     env = os.environ if env is None else env
-    values: dict = {}
-    config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
-    if config_file:
-        values.update(_read_file(config_file))
-    for name in _FIELDS:
-        key = ENV_PREFIX + name.upper()
-        if key in env:
-            values[name] = env[key]
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validate(ScalerConfig(**{k: _coerce(k, v) for k, v in values.items()}))
-
-
-def _read_file(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    section = data.get("vm", data)
-    unknown = sorted(set(section) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return dict(section)
-
-
-def _coerce(name: str, value):
-    if name not in _FIELDS:
-        raise ConfigError(f"unknown setting {name!r}")
-    kind = int if name in _OPTIONAL_INT else type(_FIELDS[name].default)
-    try:
-        if name in _OPTIONAL_INT and value in ("", None):
-            return None
-        if kind is tuple:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            return tuple(str(v) for v in value)
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"setting {name}: {value!r} is not a valid {kind.__name__}") from None
+        # worker_slots: None lets the worker decide; set, it is a number of slots.
+        values = layered(ScalerConfig, env=env, prefix=ENV_PREFIX, section="vm",
+                         config_file=config_file or env.get(ENV_PREFIX + "CONFIG"),
+                         overrides=overrides, nullable={"worker_slots": int})
+    except SettingError as e:
+        raise ConfigError(str(e)) from None
+    return validate(ScalerConfig(**values))
 
 
 def validate(cfg: ScalerConfig) -> ScalerConfig:

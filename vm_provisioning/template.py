@@ -6,8 +6,9 @@ How it is built, and why this way:
    dependencies (Debian's own packages: the guest needs no pip and no network).
    The result is cached as a tarball keyed by the package list, so changing the
    worker or an image does not download Debian again.
-2. Add the worker package, its systemd unit and the first-boot unit that gives a
-   clone its identity from a NoCloud seed (vm_provisioning/seed.py).
+2. Add the worker package (with the shared settings loader, jobcloud_config.py),
+   its systemd unit and the first-boot unit that gives a clone its identity
+   from a NoCloud seed (vm_provisioning/seed.py).
 3. Bake the job images into the guest's Docker storage with a second, temporary
    dockerd on this host whose --data-root is inside the rootfs: importing them
    inside the guest at boot takes minutes under software emulation.
@@ -47,6 +48,9 @@ DEFAULT_DIR = ROOT / "var" / "vm" / "template"
 DEFAULT_CACHE = ROOT / "var" / "vm" / "cache"
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 WORKER_DIR = ROOT / "worker"
+# The settings loader the deployables share (one stdlib-only file): the guest
+# gets it beside the worker package, on the worker's PYTHONPATH (/opt/jobcloud).
+SHARED_MODULES = (ROOT / "jobcloud_config.py",)
 DEFAULT_IMAGES = ("jobcloud/python", "jobcloud/ml")
 
 SUITE = "bookworm"
@@ -189,7 +193,7 @@ def _inputs(suite: str, mirror: str, image_ids: dict, headroom_bytes: int) -> di
 
 def _source_files() -> list[Path]:
     files = [Path(__file__).resolve(), *sorted(p for p in GUEST_DIR.iterdir() if p.is_file())]
-    return files + sorted(WORKER_DIR.glob("*.py"))
+    return files + sorted(WORKER_DIR.glob("*.py")) + list(SHARED_MODULES)
 
 
 def _current(out_dir: Path, input_hash: str) -> dict | None:
@@ -257,7 +261,9 @@ def _install_guest(rootfs: Path, image_ids: dict) -> None:
     opt.mkdir(parents=True)
     for src in WORKER_DIR.glob("*.py"):
         shutil.copy2(src, opt / src.name)
-    _chroot(rootfs, ["python3", "-m", "compileall", "-q", "/opt/jobcloud/worker"],
+    for src in SHARED_MODULES:
+        shutil.copy2(src, opt.parent / src.name)
+    _chroot(rootfs, ["python3", "-m", "compileall", "-q", "/opt/jobcloud"],
             "compiling the worker")
     _put(rootfs, "usr/lib/jobcloud/firstboot", "firstboot", 0o755)
     _put(rootfs, "etc/systemd/system/jobcloud-firstboot.service", "jobcloud-firstboot.service")

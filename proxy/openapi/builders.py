@@ -1,0 +1,123 @@
+"""The pieces every part of the OpenAPI document is built from: security
+requirements, common parameters, JSON and error answers, an operation, a page.
+
+Written once here so that every operation answers its errors the same way
+(`{"error", "detail"}` with the status's one-line meaning) and every browser
+page documents its redirect, its CSRF refusal and its HTML-or-JSON errors
+alike; a part module only says what is particular to its routes.
+"""
+from __future__ import annotations
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+USER = [{"userToken": []}, {"session": []}]
+WORKER = [{"workerSecret": []}]
+ENROLL = [{"enrollmentToken": []}]
+SESSION = [{"session": []}]
+
+USER_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+USER_PARAM = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+
+ERROR_TEXT = {400: "Invalid request", 401: "Missing or invalid credentials", 403: "Not allowed",
+              404: "Not found (or not yours)", 409: "Conflict with the current state",
+              413: "Upload too large", 415: "Wrong content type",
+              429: "Over a per-user count or rate limit", 503: "Store unavailable"}
+
+# The browser pages are part of the served surface too: documented so the
+# document lists every route, with the session cookie and a form CSRF token.
+HTML = {"description": "HTML page", "content": {"text/html": {}}}
+REDIRECT = {"description": "Redirect (to the login page when not logged in)"}
+CSRF_FORM = {"403": {"description": "The form's csrf_token is missing or wrong",
+                     "content": {"text/html": {}, "application/json": {"schema": ERROR}}}}
+
+
+def answer(schema, description="OK") -> dict:
+    """A JSON response object with `schema`."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def errors(*codes) -> dict:
+    """The responses of an API route's error statuses, each the JSON Error."""
+    return {str(c): answer(ERROR, ERROR_TEXT[c]) for c in codes}
+
+
+def page_errors(*codes) -> dict:
+    """The error responses of a page: HTML, or JSON to Accept: application/json."""
+    return {str(c): {"description": ERROR_TEXT[c], "content": {
+        "text/html": {}, "application/json": {"schema": ERROR}}} for c in codes}
+
+
+def op(summary, security, responses, *, params=(), body=None, tag="jobs") -> dict:
+    """An operation object: what it does, who may call it, what it answers."""
+    result = {"summary": summary, "tags": [tag], "security": security, "responses": responses}
+    if params:
+        result["parameters"] = list(params)
+    if body:
+        result["requestBody"] = body
+    return result
+
+
+def json_body(schema, required=True) -> dict:
+    """A request body of JSON with `schema`."""
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+def page(summary, *, form=None, params=(), ok="200", errors=()) -> dict:
+    """A browser page's operation.
+
+    Args:
+        summary: what the page shows or does.
+        form: the fields of the urlencoded form it takes (csrf_token is added), or None.
+        params: its path and query parameters.
+        ok: "200" for a page that answers HTML, "302" for one that redirects.
+        errors: the error statuses it may answer.
+    """
+    responses = {ok: REDIRECT if ok == "302" else HTML, "302": REDIRECT, **page_errors(*errors)}
+    if form is not None:
+        responses.update(CSRF_FORM)
+    result = op(summary, SESSION, responses, params=params, tag="pages")
+    if form is not None:
+        props = {"csrf_token": {"type": "string"}, **form}
+        result["requestBody"] = {"required": True, "content": {
+            "application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "required": ["csrf_token"], "properties": props}}}}
+    return result
+
+
+# ------------------------------------------- parts an API route and its page share
+
+SUBMIT_FORM = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "properties": {
+            "script": {"type": "string", "format": "binary", "description": "a .py file"},
+            "code": {"type": "string", "description": "pasted code, instead of script"},
+            "dataset": {"type": "string", "format": "binary", "description": "optional .zip"},
+            "name": {"type": "string", "maxLength": 100},
+            "image": {"type": "string"},
+            "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
+            "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
+            "webhook_url": {"type": "string", "maxLength": 2048,
+                            "description": "http(s) URL on an allow-listed host (webhook_allowed_hosts)"
+                                           ": gets a signed POST when the job finishes"},
+        }}}},
+}
+
+USAGE_PARAMS = [
+    {"name": "period", "in": "query", "schema": {"type": "string", "enum": ["day", "month"]}},
+    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date"}},
+    {"name": "until", "in": "query", "schema": {"type": "string", "format": "date"}},
+    {"name": "user", "in": "query", "description": "admins: one user (default: everyone)",
+     "schema": {"type": "string"}},
+]
+
+# Live updates (proxy/live.py): the same streams under /api/v1 and for the pages.
+EVENT_STREAM = {"description": (
+    "Server-Sent Events. The stream ends by itself after live_stream_s (25 s): reconnect with the last "
+    "event's id in Last-Event-ID (EventSource does) to resume without duplicates or gaps."),
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+RESUME = [{"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+           "description": "the id of the last event received: the stream resumes after it"},
+          {"name": "from", "in": "query", "schema": {"type": "string"},
+           "description": "the same as Last-Event-ID, for a first connection"}]

@@ -1,0 +1,187 @@
+"""The components of the OpenAPI document: the shapes of what the API takes and
+answers (jobs, logs, worker results and claims, limits, the scaler's report,
+usage and cost), referred to from the paths as #/components/schemas/<Name>.
+
+Ranges, enums and lengths the proxy enforces are written into the shapes, so
+a client, and the fuzzing test (tests/test_fuzz.py), learn them from the
+contract rather than from a 400.
+"""
+from __future__ import annotations
+
+USAGE = {"type": ["number", "null"], "minimum": 0, "maximum": 2**53}
+MONEY = {"type": "string", "pattern": r"^\d+\.\d{6}$", "description": "exact decimal amount"}
+PRICE_IN = {"type": ["string", "number"], "description": "per hour, >= 0, at most 6 decimals"}
+# A worker's orders ride on every answer that can carry them (heartbeat, claim,
+# a result with claim_next), so it hears of a cancel or a drain on whichever
+# call comes first; they mean the same on each (proxy/workers.py, Orders).
+ORDER_CANCEL = {"type": "array", "items": {"type": "string"},
+                "description": "jobs this worker holds whose owner asked to cancel them: stop "
+                               "each, and post its result as cancelled"}
+ORDER_DRAIN = {"type": "boolean",
+               "description": "true while the worker is draining: finish the jobs it holds, "
+                              "claim no new ones"}
+CLAIMED_JOBS = {"type": "array", "items": {"$ref": "#/components/schemas/ClaimedJob"},
+                "description": "jobs now leased to this worker (state running, this attempt)"}
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error", "detail"],
+              "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
+    "Job": {"type": "object", "required": ["id", "state", "name", "image", "attempt"],
+            "properties": {
+                "id": {"type": "string"}, "owner": {"type": "string"}, "name": {"type": "string"},
+                "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed",
+                                                     "cancelled", "timed_out"]},
+                "image": {"type": "string"}, "resources": {"type": "object"},
+                "script": {"type": "object"}, "dataset": {"type": ["object", "null"]},
+                "attempt": {"type": "integer"}, "worker_id": {"type": ["string", "null"]},
+                "cancel_requested": {"type": "boolean"},
+                "submitted_at": {"type": "string"}, "started_at": {"type": ["string", "null"]},
+                "finished_at": {"type": ["string", "null"]},
+                "exit_code": {"type": ["integer", "null"]},
+                "failure_reason": {"type": ["string", "null"]},
+                "outputs": {"type": ["object", "null"]}, "usage": {"type": "object"},
+                "cost": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Cost"}]},
+                "webhook": {"type": ["object", "null"], "description": "URL and delivery state"},
+                "links": {"type": "object"}}},
+    "JobList": {"type": "object", "required": ["jobs", "next"],
+                "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+                               "next": {"type": ["string", "null"]},
+                               "user": {"type": "string"}}},
+    "Logs": {"type": "object", "required": ["stream", "offset", "next_offset", "data"],
+             "properties": {"stream": {"type": "string"}, "offset": {"type": "integer"},
+                            "next_offset": {"type": "integer"}, "data": {"type": "string"},
+                            "truncated": {"type": "boolean"}, "source": {"type": "string"},
+                            "job_id": {"type": "string"}, "attempt": {"type": "integer"},
+                            "state": {"type": "string"}}},
+    "Token": {"type": "object", "properties": {
+        "id": {"type": "string"}, "label": {"type": "string"}, "token": {"type": "string"},
+        "created_at": {"type": "string"}, "last_used_at": {"type": ["string", "null"]},
+        "revoked_at": {"type": ["string", "null"]}}},
+    "Capacity": {"type": "object", "required": ["name", "cpus", "memory_mb", "gpus", "slots", "images"],
+                 "properties": {"name": {"type": "string"}, "cpus": {"type": "number"},
+                                "memory_mb": {"type": "integer"}, "gpus": {"type": "integer"},
+                                "slots": {"type": "integer"},
+                                "disk_mb": {"type": ["integer", "null"],
+                                            "description": "free disk of the worker's data dir"},
+                                "images": {"type": "array", "items": {"type": "string"}}}},
+    "ClaimedJob": {"type": "object", "required": [
+        "id", "attempt", "name", "image", "cpus", "memory_mb", "timeout_s", "gpus", "script",
+        "dataset"], "properties": {
+        "id": {"type": "string"}, "attempt": {"type": "integer"}, "name": {"type": "string"},
+        "image": {"type": "string"}, "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
+        "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
+        "script": {"$ref": "#/components/schemas/JobInput"},
+        "dataset": {"type": ["object", "null"], "description": "a JobInput, or null: no dataset"}}},
+    "JobInput": {"type": "object", "required": ["sha256", "size", "url"], "properties": {
+        "sha256": {"type": "string"}, "size": {"type": "integer"},
+        "url": {"type": "string", "description": "where this worker downloads it, while it holds the job"}}},
+    # The worker's answers (worker/protocol.py reads each into one dataclass).
+    "RegisterAnswer": {"type": "object", "required": [
+        "worker_id", "secret", "heartbeat_interval_s", "lease_timeout_s"], "properties": {
+        "worker_id": {"type": "string"},
+        "secret": {"type": "string", "description": "the worker's bearer secret (jcw_...), shown once"},
+        "heartbeat_interval_s": {"type": "number", "description": "how often to heartbeat"},
+        "lease_timeout_s": {"type": "number",
+                            "description": "a worker silent this long is lost, its jobs requeued"}}},
+    "HeartbeatAnswer": {"type": "object", "required": ["cancel", "unknown", "drain"], "properties": {
+        "cancel": ORDER_CANCEL, "drain": ORDER_DRAIN,
+        "unknown": {"type": "array", "items": {"type": "string"},
+                    "description": "jobs the heartbeat listed as running that this worker no "
+                                   "longer holds (requeued, given up): stop them, post no result"}}},
+    "ClaimAnswer": {"type": "object", "required": ["jobs", "cancel", "drain"], "properties": {
+        "jobs": CLAIMED_JOBS, "cancel": ORDER_CANCEL, "drain": ORDER_DRAIN}},
+    "ResultAnswer": {
+        "type": "object", "required": ["job_id", "state", "applied"],
+        "description": "With claim_next > 0 in the result, also the claim's answer: `jobs`, "
+                       "`cancel` and `drain`, all three, meaning what they mean in ClaimAnswer",
+        "properties": {
+            "job_id": {"type": "string"},
+            "state": {"type": "string", "description": "the job's state after this result"},
+            "applied": {"type": "boolean", "description": "false: a duplicate of a result "
+                        "already recorded, or the job was already final"},
+            "jobs": CLAIMED_JOBS, "cancel": ORDER_CANCEL, "drain": ORDER_DRAIN},
+        # All three or none: they come together, from the same claim.
+        "dependentRequired": {"jobs": ["cancel", "drain"], "cancel": ["jobs", "drain"],
+                              "drain": ["jobs", "cancel"]}},
+    "Result": {"type": "object", "required": ["attempt", "state"], "properties": {
+        "attempt": {"type": "integer"},
+        "state": {"type": "string", "enum": ["succeeded", "failed", "cancelled", "timed_out"]},
+        "exit_code": {"type": ["integer", "null"], "minimum": -2**31, "maximum": 2**31 - 1},
+        "failure_reason": {"type": ["string", "null"]},
+        "stdout": {"type": "string"}, "stderr": {"type": "string"},
+        "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
+        "cpu_seconds": USAGE, "peak_memory_bytes": {**USAGE, "type": ["integer", "null"]},
+        "wall_seconds": USAGE,
+        "gpu_seconds": {**USAGE, "description": "stored as at most the job's gpus times the"
+                        " seconds since its claim (so 0 for a CPU job)"},
+        "claim_next": {"type": "integer", "minimum": 0, "maximum": 64,
+                       "description": "also claim up to this many jobs: the answer then carries "
+                                      "`jobs`, `cancel` and `drain`, as a claim's does"}}},
+    "Limits": {"type": "object", "required": ["user", "weight"], "properties": {
+        "user": {"type": "string"}, "weight": {"type": "number"},
+        **{name: {"type": ["number", "null"]} for name in (
+            "max_running", "max_queued", "max_submissions_per_minute", "max_cpus",
+            "max_memory_mb", "max_gpus", "max_timeout_s")}}},
+    "LimitChanges": {"type": "object", "additionalProperties": False, "properties": {
+        "weight": {"type": ["number", "null"], "minimum": 0.01, "maximum": 1e9},
+        "max_cpus": {"type": ["number", "null"], "minimum": 0.1, "maximum": 1e9},
+        **{name: {"type": ["integer", "null"], "minimum": low, "maximum": 1e9} for name, low in (
+            ("max_running", 0), ("max_queued", 0), ("max_submissions_per_minute", 0),
+            ("max_memory_mb", 6), ("max_gpus", 0), ("max_timeout_s", 1))}}},
+    "Worker": {"type": "object", "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
+        "slots": {"type": "integer"}, "running": {"type": ["integer", "null"]}}},
+    "QueueView": {"type": "object", "required": ["queued", "running", "workers"], "properties": {
+        "queued": {"type": "integer"}, "running": {"type": "integer"},
+        "runnable": {"type": "integer", "description": "queued jobs more workers could start now: "
+                     "owners under max_running and, with a worker shape given, fitting it"},
+        "workers": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
+            "slots": {"type": "integer"}, "running": {"type": "integer"},
+            "reserved": {"type": "integer"},
+            "idle_s": {"type": ["number", "null"],
+                       "description": "seconds since it last finished a job; null while it holds one"}}}}}},
+    "ScalerReport": {"type": "object", "properties": {
+        "vms": {"type": "array", "maxItems": 1000, "items": {
+            "type": "object", "required": ["name", "host_uri", "state"], "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                "host_uri": {"type": "string", "minLength": 1, "maxLength": 500},
+                "state": {"type": "string", "enum": ["booting", "ready", "draining", "stopping"]},
+                "worker_name": {"type": ["string", "null"], "maxLength": 64},
+                "created_at": {"type": ["number", "null"], "minimum": 0}}}},
+        "events": {"type": "array", "maxItems": 1000, "items": {
+            "type": "object", "required": ["action", "reason"], "properties": {
+                "action": {"type": "string", "pattern": "^[a-z_]{1,32}$"},
+                "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+                "vm_name": {"type": ["string", "null"], "maxLength": 64}}}}}},
+
+    # Usage, cost, prices and webhooks (issue #5).
+    "Cost": {"type": "object", "required": ["amount", "amount_micros", "currency", "breakdown"],
+             "properties": {"amount": MONEY, "amount_micros": {"type": "integer"},
+                            "currency": {"type": "string"},
+                            "breakdown": {"type": "object", "properties": {
+                                "cpu": MONEY, "memory": MONEY, "gpu": MONEY}}}},
+    "Prices": {"type": "object", "properties": {
+        "currency": {"type": "string"}, "cpu_hour": MONEY, "gb_hour": MONEY, "gpu_hour": MONEY,
+        "memory_basis": {"type": "string"}, "updated_at": {"type": ["string", "null"]},
+        "updated_by": {"type": ["string", "null"]}}},
+    "PriceChanges": {"type": "object", "additionalProperties": False, "properties": {
+        "currency": {"type": "string", "minLength": 1, "maxLength": 8},
+        "cpu_hour": PRICE_IN, "gb_hour": PRICE_IN, "gpu_hour": PRICE_IN}},
+    "Usage": {"type": "object", "required": ["period", "since", "until", "rows", "totals"],
+              "properties": {
+                  "period": {"type": "string", "enum": ["day", "month"]},
+                  "since": {"type": "string", "format": "date"},
+                  "until": {"type": "string", "format": "date"},
+                  "user": {"type": ["string", "null"]},
+                  "rows": {"type": "array", "items": {"type": "object", "properties": {
+                      "period": {"type": "string"}, "user": {"type": "string"},
+                      "currency": {"type": "string"}, "jobs": {"type": "integer"},
+                      "cpu_hours": {"type": "number"}, "gb_hours": {"type": "number"},
+                      "gpu_hours": {"type": "number"}, "cost": MONEY,
+                      "cost_micros": {"type": "integer"}}}},
+                  "totals": {"type": "array", "items": {"type": "object"}}}},
+    "WebhookSecret": {"type": "object", "required": ["secret"], "properties": {
+        "secret": {"type": "string"}, "algorithm": {"type": "string"},
+        "signed_content": {"type": "string"}, "signature_header": {"type": "string"}}},
+}

@@ -1,0 +1,64 @@
+"""The worker protocol in the OpenAPI document: what a worker daemon
+(worker/client.py) sends and what the proxy (proxy/worker_api.py) answers.
+
+The contract between two deployables that share no code: a field the proxy
+adds to an answer is described here, and that is where the worker's side
+learns of it.
+"""
+from __future__ import annotations
+
+from .builders import ENROLL, JOB_ID, WORKER, answer, errors, json_body, op
+
+
+def worker_paths() -> dict:
+    """Register, heartbeat, claim, inputs, logs, result and deregister."""
+    return {
+        "/api/v1/workers/register": {"post": op(
+            "Register a worker with an enrollment token; returns its secret", ENROLL,
+            {"201": answer({"$ref": "#/components/schemas/RegisterAnswer"}),
+             **errors(400, 401)}, body=json_body({"$ref": "#/components/schemas/Capacity"}),
+            tag="worker")},
+        "/api/v1/worker/heartbeat": {"post": op(
+            "Heartbeat: extends leases; answers jobs to cancel and the drain flag", WORKER,
+            {"200": answer({"$ref": "#/components/schemas/HeartbeatAnswer"}),
+             **errors(400, 401, 404)},
+            body=json_body({"type": "object", "properties": {
+                "running": {"type": "array", "items": {"type": "string"}}}}, required=False),
+            tag="worker")},
+        "/api/v1/worker/claim": {"post": op(
+            "Claim jobs (round-robin across live workers; may long-poll); answers the worker's "
+            "orders (cancel, drain) as a heartbeat does", WORKER,
+            {"200": answer({"$ref": "#/components/schemas/ClaimAnswer"}), **errors(400, 401, 404)},
+            body=json_body({"type": "object", "properties": {
+                "max_jobs": {"type": "integer", "minimum": 0, "maximum": 64},
+                "wait_s": {"type": "number", "minimum": 0}}}, required=False), tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/script": {"get": op(
+            "Download the script of a job this worker holds", WORKER,
+            {"200": {"description": "the script", "content": {"text/x-python": {}}},
+             **errors(401, 404)}, params=[JOB_ID], tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/dataset": {"get": op(
+            "Download the dataset of a job this worker holds", WORKER,
+            {"200": {"description": "zip", "content": {"application/zip": {}}}, **errors(401, 404)},
+            params=[JOB_ID], tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/logs": {"post": op(
+            "Append a chunk of stdout/stderr (idempotent by offset)", WORKER,
+            {"200": answer({"type": "object"}), **errors(400, 401, 404)}, params=[JOB_ID],
+            body=json_body({"type": "object", "required": ["attempt", "stream", "offset", "data"],
+                            "properties": {"attempt": {"type": "integer"},
+                                           "stream": {"type": "string", "enum": ["stdout", "stderr"]},
+                                           "offset": {"type": "integer", "minimum": 0},
+                                           "data": {"type": "string"}}}), tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/result": {"post": op(
+            "Post the final result (JSON, or multipart: result + outputs zip); idempotent. With "
+            "claim_next > 0 it also claims, and answers as a claim does too", WORKER,
+            {"200": answer({"$ref": "#/components/schemas/ResultAnswer"}),
+             **errors(400, 401, 404, 409, 413)}, params=[JOB_ID],
+            body={"required": True, "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
+                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                    "result": {"type": "string"}, "outputs": {"type": "string", "format": "binary"}}}}}},
+            tag="worker")},
+        "/api/v1/worker/deregister": {"post": op(
+            "Deregister: the worker's running jobs are requeued", WORKER,
+            {"200": answer({"type": "object"}), **errors(401, 404)}, tag="worker")},
+    }

@@ -103,7 +103,9 @@ def _register_error_handlers(app: Flask) -> None:
     def proxy_error(e: ProxyError):
         if e.status >= 500:
             log.error("%s: %s", e.code, e.detail)
-        return _error_response(e.status, e.code, e.detail)
+        response = _error_response(e.status, e.code, e.detail)
+        response.headers.update(e.headers)
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

@@ -4,6 +4,10 @@ Passwords are stored as salted scrypt hashes (werkzeug.security). Tokens are
 random 256-bit strings shown once; only their sha256 is stored (a slow hash
 buys nothing for secrets with that much entropy). Each kind of secret has its
 own prefix and table, so a worker secret can never pass as a user token.
+
+Every password check is throttled per account and per client address
+(throttle.py), and every hash runs through `_hash_cpu`, which caps how many
+run at once in a process and keeps them off gevent's event loop.
 """
 from __future__ import annotations
 
@@ -11,10 +15,13 @@ import functools
 import hashlib
 import re
 import secrets
+import sys
+import threading
 import time
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from . import throttle
 from .errors import Conflict, NotFound, ValidationError
 from .models import is_lookup_key, new_id
 
@@ -25,6 +32,9 @@ USERNAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
 MIN_PASSWORD = 10
 # Longest an enrollment token may be valid: ten years.
 MAX_ENROLLMENT_S = 10 * 365 * 24 * 3600
+# Password hashes (scrypt, 0.15-0.5 s of CPU each) running at once per process:
+# the cores of the machine this was sized on; more only makes each one slower.
+MAX_CONCURRENT_HASHES = 2
 
 
 def hash_token(token: str) -> str:
@@ -70,7 +80,7 @@ def create_user(conn, name: str, password: str, *, admin: bool = False,
     if conn.query_one("SELECT id FROM users WHERE name = ?", (name,)):
         raise Conflict(f"user {name!r} already exists", code="user_exists")
     user = {
-        "id": new_id("u"), "name": name, "password_hash": generate_password_hash(password),
+        "id": new_id("u"), "name": name, "password_hash": _hash_cpu(generate_password_hash, password),
         "is_admin": int(admin), "must_change_password": int(must_change),
         "session_epoch": 0, "created_at": time.time(),
     }
@@ -105,15 +115,34 @@ def list_users(conn) -> list[dict]:
     return conn.query("SELECT id, name, is_admin, created_at FROM users ORDER BY name")
 
 
-def authenticate(conn, name: str, password: str) -> dict | None:
-    user = get_user_by_name(conn, name or "")
+def authenticate(conn, name: str, password: str, *, address: str | None = None,
+                 now: float | None = None) -> dict | None:
+    """The user whose name and password these are, or None; throttled (throttle.py).
+
+    Args:
+        conn: a Connection not inside a transaction (the throttle commits its counts).
+        address: the client's address, throttled too; None throttles the account only.
+        now: the time for the throttle; the clock when None.
+
+    Raises:
+        TooManyAttempts: the account or address is locked out; no hash was run.
+    """
+    name = name or ""
+    throttle.begin_check(conn, name, address, now=now)
+    user = None
+    try:
+        user = _check_password(get_user_by_name(conn, name), password or "")
+    finally:
+        throttle.end_check(conn, name, address, failed=user is None, now=now)
+    return user
+
+
+def _check_password(user: dict | None, password: str) -> dict | None:
     if user is None:
         # Same work as a real check, so timing does not reveal which names exist.
-        check_password_hash(_dummy_hash(), password or "")
+        _hash_cpu(check_password_hash, _dummy_hash(), password)
         return None
-    if not check_password_hash(user["password_hash"], password or ""):
-        return None
-    return user
+    return user if _hash_cpu(check_password_hash, user["password_hash"], password) else None
 
 
 def set_password(conn, user_id: str, password: str, *, must_change: bool = False) -> None:
@@ -121,7 +150,7 @@ def set_password(conn, user_id: str, password: str, *, must_change: bool = False
     conn.execute(
         "UPDATE users SET password_hash = ?, must_change_password = ?,"
         " session_epoch = session_epoch + 1 WHERE id = ?",
-        (generate_password_hash(password), int(must_change), user_id))
+        (_hash_cpu(generate_password_hash, password), int(must_change), user_id))
 
 
 def end_sessions(conn, user_id: str) -> None:
@@ -146,7 +175,50 @@ def ensure_first_admin(conn) -> str | None:
 @functools.cache
 def _dummy_hash() -> str:
     # Made on first use, not at import: hashing is deliberately slow.
-    return generate_password_hash(secrets.token_hex(8))
+    return _hash_cpu(generate_password_hash, secrets.token_hex(8))
+
+
+def _hash_cpu(fn, *args):
+    """Run a password hash function, at most MAX_CONCURRENT_HASHES at once in this process.
+
+    Under gevent (gunicorn's gevent workers patch threading into greenlets) the
+    hash runs in the hub's pool of real threads: scrypt releases the GIL, so the
+    event loop goes on serving other requests meanwhile. Elsewhere it runs inline.
+    """
+    with _hash_slots():
+        pool = _gevent_threadpool()
+        return fn(*args) if pool is None else pool.apply(fn, args)
+
+
+_slots = None
+_slots_lock = threading.Lock()
+
+
+def _hash_slots():
+    # Made on first use, not at import: gevent patches threading when a gunicorn
+    # worker starts, after this module may have been imported, and a semaphore
+    # made before that would block the whole event loop instead of one greenlet.
+    # (The lock is held only while nothing can switch greenlets: either kind serves.)
+    global _slots
+    if _slots is None:
+        with _slots_lock:
+            if _slots is None:
+                _slots = threading.BoundedSemaphore(MAX_CONCURRENT_HASHES)
+    return _slots
+
+
+def _gevent_threadpool():
+    """gevent's pool of real threads when gevent has patched threading, else None.
+
+    Looked up in sys.modules: a process that gevent patched has imported
+    gevent.monkey; one that did not never imports gevent here.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return None
+    import gevent
+
+    return gevent.get_hub().threadpool
 
 
 # ----------------------------------------------------------------------- API tokens

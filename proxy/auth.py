@@ -16,7 +16,7 @@ from flask import Blueprint, flash, g, redirect, render_template, request, sessi
 
 from . import accounts
 from .db import get_conn
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, TooManyAttempts, Unauthorized
 
 bp = Blueprint("auth", __name__)
 
@@ -118,8 +118,12 @@ def login():
     error = None
     if request.method == "POST":
         check_csrf(request.form.get("csrf_token"))
-        user = accounts.authenticate(get_conn(), request.form.get("username", ""),
-                                     request.form.get("password", ""))
+        try:
+            user = accounts.authenticate(get_conn(), request.form.get("username", ""),
+                                         request.form.get("password", ""),
+                                         address=request.remote_addr)
+        except TooManyAttempts as e:
+            return _throttled("login.html", e)
         if user is None:
             error = "Wrong user name or password."
         else:
@@ -128,6 +132,11 @@ def login():
             session["csrf"] = secrets.token_urlsafe(32)
             return redirect(_local_path(request.args.get("next", "")) or url_for("web.index"))
     return render_template("login.html", error=error), (401 if error else 200)
+
+
+def _throttled(template: str, e: TooManyAttempts):
+    """The form's page again, saying how long to wait: 429 with Retry-After."""
+    return render_template(template, error=e.detail), e.status, e.headers
 
 
 def _local_path(target: str) -> str | None:
@@ -164,7 +173,13 @@ def password():
         check_csrf(request.form.get("csrf_token"))
         conn = get_conn()
         new = request.form.get("new_password", "")
-        if accounts.authenticate(conn, g.user["name"], request.form.get("current_password", "")) is None:
+        try:
+            current = accounts.authenticate(conn, g.user["name"],
+                                            request.form.get("current_password", ""),
+                                            address=request.remote_addr)
+        except TooManyAttempts as e:
+            return _throttled("password.html", e)
+        if current is None:
             error = "Your current password is wrong."
         elif new != request.form.get("confirm_password", ""):
             error = "The two new passwords differ."

@@ -13,9 +13,12 @@ class ProxyError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None):
+    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.detail = detail
+        # Sent with the error answer, e.g. Retry-After on a 429.
+        self.headers = dict(headers or {})
         if code:
             self.code = code
         if status:
@@ -83,3 +86,13 @@ class TooManyRequests(ProxyError):
 
     code = "limit_exceeded"
     status = 429
+
+
+class TooManyAttempts(TooManyRequests):
+    """Raised when password checks for an account or from an address are locked out for a while."""
+
+    code = "too_many_attempts"
+
+    def __init__(self, detail: str, *, retry_after_s: int):
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s

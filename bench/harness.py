@@ -139,7 +139,7 @@ class Proxy:
         env = dict(os.environ, JOBCLOUD_DATA_DIR=self.config.data_dir,
                    JOBCLOUD_BIND=f"127.0.0.1:{self.port}")
         for key in ("JOBCLOUD_CONFIG", "JOBCLOUD_DATABASE_URL", "JOBCLOUD_GUNICORN_WORKERS",
-                    "JOBCLOUD_GUNICORN_THREADS", "JOBCLOUD_ACCESS_LOG"):
+                    "JOBCLOUD_GUNICORN_CONNECTIONS", "JOBCLOUD_ACCESS_LOG"):
             env.pop(key, None)
         env.update(settings or {})
         # The access log stays on (the default config logs every request to

@@ -21,6 +21,7 @@ from .config import Config, load_config
 from .db import Database, close_conn, open_database
 from .errors import ProxyError
 from .models import iso
+from .wakeups import Listener
 
 log = logging.getLogger("proxy")
 
@@ -38,7 +39,7 @@ def create_app(config: Config | None = None) -> Flask:
     blobs = BlobStore(config.data_dir)
 
     app = Flask(__name__)
-    app.extensions["jobcloud"] = AppState(config=config, db=db, blobs=blobs)
+    app.extensions["jobcloud"] = AppState(config=config, db=db, blobs=blobs, wakeups=Listener(db))
     app.config.update(
         SECRET_KEY=_secret_key(db),
         SESSION_COOKIE_HTTPONLY=True,
@@ -75,7 +76,9 @@ def begin_shutdown(app: Flask) -> None:
     graceful_timeout (clients reconnect to another process and resume), and stop
     the webhook sender from taking new deliveries. Only sets flags: safe in a
     signal handler."""
-    app.extensions["jobcloud"].stopping.set()
+    state = app.extensions["jobcloud"]
+    state.stopping.set()
+    state.wakeups.wake_all()
     deliverer = app.extensions.get("jobcloud_webhooks")
     if deliverer is not None:
         deliverer.stop(timeout=0)

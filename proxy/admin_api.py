@@ -104,7 +104,8 @@ def worker_action(worker_id, action):
     if target is None:
         raise ValidationError("action must be drain, resume or revoke", code="invalid_action")
     worker = workers.set_worker_state(get_conn(), worker_id, target,
-                                       max_attempts=app_state().config.max_attempts)
+                                      lease_timeout_s=app_state().config.lease_timeout_s,
+                                      max_attempts=app_state().config.max_attempts)
     return jsonify(workers.worker_json(worker))
 
 

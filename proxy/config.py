@@ -6,9 +6,9 @@ Every value is validated here, so the rest of the code can trust it. The
 layering and type coercion are jobcloud_config's, shared with the scaler;
 what each setting means and which values are allowed are here.
 
-gunicorn's settings (bind, processes, threads, logs) are settings of the proxy
-too: proxy/gunicorn_conf.py reads them from here, so `gunicorn_threads` is one
-number for gunicorn and for the live-stream cap that depends on it.
+gunicorn's settings (bind, processes, connections, logs) are settings of the
+proxy too: proxy/gunicorn_conf.py reads them from here, so `gunicorn_connections`
+is one number for gunicorn and for the live-stream cap that depends on it.
 """
 from __future__ import annotations
 
@@ -81,14 +81,15 @@ class Config:
     # gunicorn thread; when the server ends it the browser reconnects and resumes.
     live_stream_s: float = 25.0
     # Streams held open at once per proxy process; more are answered once and
-    # polled every few seconds instead. Capped at half of gunicorn_threads
-    # (live.streams_per_process), so heartbeats, claims and pages always find a
-    # free thread.
-    live_streams_max: int = 4
-    # gunicorn's threads per process (gunicorn_conf.py): a claim long-polls and
-    # a live stream holds its thread, so a process needs several; the cap above is
-    # derived from it.
-    gunicorn_threads: int = 8
+    # polled every few seconds instead. A waiting stream is a greenlet holding
+    # no thread and no database connection (wakeups.py), so this is far above
+    # what a lab opens; capped at half of gunicorn_connections
+    # (live.streams_per_process), so workers and pages always get in.
+    live_streams_max: int = 2000
+    # Connections one gunicorn process serves at once (gevent's
+    # worker_connections): every idle claim long-poll and open live page is
+    # one, costing a greenlet and a socket, not a thread.
+    gunicorn_connections: int = 2000
     # gunicorn's processes; 0: twice the CPUs, at least 4 (no state lives in one).
     gunicorn_workers: int = 0
     # gunicorn's access log: "-" is stdout (journald), a path a file.
@@ -190,8 +191,9 @@ def validate(values: dict) -> Config:
         (1 <= cfg.page_size <= 500, "page_size must be between 1 and 500"),
         (cfg.status_refresh_s >= 1, "status_refresh_s must be at least 1"),
         (1 <= cfg.live_stream_s <= 300, "live_stream_s must be between 1 and 300"),
-        (1 <= cfg.live_streams_max <= 1000, "live_streams_max must be between 1 and 1000"),
-        (1 <= cfg.gunicorn_threads <= 1000, "gunicorn_threads must be between 1 and 1000"),
+        (1 <= cfg.live_streams_max <= 100_000, "live_streams_max must be between 1 and 100000"),
+        (2 <= cfg.gunicorn_connections <= 100_000,
+         "gunicorn_connections must be between 2 and 100000"),
         (0 <= cfg.gunicorn_workers <= 1000,
          "gunicorn_workers must be between 0 (twice the CPUs) and 1000"),
         (all(_valid_forwarder(a) for a in cfg.forwarded_allow_ips.split(",") if a.strip()),

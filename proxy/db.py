@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 PG_DISPATCH_LOCK = 7_100_001
 PG_MIGRATE_LOCK = 7_100_002
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# Open SQLite connections kept for reuse per process: about the requests one
+# process serves at once; more are opened when needed and closed after.
+SQLITE_IDLE_CONNECTIONS = 16
 
 
 def open_database(url: str) -> "Database":
@@ -40,12 +43,13 @@ class Database:
     """A handle on the store; `connection()` yields a `Connection` for one unit of work."""
 
     dialect = "?"
+    closed = False
 
     def connection(self):  # pragma: no cover - interface
         raise NotImplementedError
 
     def close(self):
-        pass
+        self.closed = True
 
     def migrate(self) -> list[int]:
         """Apply the numbered SQL files in proxy/migrations not applied yet.
@@ -130,6 +134,10 @@ class Connection:
 # --------------------------------------------------------------------------- SQLite
 
 class SQLiteConnection(Connection):
+    def __init__(self, raw, dialect: str, write_lock):
+        super().__init__(raw, dialect)
+        self.write_lock = write_lock
+
     def _run(self, sql, params):
         try:
             return self.raw.execute(sql, params)
@@ -143,18 +151,29 @@ class SQLiteConnection(Connection):
         # bounds how many writers per second SQLite serves; NORMAL (in WAL
         # mode) leaves it to the next checkpoint. Set per transaction: it
         # cannot change inside one.
-        self.relaxed = not durable
-        if self.relaxed:
-            self.raw.execute("PRAGMA synchronous=NORMAL")
-        # IMMEDIATE takes the write lock up front, so two claimers can never
-        # both read the same queued job and then both update it.
-        self._run("BEGIN IMMEDIATE", ())
+        # One writer per process at a time, queued here rather than in SQLite's
+        # busy handler: under gevent that handler sleeps in C and would stop the
+        # whole process, including the greenlet holding the lock (a deadlock
+        # until the busy timeout). Across processes SQLite's own lock decides.
+        self.write_lock.acquire()
+        try:
+            self.relaxed = not durable
+            if self.relaxed:
+                self.raw.execute("PRAGMA synchronous=NORMAL")
+            # IMMEDIATE takes the write lock up front, so two claimers can never
+            # both read the same queued job and then both update it.
+            self._run("BEGIN IMMEDIATE", ())
+        except BaseException:
+            self._restore()
+            self.write_lock.release()
+            raise
 
     def _commit(self):
         try:
             self._run("COMMIT", ())
         finally:
             self._restore()
+            self.write_lock.release()
 
     def _rollback(self):
         try:
@@ -162,6 +181,7 @@ class SQLiteConnection(Connection):
         except sqlite3.Error:
             pass
         self._restore()
+        self.write_lock.release()
 
     def _restore(self):
         if getattr(self, "relaxed", False):
@@ -175,7 +195,10 @@ class SQLiteDatabase(Database):
     def __init__(self, path: str):
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        self._idle: list[sqlite3.Connection] = []
+        # Made on first use, i.e. after gunicorn's gevent worker patched
+        # threading: then they are greenlet locks.
+        self._locks = None
 
     def _new(self) -> sqlite3.Connection:
         raw = sqlite3.connect(
@@ -189,25 +212,41 @@ class SQLiteDatabase(Database):
         raw.execute("PRAGMA foreign_keys=ON")
         return raw
 
+    def _lock(self):
+        if self._locks is None:
+            self._locks = (threading.Lock(), threading.RLock())
+        return self._locks
+
     @contextlib.contextmanager
     def connection(self):
-        # One cached connection per thread: opening one and setting PRAGMAs
-        # costs more than most of our queries.
-        raw = getattr(self._local, "raw", None)
+        # Connections are reused from a small per-process pool: opening one and
+        # setting PRAGMAs costs more than most of our queries, and one per
+        # thread would mean one per greenlet (thousands) under gevent.
+        self.closed = False   # used again after close(): open again
+        pool_lock, write_lock = self._lock()
+        with pool_lock:
+            raw = self._idle.pop() if self._idle else None
         if raw is None:
-            raw = self._local.raw = self._new()
-        conn = SQLiteConnection(raw, self.dialect)
+            raw = self._new()
         try:
-            yield conn
+            yield SQLiteConnection(raw, self.dialect, write_lock)
         finally:
             if raw.in_transaction:
                 raw.execute("ROLLBACK")
+            with pool_lock:
+                keep = len(self._idle) < SQLITE_IDLE_CONNECTIONS
+                if keep:
+                    self._idle.append(raw)
+            if not keep:
+                raw.close()
 
     def close(self):
-        raw = getattr(self._local, "raw", None)
-        if raw is not None:
+        self.closed = True
+        pool_lock, _ = self._lock()
+        with pool_lock:
+            idle, self._idle = self._idle, []
+        for raw in idle:
             raw.close()
-            self._local.raw = None
 
 
 # ----------------------------------------------------------------------- PostgreSQL
@@ -279,6 +318,7 @@ class PostgresDatabase(Database):
         import psycopg
         import psycopg_pool
 
+        self.closed = False   # used again after close(): open again
         try:
             cm = self._get_pool().connection()
             raw = cm.__enter__()
@@ -293,6 +333,7 @@ class PostgresDatabase(Database):
             cm.__exit__(None, None, None)
 
     def close(self):
+        self.closed = True
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -1,13 +1,20 @@
 """gunicorn settings for the proxy (`gunicorn -c python:proxy.gunicorn_conf 'proxy:create_app()'`).
 
-gthread workers: a claim may long-poll for up to claim_wait_max_s, and a sync
-worker would be blocked for that whole time; threads keep the other requests
-flowing. No state that matters lives in a process, so any count works.
+gevent workers: a claim long-polls for up to claim_wait_max_s and a live page
+holds its stream open; as greenlets, thousands of them wait in one process
+without an OS thread each, and ordinary requests keep flowing beside them
+(docs/ARCHITECTURE.md says why gevent). No state that matters lives in a
+process, so any count works.
 
-Bind, processes, threads and logs are the proxy's validated configuration
+Slow clients: the head of each request must arrive within `keepalive` seconds
+(gunicorn's gevent worker reads it under a gevent.Timeout of that length), so a
+client sending its headers a byte at a time is cut off; a waiting connection
+costs a greenlet, and at most worker_connections are served per process.
+
+Bind, processes, connections and logs are the proxy's validated configuration
 (proxy.config: JOBCLOUD_* variables and the JOBCLOUD_CONFIG file), read once
-when gunicorn loads this file, which is the server's entry point: the thread
-count the app caps its live streams by is the one gunicorn runs, by
+when gunicorn loads this file, which is the server's entry point: the
+connection count the app caps its live streams by is the one gunicorn runs, by
 construction, and a mistyped value stops the start with one line naming the
 setting instead of a traceback. gunicorn's own flags (--bind, --workers) still
 win over what is read here, as they win over any config file.
@@ -30,12 +37,13 @@ def _settings():
 _cfg = _settings()
 bind = _cfg.bind
 workers = _cfg.resolved_gunicorn_workers
-worker_class = "gthread"
-threads = _cfg.gunicorn_threads
+worker_class = "gevent"
+worker_connections = _cfg.gunicorn_connections
 # Long enough for a 2 GiB upload on a slow link and a 30 s long-poll.
 timeout = 600
 # Above webhook_timeout_s (at most 20, config.py), so a shutdown waits for a POST in flight.
 graceful_timeout = 30
+# Also the limit on how long the head of a request may take to arrive (slowloris).
 keepalive = 5
 accesslog = _cfg.access_log
 errorlog = "-"

@@ -10,11 +10,12 @@ import math
 import os
 import unicodedata
 
-from . import limits, webhooks
+from . import limits, scheduler, webhooks
 from .blobs import BlobStore, Upload
 from .config import Config
 from .errors import ValidationError
-from .store import NewJob, create_job
+from .db import PG_DISPATCH_LOCK
+from .store import NewJob, create_job, get_job
 from .uploads import FormSpec, ZipLimits, check_script, check_zip, parse_form
 
 NAME_MAX = 100
@@ -71,11 +72,15 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
                         or "dataset.zip") if dataset is not None else None
         stored_script = blobs.commit(script)
         stored_dataset = blobs.commit(dataset) if dataset is not None else None
-        with conn.transaction():
-            return create_job(conn, NewJob(
+        # Dispatched in the same transaction: a worker waiting on a claim is
+        # woken with the job already reserved for it (scheduler.dispatch).
+        with conn.transaction(lock=PG_DISPATCH_LOCK):
+            job = create_job(conn, NewJob(
                 owner_id=user["id"], name=name, script_name=script_name, script=stored_script,
                 dataset_name=dataset_name, dataset=stored_dataset, webhook_url=webhook_url,
                 **fields))
+            scheduler.dispatch(conn, job["submitted_at"], cfg.lease_timeout_s)
+        return get_job(conn, job["id"])
     finally:
         form.discard()
 

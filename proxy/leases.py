@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from . import store
+from . import store, wakeups
 from .blobs import StoredBlob
 from .errors import Conflict, NotFound, ValidationError
 from .models import FINAL_VALUES, JobState, is_lookup_key
@@ -102,13 +102,17 @@ def append_log(conn, worker: dict, job_id: str, attempt: int, stream: str, offse
     held_job(conn, worker, job_id, attempt)
     data = storable_text(data)
     size = len(data.encode("utf-8"))
-    if offset + size > log_max_bytes:
-        conn.execute(f"UPDATE jobs SET {stream}_truncated = 1 WHERE id = ?", (job_id,))
-        return {"stored": False, "truncated": True}
-    conn.execute(
-        "INSERT INTO job_logs (job_id, attempt, stream, byte_offset, data) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT DO NOTHING", (job_id, attempt, stream, offset, data))
-    return {"stored": True, "truncated": False}
+    over = offset + size > log_max_bytes
+    with conn.transaction():
+        if over:
+            conn.execute(f"UPDATE jobs SET {stream}_truncated = 1 WHERE id = ?", (job_id,))
+        else:
+            conn.execute(
+                "INSERT INTO job_logs (job_id, attempt, stream, byte_offset, data)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (job_id, attempt, stream, offset, data))
+        wakeups.notify(conn, wakeups.job_topic(job_id))   # the job's live streams
+    return {"stored": not over, "truncated": over}
 
 
 def storable_text(text: str) -> str:
@@ -224,6 +228,7 @@ def requeue(conn, job_id: str, now: float, max_attempts: int) -> None:
             "UPDATE jobs SET state = ?, worker_id = NULL, reserved_at = NULL, lease_expires_at = NULL,"
             " started_at = NULL WHERE id = ? AND state = ?",
             (JobState.QUEUED.value, job_id, JobState.RUNNING.value))
+        wakeups.notify_jobs(conn, [job_id])
         return
     # worker_id is cleared: no worker posted this outcome, so a late result
     # from the old holder is stale (409), not a harmless duplicate.

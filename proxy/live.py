@@ -39,12 +39,13 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, request
 
-from . import accounts, store
+from . import accounts, store, wakeups
 from .appstate import app_state
 from .auth import api_user
 from .db import get_conn
 from .errors import StoreUnavailable, ValidationError
 from .models import FINAL_VALUES
+from .wakeups import Listener
 
 bp = Blueprint("live", __name__)
 
@@ -99,11 +100,12 @@ class Timing:
 
 @dataclass(frozen=True)
 class Slots:
-    """One process's long streams: how many may be held, and whether the
-    process is stopping (then every stream ends at its next poll)."""
+    """One process's long streams: how many may be held, whether the process
+    is stopping (then every stream ends at once), and the wake-ups they wait on."""
 
     held: threading.BoundedSemaphore
     stopping: threading.Event
+    wakeups: Listener
 
 
 # ---------------------------------------------------------------------- routes
@@ -139,9 +141,9 @@ def _slots() -> Slots:
 
 
 def streams_per_process(config) -> int:
-    """live_streams_max, but at most half of gunicorn's threads per process:
-    the other half stay free for heartbeats, claims, uploads and pages."""
-    return min(config.live_streams_max, max(1, config.gunicorn_threads // 2))
+    """live_streams_max, but at most half of gunicorn's connections per process:
+    the other half stay free for workers' claims, uploads and pages."""
+    return min(config.live_streams_max, max(1, config.gunicorn_connections // 2))
 
 
 @bp.record_once
@@ -150,8 +152,9 @@ def _make_slots(setup):
     limit = streams_per_process(setup.app.extensions["jobcloud"].config)
     # The process's own shutdown flag (proxy.begin_shutdown sets it): open streams
     # end at their next poll and clients resume elsewhere from their last event.
+    state = setup.app.extensions["jobcloud"]
     setup.app.extensions["jobcloud_live"] = Slots(threading.BoundedSemaphore(limit),
-                                                  setup.app.extensions["jobcloud"].stopping)
+                                                  state.stopping, state.wakeups)
 
 
 def _resume_from() -> str | None:
@@ -202,23 +205,34 @@ def _match_event_id(raw: str | None, pattern: re.Pattern, shape: str) -> re.Matc
 
 # ---------------------------------------------------------------- pacing
 
-def _paced(step, timing: Timing, slots: Slots | None):
-    """Yield `step()`'s events every poll until it says done or the stream's time is up.
+def _paced(step, timing: Timing, slots: Slots | None, topic: str):
+    """Yield `step()`'s events each time `topic` fires, until it says done or
+    the stream's time is up.
 
     `step` reads the store under a connection and returns (SSE texts, done);
     the texts are written after the connection is given back, so a slow
-    client never holds a pooled connection.
+    client never holds a pooled connection. Between steps the stream waits on
+    its topic (wakeups.py), holding no connection and reading nothing; it is
+    subscribed before the first step, so no change is missed between a read
+    and the wait.
 
     Args:
         slots: the process's long streams. When none is free, the stream
             sends what is new once and ends, and the client comes back after
-            BUSY_RETRY_MS: a poll instead of a held thread. None: no limit.
+            BUSY_RETRY_MS. None (tests driving a stream directly): no limit,
+            and the store is read every `timing.poll_s` instead of waiting.
     """
     stopping = threading.Event() if slots is None else slots.stopping
     # Taken here, not in the view: a generator that never starts (the client
     # left first) never runs its `finally`, so it must not hold a slot.
     held = slots is None or slots.held.acquire(blocking=False)
+    wake = None
     try:
+        if held and slots is not None:
+            try:
+                wake = slots.wakeups.subscribe(topic)
+            except StoreUnavailable:
+                return  # the client reconnects and resumes from its last event
         yield f"retry: {RETRY_MS if held else BUSY_RETRY_MS}\n\n"
         started = last_sent = time.monotonic()
         while True:
@@ -234,9 +248,17 @@ def _paced(step, timing: Timing, slots: Slots | None):
             if time.monotonic() - last_sent >= timing.keepalive_s:
                 yield ": keep-alive\n\n"
                 last_sent = time.monotonic()
-            if stopping.wait(timing.poll_s):
+            if wake is None:
+                if stopping.wait(timing.poll_s):
+                    return
+                continue
+            now = time.monotonic()
+            wake.wait(min(timing.keepalive_s - (now - last_sent), timing.max_s - (now - started)))
+            if stopping.is_set():
                 return
     finally:
+        if wake is not None:
+            wake.__exit__(None, None, None)
         if held and slots is not None:
             slots.held.release()
 
@@ -263,7 +285,7 @@ def job_stream(db, job_id: str, position: Position | None, timing: Timing,
             events.append(_event("end", last_state, position.event_id()))
         return events, final
 
-    return _paced(step, timing, slots)
+    return _paced(step, timing, slots, wakeups.job_topic(job_id))
 
 
 def _job_changes(conn, job_id: str, position: Position | None, last_state: dict | None):
@@ -339,7 +361,7 @@ def user_stream(db, owner_id: str, since: float | None, timing: Timing,
         look_back = read_at - CLOCK_MARGIN_S
         return events, False
 
-    return _paced(step, timing, slots)
+    return _paced(step, timing, slots, wakeups.user_topic(owner_id))
 
 
 def _mark(job: dict) -> tuple:

@@ -1,25 +1,25 @@
-"""The scheduler: which queued job goes to which worker, and the claim that
-hands a worker its jobs.
+"""The scheduler: which queued job goes to which worker.
 
-A claim first runs `_dispatch`, which reserves queued jobs for live workers
-with free slots and the capacity each job needs (a reservation is the job's
-worker_id set while it is still queued), then the claiming worker takes the
-jobs reserved for it: they become `running` under its lease (leases.py).
+`dispatch` reserves queued jobs for live workers with free slots and the
+capacity each job needs (a reservation is the job's worker_id set while it is
+still queued) and wakes those workers (wakeups.py); a worker's claim
+(workers.claim) then takes the jobs reserved for it: they become `running`
+under its lease (leases.py). Dispatch runs wherever the queue or the capacity
+changes: a submission, a claim, a requeue, a drain lifted.
 
 Fair share across users, round-robin across workers: each free slot goes to
 the user with the fewest jobs running or reserved (divided by their priority
 weight), ties to the user served longest ago; the job goes to the eligible
 worker that was served longest ago (`rr_seq`). So jobs go around the workers
 in turn, whichever worker happens to poll first. It all runs inside the
-claim's transaction under the dispatch lock (workers.worker_call), so two
-claims never reserve the same job.
+caller's transaction under the dispatch lock, so two passes never reserve
+the same job.
 """
 from __future__ import annotations
 
 import json
-import time
 
-from . import workers
+from . import wakeups
 from .models import JobState, WorkerState
 
 # How many queued jobs one dispatch query reads at most; a pass reads further
@@ -30,37 +30,13 @@ DISPATCH_BATCH = 256
 DISPATCH_BATCH_PER_SLOT = 4
 
 
-def claim(conn, worker: dict, max_jobs: int, *, lease_timeout_s: float, max_attempts: int,
-          now: float | None = None) -> list[dict]:
-    """Give `worker` up to `max_jobs` jobs, in round-robin turn with the other live workers.
+def dispatch(conn, now: float, lease_timeout_s: float) -> int:
+    """Reserve queued jobs for live workers with free slots, and wake each
+    worker that got one. Returns how many.
 
-    Returns:
-        The jobs now running under the worker's lease (possibly none).
-
-    Raises:
-        NotFound: the worker was retired meanwhile (worker_retired).
-    """
-    now = time.time() if now is None else now
-    with workers.worker_call(conn, worker, now, lease_timeout_s, max_attempts):
-        _dispatch(conn, now, lease_timeout_s)
-        mine = conn.query(
-            "SELECT id FROM jobs WHERE state = ? AND worker_id = ? ORDER BY id LIMIT ?",
-            (JobState.QUEUED.value, worker["id"], max(0, max_jobs)))
-        taken = []
-        for row in mine:
-            n = conn.execute(
-                "UPDATE jobs SET state = ?, attempt = attempt + 1, started_at = ?,"
-                " lease_expires_at = ?, reserved_at = NULL, exit_code = NULL,"
-                " failure_reason = NULL WHERE id = ? AND state = ? AND worker_id = ?",
-                (JobState.RUNNING.value, now, now + lease_timeout_s, row["id"],
-                 JobState.QUEUED.value, worker["id"]))
-            if n:
-                taken.append(row["id"])
-        return [conn.query_one("SELECT * FROM jobs WHERE id = ?", (i,)) for i in taken]
-
-
-def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
-    """Reserve queued jobs for live workers with free slots. Returns how many.
+    Runs inside the caller's write transaction under the dispatch lock: a
+    claim, a submission, and whatever put jobs back in the queue or added
+    capacity (a requeue, a drain lifted).
 
     Fair across users: each free slot goes to the user with the fewest jobs
     running or reserved now, divided by their priority weight (user_limits);
@@ -70,7 +46,7 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
     user, jobs go in submission order; the job goes to the eligible worker that
     was served longest ago (round-robin across workers).
     """
-    workers = conn.query(
+    live = conn.query(
         "SELECT w.id, w.cpus, w.memory_mb, w.gpus, w.slots, w.images, w.rr_seq,"
         " (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state IN (?, ?)) AS used"
         " FROM workers w WHERE w.state = ? AND w.last_seen_at >= ?",
@@ -78,14 +54,14 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
          now - lease_timeout_s))
     # A worker that lists no images can run nothing (and would make `IN ()`,
     # which PostgreSQL refuses).
-    free = [w for w in (dict(w, images=set(json.loads(w["images"]))) for w in workers)
+    free = [w for w in (dict(w, images=set(json.loads(w["images"]))) for w in live)
             if w["used"] < w["slots"] and w["images"]]
     if not free:
         return 0
     owners = _queued_owners(conn)
     if not owners:
         return 0
-    load = _owner_load(conn, [w["id"] for w in workers])
+    load = _owner_load(conn, [w["id"] for w in live])
     next_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM workers")["m"] + 1
     user_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM users")["m"] + 1
     slots = sum(w["slots"] - w["used"] for w in free)
@@ -93,6 +69,7 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
     pending: dict[str, list[dict]] = {}   # owner -> fetched, not yet placed jobs
     after: dict[str, str] = {}            # owner -> id the next fetch starts after
     reserved = 0
+    woken: set[str] = set()
     while owners and any(w["used"] < w["slots"] for w in free):
         owner = min(owners, key=lambda o: (load.get(o, 0) / owners[o]["weight"],
                                            owners[o]["rr_seq"], owners[o]["head"]))
@@ -108,6 +85,7 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
             "UPDATE jobs SET worker_id = ?, reserved_at = ? WHERE id = ? AND state = ?"
             " AND worker_id IS NULL", (w["id"], now, job["id"], JobState.QUEUED.value))
         if n:
+            woken.add(wakeups.worker_topic(w["id"]))
             w["used"] += 1
             w["rr_seq"] = next_seq
             conn.execute("UPDATE workers SET rr_seq = ? WHERE id = ?", (next_seq, w["id"]))
@@ -119,6 +97,7 @@ def _dispatch(conn, now: float, lease_timeout_s: float) -> int:
             user_seq += 1
         if pending.get(owner):
             owners[owner]["head"] = pending[owner][0]["id"]
+    wakeups.notify(conn, *sorted(woken))
     return reserved
 
 

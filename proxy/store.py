@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from . import usage, webhooks
+from . import usage, wakeups, webhooks
 from .errors import Conflict, NotFound, ValidationError
 from .blobs import StoredBlob
 from .models import FINAL_STATES, JobState, id_floor, is_lookup_key, iso, new_id
@@ -54,6 +54,7 @@ def create_job(conn, job: NewJob, now: float | None = None) -> dict:
         (job_id, job.owner_id, job.name, job.script_name, *_blob_columns(job.script),
          job.dataset_name, *_blob_columns(dataset), job.image, job.cpus, job.memory_mb, job.timeout_s, job.gpus, JobState.QUEUED.value, now,
          job.webhook_url))
+    wakeups.notify_jobs(conn, [job_id])
     return get_job(conn, job_id)
 
 
@@ -83,24 +84,20 @@ def changed_ids_query(owner_id: str, since: float | None, limit: int) -> tuple[s
     Every change of a job either leaves it active (queued, running, requeued,
     cancel requested) or sets finished_at, so these show every job whose state
     changed since `since`. One indexed read each, joined by UNION (an OR of
-    them would scan all of the user's jobs): running jobs by jobs_state (all
-    of the cluster's running jobs at most), unreserved queued ones by
-    jobs_queue, the finished by jobs_owner_finished, the submitted by
-    jobs_owner (ids are time-ordered). A queued job reserved for a worker is
-    left out for the moment it takes to start: it shows again as running.
-    Queued, finished and submitted ones are each capped at `limit`, so a deep
-    queue never hides the running and finished ones.
+    them would scan all of the user's jobs): running and queued jobs by
+    jobs_owner_state, the finished by jobs_owner_finished, the submitted by
+    jobs_owner (ids are time-ordered). Queued, finished and submitted ones are
+    each capped at `limit`, so a deep queue never hides the running and
+    finished ones.
 
     Returns:
         (sql, params)
     """
     running, queued = JobState.RUNNING.value, JobState.QUEUED.value
-    # `owner_id || ''` keeps SQLite off jobs_owner_finished (all of the user's
-    # jobs) for the running ones: it would take an owner index over jobs_state.
-    parts = ["SELECT id FROM jobs WHERE state = ? AND owner_id || '' = ?",
-             "SELECT id FROM (SELECT id FROM jobs WHERE worker_id IS NULL AND state = ?"
-             " AND owner_id = ? ORDER BY id DESC LIMIT ?) queued"]
-    params: list = [running, owner_id, queued, owner_id, limit]
+    parts = ["SELECT id FROM jobs WHERE owner_id = ? AND state = ?",
+             "SELECT id FROM (SELECT id FROM jobs WHERE owner_id = ? AND state = ?"
+             " ORDER BY id DESC LIMIT ?) queued"]
+    params: list = [owner_id, running, owner_id, queued, limit]
     if since is not None:
         parts += ["SELECT id FROM (SELECT id FROM jobs WHERE owner_id = ? AND finished_at >= ?"
                   " ORDER BY finished_at DESC LIMIT ?) finished",
@@ -159,6 +156,8 @@ def cancel_job(conn, job: dict, now: float | None = None) -> dict:
             n = conn.execute(
                 "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = ?",
                 (job["id"], JobState.RUNNING.value))
+            # Its worker hears at once, on a waiting claim's answer.
+            wakeups.notify_jobs(conn, [job["id"]], holder=True)
         if not n:
             current = get_job(conn, job["id"])
             raise Conflict(f"job {job['id']} is already {current['state']}", code="job_finished")
@@ -195,6 +194,7 @@ def finish_job(conn, job_id: str, final: JobState, now: float, *, expect: JobSta
         (final.value, now, *columns.values(), *params))
     if n:
         _job_finished(conn, job_id, now)
+        wakeups.notify_jobs(conn, [job_id])
     return bool(n)
 
 

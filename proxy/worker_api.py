@@ -21,10 +21,10 @@ import zipfile
 
 from flask import Blueprint, g, jsonify, request
 
-from . import accounts, leases, scheduler, workers
+from . import accounts, leases, wakeups, workers
 from .appstate import app_state
 from .auth import bearer_token
-from .db import get_conn
+from .db import close_conn, get_conn
 from .downloads import send_blob
 from .errors import NotFound, Unauthorized, ValidationError
 from .jsonbody import integer, json_object, number
@@ -33,10 +33,6 @@ from .uploads import FormSpec, parse_form
 
 bp = Blueprint("worker_api", __name__, url_prefix="/api/v1")
 
-# Between two looks at the queue while a claim long-polls: a new job waits half
-# of this on average before a waiting worker sees it (bench/worker.py: trivial).
-# Each look is one indexed read, no lock.
-CLAIM_POLL_S = 0.05
 # Jobs one claim (or one result's claim_next) may take.
 MAX_CLAIM = 64
 # Largest usage figure a result may report: 2**53 is exact as a JSON number
@@ -103,36 +99,38 @@ def claim():
     wait_max = app_state().config.claim_wait_max_s
     wait_s = number(body, "wait_s", lo=0, hi=wait_max, default=0, required=False,
                     code="invalid_wait", message=f"wait_s must be between 0 and {wait_max:g}")
-    conn = get_conn()
-    deadline = time.monotonic() + wait_s
-    while True:
-        jobs = scheduler.claim(conn, worker, max_jobs, **_lease_args())
-        if jobs or max_jobs == 0 or time.monotonic() >= deadline:
-            break
-        if not _wait_for_work(conn, worker, deadline):
-            break
-    return jsonify(_claim_answer(conn, worker, jobs))
+    return jsonify(_claim_waiting(worker, max_jobs, wait_s))
 
 
-def _wait_for_work(conn, worker: dict, deadline: float) -> bool:
-    """Sleep until a job this worker could run is queued (True) or the deadline
-    passes (True: the caller claims once more and answers).
+def _claim_waiting(worker: dict, max_jobs: int, wait_s: float) -> dict:
+    """Claim; when nothing came, wait up to `wait_s` for a wake-up, claim once
+    more and answer.
 
-    Returns False as soon as the worker leaves the active state (deregistered,
-    drained, revoked, marked lost) or this process begins its graceful shutdown
-    (proxy.begin_shutdown): a long-poll must not keep a stopping worker, or a
-    gunicorn process being restarted, waiting out the deadline.
+    The wait holds no database connection and reads nothing: the worker's
+    topic (wakeups.py) fires when a job is reserved for it, one of its jobs
+    is cancelled, or it is drained, resumed or retired. Any of those ends the
+    wait, and the answer carries the jobs and the orders; the worker's next
+    claim waits for the next wake-up, so a cancel already told does not turn
+    the long-poll into a busy loop. It subscribes before the first claim, so
+    nothing committed in between is missed. A process beginning its graceful
+    shutdown (proxy.begin_shutdown) answers at once: a long-poll must not keep
+    a gunicorn process being restarted waiting out the deadline.
     """
-    stopping = app_state().stopping
-    while time.monotonic() < deadline:
-        if stopping.wait(min(CLAIM_POLL_S, max(0.0, deadline - time.monotonic()))):
-            return False
-        state, work = workers.has_work(conn, worker)
-        if state != WorkerState.ACTIVE.value:
-            return False
-        if work:
-            return True
-    return True
+    st = app_state()
+    close_conn()   # the request's connection: idle long-polls hold none
+    with st.wakeups.subscribe(wakeups.worker_topic(worker["id"])) as wake:
+        with st.db.connection() as conn:
+            jobs = workers.claim(conn, worker, max_jobs, **_lease_args())
+            if jobs or max_jobs == 0 or wait_s <= 0:
+                return _claim_answer(conn, worker, jobs)
+        if not st.stopping.is_set():
+            wake.wait(wait_s)
+    with st.db.connection() as conn:
+        if st.stopping.is_set() or not workers.is_active(conn, worker["id"]):
+            jobs = []
+        else:
+            jobs = workers.claim(conn, worker, max_jobs, **_lease_args())
+        return _claim_answer(conn, worker, jobs)
 
 
 def _claim_answer(conn, worker: dict, jobs: list[dict]) -> dict:
@@ -221,7 +219,7 @@ def post_result(job_id):
     if claim_next:
         # Result and next claim in one round trip: the freed slot is filled at
         # once, and a busy worker makes half the requests (bench/claim).
-        jobs = scheduler.claim(conn, worker, claim_next, **_lease_args())
+        jobs = workers.claim(conn, worker, claim_next, **_lease_args())
         answer.update(_claim_answer(conn, worker, jobs))
     return jsonify(answer)
 
@@ -229,8 +227,7 @@ def post_result(job_id):
 @bp.route("/worker/deregister", methods=["POST"])
 def deregister():
     worker = current_worker()
-    workers.set_worker_state(get_conn(), worker["id"], WorkerState.GONE,
-                             max_attempts=app_state().config.max_attempts)
+    workers.set_worker_state(get_conn(), worker["id"], WorkerState.GONE, **_lease_args())
     return jsonify({"worker_id": worker["id"], "state": WorkerState.GONE.value})
 
 

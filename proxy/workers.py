@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from . import accounts, leases
+from . import accounts, leases, scheduler, wakeups
 from .db import PG_DISPATCH_LOCK
 from .errors import NotFound, ValidationError
 from .models import LIVE_WORKER_STATES, JobState, WorkerState, iso, new_id
@@ -129,9 +129,13 @@ def worker_json(w: dict) -> dict:
             "registered_at": iso(w["registered_at"]), "last_seen_at": iso(w["last_seen_at"])}
 
 
-def set_worker_state(conn, worker_id: str, state: WorkerState, *, max_attempts: int,
-                     now: float | None = None) -> dict:
+def set_worker_state(conn, worker_id: str, state: WorkerState, *, lease_timeout_s: float,
+                     max_attempts: int, now: float | None = None) -> dict:
     """Admin actions: drain, resume, revoke, or a worker deregistering itself.
+
+    The worker is woken (a waiting claim answers with the change), and the
+    queue is dispatched again: a drain or a retirement frees jobs, a resume
+    adds capacity.
 
     Raises:
         NotFound: no live worker with that id.
@@ -146,6 +150,8 @@ def set_worker_state(conn, worker_id: str, state: WorkerState, *, max_attempts: 
             release_reservations(conn, worker_id)
         else:
             _retire(conn, worker_id, state, now, max_attempts)
+        wakeups.notify(conn, wakeups.worker_topic(worker_id))
+        scheduler.dispatch(conn, now, lease_timeout_s)
     return get_worker(conn, worker_id)
 
 
@@ -208,21 +214,42 @@ def _touch(conn, worker_id: str, now: float) -> bool:
                              (now, worker_id, *LIVE_WORKER_STATES)))
 
 
-def has_work(conn, worker: dict) -> tuple[str | None, bool]:
-    """(the worker's state, whether a job it could run is queued): a claim
-    long-poll's look, one read without the write lock.
+def is_active(conn, worker_id: str) -> bool:
+    """Whether the worker may still get jobs (a waiting claim's look after a wake-up)."""
+    row = conn.query_one("SELECT state FROM workers WHERE id = ?", (worker_id,))
+    return row is not None and row["state"] == WorkerState.ACTIVE.value
 
-    It counts only jobs this worker could run, so a queued job nobody here
-    can take (say a GPU job) does not turn a long-poll into a busy loop.
+
+# ------------------------------------------------------------------------ claims
+
+def claim(conn, worker: dict, max_jobs: int, *, lease_timeout_s: float, max_attempts: int,
+          now: float | None = None) -> list[dict]:
+    """Give `worker` up to `max_jobs` jobs, in round-robin turn with the other live workers.
+
+    Returns:
+        The jobs now running under the worker's lease (possibly none).
+
+    Raises:
+        NotFound: the worker was retired meanwhile (worker_retired).
     """
-    images = json.loads(worker["images"]) or [""]
-    marks = ", ".join("?" for _ in images)
-    row = conn.query_one(
-        "SELECT w.state AS state, EXISTS (SELECT 1 FROM jobs WHERE state = ? AND"
-        " (worker_id = w.id OR (worker_id IS NULL AND gpus <= w.gpus AND cpus <= w.cpus"
-        f" AND memory_mb <= w.memory_mb AND image IN ({marks})))) AS work"
-        " FROM workers w WHERE w.id = ?", (JobState.QUEUED.value, *images, worker["id"]))
-    return (None, False) if row is None else (row["state"], bool(row["work"]))
+    now = time.time() if now is None else now
+    with worker_call(conn, worker, now, lease_timeout_s, max_attempts):
+        scheduler.dispatch(conn, now, lease_timeout_s)
+        mine = conn.query(
+            "SELECT id FROM jobs WHERE state = ? AND worker_id = ? ORDER BY id LIMIT ?",
+            (JobState.QUEUED.value, worker["id"], max(0, max_jobs)))
+        taken = []
+        for row in mine:
+            n = conn.execute(
+                "UPDATE jobs SET state = ?, attempt = attempt + 1, started_at = ?,"
+                " lease_expires_at = ?, reserved_at = NULL, exit_code = NULL,"
+                " failure_reason = NULL WHERE id = ? AND state = ? AND worker_id = ?",
+                (JobState.RUNNING.value, now, now + lease_timeout_s, row["id"],
+                 JobState.QUEUED.value, worker["id"]))
+            if n:
+                taken.append(row["id"])
+        wakeups.notify_jobs(conn, taken)
+        return [conn.query_one("SELECT * FROM jobs WHERE id = ?", (i,)) for i in taken]
 
 
 # ------------------------------------------------------------------ lost workers
@@ -237,12 +264,19 @@ def reap(conn, *, lease_timeout_s: float, max_attempts: int, now: float | None =
         The number of jobs requeued or failed.
     """
     now = time.time() if now is None else now
-    for w in conn.query("SELECT id FROM workers WHERE state IN (?, ?) AND last_seen_at < ?",
-                        (*LIVE_WORKER_STATES, now - lease_timeout_s)):
+    lost = conn.query("SELECT id FROM workers WHERE state IN (?, ?) AND last_seen_at < ?",
+                      (*LIVE_WORKER_STATES, now - lease_timeout_s))
+    for w in lost:
         conn.execute("UPDATE workers SET state = ?, retired_at = ? WHERE id = ? AND state IN (?, ?)",
                      (WorkerState.LOST.value, now, w["id"], *LIVE_WORKER_STATES))
         release_reservations(conn, w["id"])
-    return leases.requeue_expired(conn, now, max_attempts)
+    requeued = leases.requeue_expired(conn, now, max_attempts)
+    if lost or requeued:
+        # Jobs went back to the queue: hand them to waiting workers now, not
+        # at the next claim.
+        wakeups.notify(conn, *(wakeups.worker_topic(w["id"]) for w in lost))
+        scheduler.dispatch(conn, now, lease_timeout_s)
+    return requeued
 
 
 def _retire(conn, worker_id: str, state: WorkerState, now: float, max_attempts: int) -> None:

@@ -87,33 +87,34 @@ def _printed(out: str, name: str) -> str:
     return re.search(rf"^{name}\s+= (.*)$", out, re.MULTILINE).group(1)
 
 
-def test_gunicorn_runs_the_validated_configs_thread_count(tmp_path):
-    """One number: what gunicorn runs is config.gunicorn_threads, from the
+def test_gunicorn_runs_the_validated_configs_connection_count(tmp_path):
+    """One number: what gunicorn runs is config.gunicorn_connections, from the
     environment or from the config file, and so is what live.py caps streams by."""
-    env = {"JOBCLOUD_GUNICORN_THREADS": "3", "JOBCLOUD_GUNICORN_WORKERS": "2",
+    env = {"JOBCLOUD_GUNICORN_CONNECTIONS": "3", "JOBCLOUD_GUNICORN_WORKERS": "2",
            "JOBCLOUD_BIND": "127.0.0.1:3999", "JOBCLOUD_ACCESS_LOG": "/dev/null"}
     done = _gunicorn_settings(env)
     assert done.returncode == 0, done.stderr
     cfg = load_config(env=env)
-    assert _printed(done.stdout, "threads") == str(cfg.gunicorn_threads) == "3"
+    assert _printed(done.stdout, "worker_connections") == str(cfg.gunicorn_connections) == "3"
     assert _printed(done.stdout, "workers") == str(cfg.resolved_gunicorn_workers) == "2"
     assert _printed(done.stdout, "bind") == "['127.0.0.1:3999']"
     assert _printed(done.stdout, "accesslog") == "/dev/null"
-    assert live.streams_per_process(cfg) == 1  # half of 3 threads, so some stay free
+    assert live.streams_per_process(cfg) == 1  # half of 3 connections, so some stay free
 
     conf = tmp_path / "proxy.toml"
-    conf.write_text("[proxy]\ngunicorn_threads = 5\n")
+    conf.write_text("[proxy]\ngunicorn_connections = 5\n")
     done = _gunicorn_settings({"JOBCLOUD_CONFIG": str(conf)})
     assert done.returncode == 0, done.stderr
-    assert _printed(done.stdout, "threads") == "5"
-    assert load_config(env={"JOBCLOUD_CONFIG": str(conf)}).gunicorn_threads == 5
+    assert _printed(done.stdout, "worker_connections") == "5"
+    assert load_config(env={"JOBCLOUD_CONFIG": str(conf)}).gunicorn_connections == 5
 
 
 def test_gunicorn_defaults_are_the_configs():
     done = _gunicorn_settings({})
     assert done.returncode == 0, done.stderr
     cfg = load_config(env={})
-    assert _printed(done.stdout, "threads") == "8" == str(cfg.gunicorn_threads)
+    assert _printed(done.stdout, "worker_connections") == "2000" == str(cfg.gunicorn_connections)
+    assert _printed(done.stdout, "worker_class") == "gevent"
     assert _printed(done.stdout, "workers") == str(max(4, (os.cpu_count() or 1) * 2))
     assert _printed(done.stdout, "bind") == "['127.0.0.1:3000']"
     assert _printed(done.stdout, "forwarded_allow_ips") == "[]"  # trust no forwarder
@@ -121,8 +122,8 @@ def test_gunicorn_defaults_are_the_configs():
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"JOBCLOUD_GUNICORN_THREADS": "0"}, "gunicorn_threads must be between 1 and 1000"),
-    ({"JOBCLOUD_GUNICORN_THREADS": "many"}, "setting gunicorn_threads: 'many' is not a valid int"),
+    ({"JOBCLOUD_GUNICORN_CONNECTIONS": "1"}, "gunicorn_connections must be between 2 and 100000"),
+    ({"JOBCLOUD_GUNICORN_CONNECTIONS": "many"}, "setting gunicorn_connections: 'many' is not a valid int"),
     ({"JOBCLOUD_GUNICORN_WORKERS": "-1"}, "gunicorn_workers must be between"),
     ({"JOBCLOUD_FORWARDED_ALLOW_IPS": "proxy.example.org"}, "forwarded_allow_ips"),
 ])

@@ -149,7 +149,7 @@ class Hub:
         return job_id, worker
 
     def claim_at(self, worker: Worker, now: float, max_jobs: int = 1) -> list[dict]:
-        return self.call(scheduler.claim, worker.row(), max_jobs, now=now, **self.lease)
+        return self.call(workers.claim, worker.row(), max_jobs, now=now, **self.lease)
 
     def heartbeat_at(self, worker: Worker, running, now: float) -> dict:
         return self.call(workers.heartbeat, worker.row(), list(running), now=now, **self.lease).json()

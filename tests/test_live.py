@@ -347,7 +347,7 @@ def test_user_stream_reads_through_indexes_in_one_query(make_config):
             reads = [d for d in plan if re.match(r"(SCAN|SEARCH) jobs\b", d)]
             assert reads and all(" USING " in d for d in reads), plan
             indexes = {re.search(r"INDEX (\w+)", d).group(1) for d in reads}
-            expected = {"jobs_state", "jobs_queue"}
+            expected = {"jobs_owner_state"}
             if since is not None:
                 expected |= {"jobs_owner_finished", "jobs_owner"}
             assert expected <= indexes, plan
@@ -394,7 +394,7 @@ def test_head_answers_at_once(client, alice):
 
 
 @pytest.mark.parametrize("one_stream", [{"live_streams_max": 1},
-                                        {"live_streams_max": 4, "gunicorn_threads": 2}])
+                                        {"live_streams_max": 4, "gunicorn_connections": 2}])
 def test_past_live_streams_max_a_stream_answers_once_and_the_client_polls(make_config, one_stream):
     """Held streams take gunicorn threads: past the limit, no thread is held."""
     app = create_app(make_config(**one_stream))
@@ -423,12 +423,12 @@ def test_past_live_streams_max_a_stream_answers_once_and_the_client_polls(make_c
     app.extensions["jobcloud"].db.close()
 
 
-def test_streams_per_process_are_at_most_half_of_gunicorns_threads(make_config):
-    """live_streams_max counts against the process's threads (JOBCLOUD_GUNICORN_THREADS)."""
-    assert live.streams_per_process(make_config(gunicorn_threads=2, live_streams_max=4)) == 1
-    assert live.streams_per_process(make_config()) == 4  # 8 threads, live_streams_max 4
-    assert live.streams_per_process(make_config(gunicorn_threads=4, live_streams_max=1)) == 1
-    assert live.streams_per_process(make_config(gunicorn_threads=1)) == 1
+def test_streams_per_process_are_at_most_half_of_gunicorns_connections(make_config):
+    """live_streams_max counts against the process's connections (JOBCLOUD_GUNICORN_CONNECTIONS)."""
+    assert live.streams_per_process(make_config(gunicorn_connections=2, live_streams_max=4)) == 1
+    assert live.streams_per_process(make_config()) == 1000  # 2000 connections, max 2000
+    assert live.streams_per_process(make_config(gunicorn_connections=4, live_streams_max=1)) == 1
+    assert live.streams_per_process(make_config(gunicorn_connections=3)) == 1
 
 
 def test_streams_end_at_once_when_the_process_stops(app, client, alice):

@@ -39,7 +39,8 @@ def create_app(config: Config | None = None) -> Flask:
     blobs = BlobStore(config.data_dir)
 
     app = Flask(__name__)
-    app.extensions["jobcloud"] = AppState(config=config, db=db, blobs=blobs, wakeups=Listener(db))
+    app.extensions["jobcloud"] = AppState(config=config, db=db, blobs=blobs,
+                                          wakeups=Listener(db, poll_s=config.wakeup_poll_s))
     app.config.update(
         SECRET_KEY=_secret_key(db),
         SESSION_COOKIE_HTTPONLY=True,

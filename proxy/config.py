@@ -86,6 +86,10 @@ class Config:
     # what a lab opens; capped at half of gunicorn_connections
     # (live.streams_per_process), so workers and pages always get in.
     live_streams_max: int = 2000
+    # How often each process looks for wake-ups committed by other processes
+    # on SQLite (wakeups.py; PostgreSQL pushes them): half of it is the average
+    # delay before a worker waiting in another process hears of a new job.
+    wakeup_poll_s: float = 0.002
     # Connections one gunicorn process serves at once (gevent's
     # worker_connections): every idle claim long-poll and open live page is
     # one, costing a greenlet and a socket, not a thread.
@@ -191,6 +195,7 @@ def validate(values: dict) -> Config:
         (1 <= cfg.page_size <= 500, "page_size must be between 1 and 500"),
         (cfg.status_refresh_s >= 1, "status_refresh_s must be at least 1"),
         (1 <= cfg.live_stream_s <= 300, "live_stream_s must be between 1 and 300"),
+        (0.0005 <= cfg.wakeup_poll_s <= 60, "wakeup_poll_s must be between 0.0005 and 60"),
         (1 <= cfg.live_streams_max <= 100_000, "live_streams_max must be between 1 and 100000"),
         (2 <= cfg.gunicorn_connections <= 100_000,
          "gunicorn_connections must be between 2 and 100000"),

@@ -44,9 +44,17 @@ class Database:
 
     dialect = "?"
     closed = False
+    # Called with the topics of each wake-up this process commits
+    # (wakeups.Listener registers here): waiters in the same process are woken
+    # at the commit, without waiting for the database to tell them.
+    local_wakeups = None
 
     def connection(self):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def deliver_locally(self, topics) -> None:
+        if self.local_wakeups is not None:
+            self.local_wakeups(topics)
 
     def close(self):
         self.closed = True
@@ -83,10 +91,20 @@ class Database:
 class Connection:
     """One database connection. `query` returns dicts; `execute` returns the rowcount."""
 
-    def __init__(self, raw, dialect: str):
+    def __init__(self, raw, dialect: str, db: "Database | None" = None):
         self.raw = raw
         self.dialect = dialect
+        self.db = db
         self.in_transaction = False
+        self._on_commit: list = []
+
+    def on_commit(self, fn) -> None:
+        """Call `fn()` once the current transaction commits (at once outside one);
+        never when it rolls back."""
+        if self.in_transaction:
+            self._on_commit.append(fn)
+        else:
+            fn()
 
     def _sql(self, sql: str) -> str:
         return sql
@@ -121,21 +139,26 @@ class Connection:
             return
         self._begin(lock, durable)
         self.in_transaction = True
+        self._on_commit = []
         try:
             yield self
         except BaseException:
             self.in_transaction = False
+            self._on_commit = []
             self._rollback()
             raise
         self.in_transaction = False
         self._commit()
+        hooks, self._on_commit = self._on_commit, []
+        for fn in hooks:
+            fn()
 
 
 # --------------------------------------------------------------------------- SQLite
 
 class SQLiteConnection(Connection):
-    def __init__(self, raw, dialect: str, write_lock):
-        super().__init__(raw, dialect)
+    def __init__(self, raw, dialect: str, db, write_lock):
+        super().__init__(raw, dialect, db)
         self.write_lock = write_lock
 
     def _run(self, sql, params):
@@ -229,7 +252,7 @@ class SQLiteDatabase(Database):
         if raw is None:
             raw = self._new()
         try:
-            yield SQLiteConnection(raw, self.dialect, write_lock)
+            yield SQLiteConnection(raw, self.dialect, self, write_lock)
         finally:
             if raw.in_transaction:
                 raw.execute("ROLLBACK")
@@ -325,7 +348,7 @@ class PostgresDatabase(Database):
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
             raise StoreUnavailable(f"the database is unavailable: {e}") from e
         try:
-            yield PostgresConnection(raw, self.dialect)
+            yield PostgresConnection(raw, self.dialect, self)
         except BaseException as e:
             cm.__exit__(type(e), e, e.__traceback__)
             raise

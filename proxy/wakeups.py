@@ -10,7 +10,8 @@ Topics name what changed:
 
 Publishing (`notify`, `notify_jobs`) happens inside the writing transaction,
 so a waiter is woken only by what was committed, and a rolled-back change
-wakes nobody:
+wakes nobody. Waiters in the committing process are woken right after the
+commit (Connection.on_commit); the others hear it through the database:
 - PostgreSQL: ``pg_notify``; the server delivers it at commit to every
   listening process of every proxy instance.
 - SQLite (one host): a row in ``wakeups``. Each process has one watcher that
@@ -38,9 +39,8 @@ import time
 log = logging.getLogger(__name__)
 
 CHANNEL = "jobcloud"
-# How often a SQLite watcher looks for commits: half of it is the average
-# delay from a commit to the wake-up (bench/wakeup.py), each look a few
-# microseconds.
+# How often a SQLite watcher looks for other processes' commits (the
+# wakeup_poll_s setting): each look is a few microseconds.
 SQLITE_POLL_S = 0.002
 # Rows kept in `wakeups`: a watcher more than this far behind wakes everyone.
 SQLITE_KEEP_ROWS = 20_000
@@ -69,6 +69,8 @@ def notify(conn, *topics: str) -> None:
     """Wake the waiters on `topics` once the current transaction commits."""
     if not topics:
         return
+    if conn.db is not None:
+        conn.on_commit(lambda: conn.db.deliver_locally(topics))
     if conn.dialect == "postgresql":
         for topic in dict.fromkeys(topics):
             conn.execute("SELECT pg_notify(?, ?)", (CHANNEL, topic))
@@ -84,17 +86,12 @@ def notify_jobs(conn, job_ids, *, holder: bool = False) -> None:
     job_ids = list(job_ids)
     if not job_ids:
         return
-    marks = ", ".join("?" for _ in job_ids)
-    columns = ["'j:' || id", "'u:' || owner_id"] + (["'w:' || worker_id"] if holder else [])
-    if conn.dialect == "postgresql":
-        calls = ", ".join(f"pg_notify(?, {c})" for c in columns)
-        conn.execute(f"SELECT {calls} FROM jobs WHERE id IN ({marks})",
-                     (*([CHANNEL] * len(columns)), *job_ids))
-        return
-    selects = " UNION ALL ".join(
-        f"SELECT {c} FROM jobs WHERE id IN ({marks}) AND {c} IS NOT NULL" for c in columns)
-    conn.execute(f"INSERT INTO wakeups (topic) {selects}", tuple(job_ids) * len(columns))
-    _prune_now_and_then(conn)
+    rows = conn.query(f"SELECT id, owner_id, worker_id FROM jobs WHERE id IN"
+                      f" ({', '.join('?' for _ in job_ids)})", tuple(job_ids))
+    topics = [t for r in rows for t in (job_topic(r["id"]), user_topic(r["owner_id"]))]
+    if holder:
+        topics += [worker_topic(r["worker_id"]) for r in rows if r["worker_id"]]
+    notify(conn, *topics)
 
 
 def _prune_now_and_then(conn) -> None:
@@ -140,6 +137,7 @@ class Listener:
     def __init__(self, db, *, poll_s: float = SQLITE_POLL_S):
         self.db = db
         self.poll_s = poll_s
+        db.local_wakeups = self._deliver
         self._waiters: dict[str, set[Subscription]] = {}
         self._lock = None
         self._thread = None

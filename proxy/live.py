@@ -1,20 +1,22 @@
 """Live updates as Server-Sent Events: one job's state and output, and the
 states of one user's jobs.
 
-Every stream is a loop over short, separate reads of the store (a job row and
-the log chunks past the position already sent), so it works the same with any
-number of proxy processes and instances: nothing is pushed between processes.
+Every stream is a loop of short, separate reads of the store (a job row and
+the log chunks past the position already sent), each done when the stream's
+topic fires (wakeups.py: a state change, a log chunk), so it works the same
+with any number of proxy processes and instances. Between reads it holds no
+database connection and, under gunicorn's gevent workers, no thread: a waiting
+stream is a greenlet and a socket.
 
-A stream holds one gunicorn thread (gthread workers) while it is open, so it
-lives at most the `live_stream_s` setting (less when the process is stopping:
-see proxy.begin_shutdown); the browser's EventSource then reconnects by itself
-and sends the id of the last event it got as ``Last-Event-ID``, from which the
-stream resumes: no output is sent twice or skipped. A job's stream ends with an
-``end`` event once the job is final and all its output was sent. At most
-`live_streams_max` streams per process are held open, and never more than half
-of gunicorn's threads per process (`gunicorn_threads`); past that a stream
-answers once and the client polls every few seconds, so streams never take
-the threads that heartbeats, claims and pages need.
+A stream lives at most the `live_stream_s` setting (less when the process is
+stopping: see proxy.begin_shutdown); the browser's EventSource then reconnects
+by itself and sends the id of the last event it got as ``Last-Event-ID``, from
+which the stream resumes: no output is sent twice or skipped. A job's stream
+ends with an ``end`` event once the job is final and all its output was sent.
+At most `live_streams_max` streams per process are held open, and never more
+than half of gunicorn's connections per process (`gunicorn_connections`); past
+that a stream answers once and the client polls every few seconds, so streams
+never take the connections workers and pages need.
 
 Job stream events (``data`` is JSON; ``id`` is the position ``ATTEMPT-OUT-ERR``,
 the attempt and the stdout/stderr byte offsets already sent):
@@ -49,8 +51,7 @@ from .wakeups import Listener
 
 bp = Blueprint("live", __name__)
 
-# Two or three indexed reads per stream each time: cheap, and output shows
-# within about half a second of reaching the proxy.
+# Without a listener (a stream driven directly, in tests): read this often.
 POLL_S = 0.5
 # A comment line now and then keeps idle connections from being cut by
 # intermediaries, and lets the server notice a client that went away.

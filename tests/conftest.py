@@ -140,6 +140,20 @@ def app(make_config):
 
 
 @pytest.fixture
+def make_app(make_config, database_url):
+    """Builds apps on `database_url` (SQLite, then PostgreSQL); closes them after the test."""
+    made = []
+
+    def make(**config):
+        application = create_app(make_config(database_url=database_url, **config))
+        made.append(application)
+        return application
+    yield make
+    for application in made:
+        application.extensions["jobcloud"].db.close()
+
+
+@pytest.fixture
 def client(app):
     return app.test_client()
 

@@ -86,10 +86,12 @@ def test_max_running_holds_jobs_back_and_others_get_the_slots(hub):
 
 def test_weight_gives_a_larger_share_of_the_slots(hub):
     set_limits(hub, "alice", weight=2)
-    w = hub.register("w", slots=3)
+    # Queued before any slot is free (a free slot takes a job as it arrives):
+    # the shares are decided when the slots come.
     a_jobs = {submit(hub).get_json()["id"] for _ in range(5)}
     for _ in range(5):
         submit(hub, user=hub.bob)
+    w = hub.register("w", slots=3)
     taken = {j["id"] for j in w.claim(max_jobs=3)}
     assert len(taken & a_jobs) == 2
 

@@ -24,10 +24,8 @@ JSON = {"Accept": "application/json"}
 
 
 @pytest.fixture
-def app(make_config, database_url):
-    application = create_app(make_config(database_url=database_url))
-    yield application
-    application.extensions["jobcloud"].db.close()
+def app(make_app):
+    return make_app()
 
 
 @pytest.fixture

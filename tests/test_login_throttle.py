@@ -18,7 +18,7 @@ from importlib.util import find_spec
 import pytest
 from flask import jsonify, request
 
-from proxy import accounts, create_app, throttle
+from proxy import accounts, throttle
 from proxy.errors import TooManyAttempts
 from tests.conftest import ROOT, csrf_from, login, require
 
@@ -27,10 +27,8 @@ RIGHT = "correct-horse-1"
 
 
 @pytest.fixture
-def app(make_config, database_url):
-    application = create_app(make_config(database_url=database_url))
-    yield application
-    application.extensions["jobcloud"].db.close()
+def app(make_app):
+    return make_app()
 
 
 @pytest.fixture

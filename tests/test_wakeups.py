@@ -19,7 +19,7 @@ import time
 import pytest
 import requests
 
-from proxy import accounts, create_app, wakeups, workers
+from proxy import accounts, wakeups, workers
 from proxy.db import PG_DISPATCH_LOCK, Connection, open_database
 from tests.conftest import LiveServer, Users, free_port, start_gunicorn, stop_gunicorn, wait_until
 from tests.test_api import ProtocolWorker, submit
@@ -31,11 +31,9 @@ PROMPT_S = 5         # an answer this soon came from a wake-up, not the deadline
 # ------------------------------------------------------------------ in process
 
 @pytest.fixture
-def wapp(make_config, database_url):
+def wapp(make_app):
     # A watcher that looks once a minute: anything faster than that was pushed.
-    application = create_app(make_config(database_url=database_url, wakeup_poll_s=60))
-    yield application
-    application.extensions["jobcloud"].db.close()
+    return make_app(wakeup_poll_s=60)
 
 
 @pytest.fixture

@@ -89,7 +89,7 @@ class Config:
     # How often each process looks for wake-ups committed by other processes
     # on SQLite (wakeups.py; PostgreSQL pushes them): half of it is the average
     # delay before a worker waiting in another process hears of a new job.
-    wakeup_poll_s: float = 0.002
+    wakeup_poll_s: float = 0.004
     # Connections one gunicorn process serves at once (gevent's
     # worker_connections): every idle claim long-poll and open live page is
     # one, costing a greenlet and a socket, not a thread.

@@ -46,6 +46,11 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
     user, jobs go in submission order; the job goes to the eligible worker that
     was served longest ago (round-robin across workers).
     """
+    # Most passes of an idle cluster find nothing to place: one index probe
+    # (jobs_queue) saves the per-worker read below, which grows with the workers.
+    if conn.query_one("SELECT 1 AS x FROM jobs WHERE worker_id IS NULL AND state = ? LIMIT 1",
+                      (JobState.QUEUED.value,)) is None:
+        return 0
     live = conn.query(
         "SELECT w.id, w.cpus, w.memory_mb, w.gpus, w.slots, w.images, w.rr_seq,"
         " (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state IN (?, ?)) AS used"

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "jobcloud"
 # How often a SQLite watcher looks for other processes' commits (the
 # wakeup_poll_s setting): each look is a few microseconds.
-SQLITE_POLL_S = 0.002
+SQLITE_POLL_S = 0.004
 # Rows kept in `wakeups`: a watcher more than this far behind wakes everyone.
 SQLITE_KEEP_ROWS = 20_000
 # A listener with no waiters for this long stops (a process that serves no

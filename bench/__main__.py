@@ -1,6 +1,6 @@
 """`python -m bench [NAMES...]`: run benchmarks, rewrite docs/PERFORMANCE.md.
 
-With no names, runs them all (about 8 minutes on 2 cores). Each benchmark's
+With no names, runs them all (about 15 minutes on 2 cores). Each benchmark's
 section of the document is replaced; sections of benchmarks not run are kept.
 """
 from __future__ import annotations
@@ -11,7 +11,18 @@ import sys
 import time
 import traceback
 
-from . import claim, loadtest, status, submit, upload, vm, worker
+from . import (
+    claim,
+    idle,
+    loadtest,
+    slowloris,
+    status,
+    submit,
+    upload,
+    vm,
+    wakeup,
+    worker,
+)
 from .harness import machine
 from .report import Outcome, now_iso, update_doc, write_json
 
@@ -29,6 +40,9 @@ BENCHMARKS = {
     "load": ("200 concurrent clients (locust)", loadtest.run),
     "vm-clone": ("Worker VM clone cost by template size", vm.run_clone),
     "vm-scaleup": ("Queue to first job on a new worker VM", vm.run_scaleup),
+    "idle": ("1,000 idle workers and 1,000 live pages on one proxy", idle.run),
+    "wakeup": ("A submission wakes a waiting worker", wakeup.run),
+    "slowloris": ("300 slowloris connections", slowloris.run),
 }
 
 INTRO = """# Performance
@@ -74,8 +88,8 @@ def main(argv=None) -> int:
 
         g = Proxy.gunicorn_settings()
         intro = INTRO.format(names=", ".join(f"`{n}`" for n in BENCHMARKS),
-                             gunicorn=f"{g['workers']} {g['worker_class']} workers × {g['threads']}"
-                                      " threads")
+                             gunicorn=f"{g['workers']} {g['worker_class']} workers ×"
+                                      f" {g['worker_connections']:,} connections")
         print(f"wrote {update_doc(outcomes, list(BENCHMARKS), intro)}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
@@ -102,6 +116,17 @@ def parse_args(argv):
     p.add_argument("--load-clients", type=int, default=200, help="locust users for load")
     p.add_argument("--load-duration", type=float, default=60, help="load window, s")
     p.add_argument("--upload-mib", type=int, default=1024, help="dataset size for upload, MiB")
+    p.add_argument("--idle-workers", type=int, default=1000,
+                   help="idle workers holding a claim long-poll, for idle")
+    p.add_argument("--idle-pages", type=int, default=1000, help="open live pages, for idle")
+    p.add_argument("--idle-window", type=float, default=30,
+                   help="idle CPU window, s (a whole claim wait: every claim renewed once)")
+    p.add_argument("--idle-person-s", type=float, default=30,
+                   help="window of each of the person's page loops while connections are open, s")
+    p.add_argument("--wakeups", type=int, default=200, help="submissions per wakeup setup")
+    p.add_argument("--slow-clients", type=int, default=300, help="slowloris connections")
+    p.add_argument("--slow-window", type=float, default=30,
+                   help="/healthz window while the slow clients are open, s")
     p.add_argument("--tmp", help="where temp data dirs go (default: system temp dir)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/PERFORMANCE.md")
     args = p.parse_args(argv)

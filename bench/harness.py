@@ -1,11 +1,13 @@
-"""A proxy under test: its own data dir and SQLite store, seeded straight through
-the store's own functions, and the real gunicorn (default proxy/gunicorn_conf.py)
-on a free loopback port. Also: the machine a run happened on.
+"""A proxy under test: its own data dir and SQLite store (or a database on a
+throwaway PostgreSQL server), seeded straight through the store's own
+functions, and the real gunicorn (default proxy/gunicorn_conf.py) on a free
+loopback port. Also: the machine a run happened on.
 """
 from __future__ import annotations
 
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -55,11 +57,17 @@ class Proxy:
 
     Args:
         tmp_root: where the temp data dir is made (default: the system temp dir).
+        database_url: a PostgreSQL database (PostgresServer.new_database) instead
+            of SQLite in the data dir.
+        data_dir: another instance's data dir, shared as two proxy instances on
+            one host share one PostgreSQL (blobs written at one are read at the other).
     """
 
-    def __init__(self, tmp_root: str | None = None):
+    def __init__(self, tmp_root: str | None = None, *, database_url: str = "",
+                 data_dir: str | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="jobcloud-bench-", dir=tmp_root))
-        self.config = load_config(env={}, overrides={"data_dir": str(self.dir / "data")})
+        self.config = load_config(env={}, overrides={
+            "data_dir": data_dir or str(self.dir / "data"), "database_url": database_url})
         self.db = open_database(self.config.resolved_database_url)
         self.db.migrate()
         self.blobs = BlobStore(self.config.data_dir)
@@ -94,13 +102,15 @@ class Proxy:
         return self.blobs.commit(upload)
 
     def seed_jobs(self, owner: Account, count: int, *, queued_one_in: int = 0,
-                  gpus: int = 0) -> None:
+                  gpus: int = 0, finished: bool = False) -> None:
         """Insert `count` queued jobs for `owner` with the store's own create_job.
 
         Args:
             queued_one_in: when > 0, about one job in n stays queued and the
                 rest are marked succeeded: a user's history is mostly finished.
             gpus: GPUs each job asks for.
+            finished: every job is marked succeeded: a history with nothing
+                left for a worker to take.
         """
         job = NewJob(owner_id=owner.id, name="seeded", script_name="main.py",
                      script=self.store_script(), image=self.config.default_image, cpus=1.0,
@@ -113,14 +123,15 @@ class Proxy:
                     for _ in range(n):
                         create_job(conn, job)
                 left -= n
-            if queued_one_in:
+            if queued_one_in or finished:
+                some = "" if finished else " AND ABS(random() % ?) != 0"
                 with conn.transaction():
                     conn.execute(
                         "UPDATE jobs SET state = ?, attempt = 1, started_at = submitted_at,"
                         " finished_at = submitted_at + 1, exit_code = 0, wall_seconds = 1"
-                        " WHERE owner_id = ? AND state = ? AND ABS(random() % ?) != 0",
-                        (JobState.SUCCEEDED.value, owner.id, JobState.QUEUED.value,
-                         queued_one_in))
+                        " WHERE owner_id = ? AND state = ?" + some,
+                        (JobState.SUCCEEDED.value, owner.id, JobState.QUEUED.value)
+                        + (() if finished else (queued_one_in,)))
 
     def count_jobs(self, state: str | None = None) -> int:
         with self.db.connection() as conn:
@@ -141,6 +152,8 @@ class Proxy:
         for key in ("JOBCLOUD_CONFIG", "JOBCLOUD_DATABASE_URL", "JOBCLOUD_GUNICORN_WORKERS",
                     "JOBCLOUD_GUNICORN_CONNECTIONS", "JOBCLOUD_ACCESS_LOG"):
             env.pop(key, None)
+        if self.config.database_url:
+            env["JOBCLOUD_DATABASE_URL"] = self.config.database_url
         env.update(settings or {})
         # The access log stays on (the default config logs every request to
         # stdout); it goes to a file in the temp dir, as it would to journald.
@@ -194,7 +207,7 @@ class Proxy:
         import proxy.gunicorn_conf as conf
 
         return {"workers": conf.workers, "worker_class": conf.worker_class,
-                "threads": conf.threads}
+                "worker_connections": conf.worker_connections, "keepalive": conf.keepalive}
 
     def log_tail(self, n: int = 3000) -> str:
         try:
@@ -227,6 +240,74 @@ class Proxy:
         finally:
             self.db.close()
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on a loopback port (as tests/conftest.py
+    starts one); use as a context manager, then `new_database()` per proxy.
+
+    Args:
+        tmp_root: where its data dir is made (default: the system temp dir).
+
+    Raises:
+        BenchError: the server binaries are missing or it does not start.
+    """
+
+    def __init__(self, tmp_root: str | None = None):
+        self.bin = _pg_bin()
+        if self.bin is None:
+            raise BenchError("PostgreSQL server binaries (initdb, pg_ctl) not installed:"
+                             " apt-get install postgresql")
+        self.dir = Path(tempfile.mkdtemp(prefix="jobcloud-bench-pg-", dir=tmp_root))
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
+        # PostgreSQL refuses to run as root: then it runs as the postgres system user.
+        self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def __enter__(self) -> "PostgresServer":
+        if self.run_as:
+            shutil.chown(self.dir, user="postgres")
+        data = self.dir / "data"
+        # fsync stays on (unlike the tests' server): commits cost what they would in use.
+        opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port}"
+                f" -c unix_socket_directories={self.dir} -c max_connections=300"
+                " -c shared_buffers=128MB")
+        try:
+            self._pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+            self._pg("pg_ctl", "-D", str(data), "-o", opts, "-w", "-l", str(self.dir / "log"),
+                     "start")
+        except subprocess.CalledProcessError as e:
+            self.__exit__()
+            raise BenchError(f"PostgreSQL did not start: {e.stderr or e}") from e
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run([*self.run_as, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"),
+                        "-m", "immediate", "stop"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _pg(self, program: str, *args: str) -> None:
+        subprocess.run([*self.run_as, str(self.bin / program), *args], check=True, text=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def new_database(self) -> str:
+        """An empty database on this server; returns its URL."""
+        import psycopg
+
+        name = "bench_" + secrets.token_hex(6)
+        with psycopg.connect(self.url + "/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"{self.url}/{name}"
+
+
+def _pg_bin() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name)
+    for path in reversed(candidates):
+        if (path / "initdb").exists() and (path / "pg_ctl").exists():
+            return path
+    found = shutil.which("pg_ctl")
+    return Path(found).parent if found else None
 
 
 class RssSampler:

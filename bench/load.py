@@ -164,9 +164,9 @@ def run_load(op_factory, *, processes: int, threads: int, duration_s: float, war
         helper.start()
     server_cpu = server_cpu or (lambda: 0.0)
     _sleep_until(window[0])
-    before = server_cpu(), _busy_cpu()
+    before = server_cpu(), busy_cpu()
     _sleep_until(window[1])
-    after = server_cpu(), _busy_cpu()
+    after = server_cpu(), busy_cpu()
     try:
         parts = [results.get(timeout=window[1] - time.monotonic() + 300) for _ in children]
     finally:
@@ -256,7 +256,7 @@ def _loop(op, start: float, window, shared: dict, lock: threading.Lock) -> None:
         shared["error_samples"].extend(samples)
 
 
-def _busy_cpu() -> float:
+def busy_cpu() -> float:
     """CPU seconds the whole machine has spent busy (all processes, all cores)."""
     t = psutil.cpu_times()
     return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) \

@@ -13,6 +13,7 @@ import logging
 import re
 import sqlite3
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -162,12 +163,26 @@ class SQLiteConnection(Connection):
         self.write_lock = write_lock
 
     def _run(self, sql, params):
-        try:
-            return self.raw.execute(sql, params)
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise StoreUnavailable("the database is busy; try again") from e
-            raise
+        # SQLite's own busy handler sleeps in C, which under gevent stops every
+        # request of this process while another process holds the write lock:
+        # the connection fails at once instead (timeout 0) and the wait happens
+        # here, in sleeps that let the other requests run. Only where a retry is
+        # safe: a statement outside a transaction (not applied when refused),
+        # or the BEGIN that takes the lock.
+        deadline = None
+        delay = 0.001
+        while True:
+            try:
+                return self.raw.execute(sql, params)
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + SQLITE_BUSY_TIMEOUT_S
+                if self.raw.in_transaction or now >= deadline:
+                    raise StoreUnavailable("the database is busy; try again") from e
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.02)
 
     def _begin(self, lock, durable):
         # The fsync of a commit happens while the write lock is held, so it
@@ -224,15 +239,14 @@ class SQLiteDatabase(Database):
         self._locks = None
 
     def _new(self) -> sqlite3.Connection:
-        raw = sqlite3.connect(
-            self.path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None,
-            check_same_thread=False,
-        )
+        # timeout=0: a busy database is waited for in SQLiteConnection._run.
+        raw = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         raw.row_factory = sqlite3.Row
-        raw.execute("PRAGMA journal_mode=WAL")
+        conn = SQLiteConnection(raw, self.dialect, self, None)
+        conn._run("PRAGMA journal_mode=WAL", ())
         # FULL: a commit is on disk before we answer 201 ("durable").
-        raw.execute("PRAGMA synchronous=FULL")
-        raw.execute("PRAGMA foreign_keys=ON")
+        conn._run("PRAGMA synchronous=FULL", ())
+        conn._run("PRAGMA foreign_keys=ON", ())
         return raw
 
     def _lock(self):

@@ -260,7 +260,10 @@ class _SQLiteSource:
         self.reopen()
 
     def reopen(self) -> None:
-        self.raw = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Reads only, which WAL mode almost never makes wait; a short timeout
+        # keeps SQLite's busy handler (it sleeps in C) from stopping the process.
+        self.raw = sqlite3.connect(self.path, timeout=0.05, isolation_level=None,
+                                   check_same_thread=False)
         self.version = self._version()
         self.last_id = self.raw.execute("SELECT COALESCE(MAX(id), 0) FROM wakeups").fetchone()[0]
 

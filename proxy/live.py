@@ -54,8 +54,9 @@ bp = Blueprint("live", __name__)
 # Without a listener (a stream driven directly, in tests): read this often.
 POLL_S = 0.5
 # A comment line now and then keeps idle connections from being cut by
-# intermediaries, and lets the server notice a client that went away.
-KEEPALIVE_S = 10.0
+# intermediaries (nginx's proxy_read_timeout is 60 s by default), and lets the
+# server notice a client that went away.
+KEEPALIVE_S = 25.0
 # How long the browser waits before reconnecting after the server ends a stream.
 RETRY_MS = 500
 # ... and when every long stream of the process was taken (live_streams_max):

@@ -123,10 +123,11 @@ def _claim_waiting(worker: dict, max_jobs: int, wait_s: float) -> dict:
             jobs = workers.claim(conn, worker, max_jobs, **_lease_args())
             if jobs or max_jobs == 0 or wait_s <= 0:
                 return _claim_answer(conn, worker, jobs)
-        if not st.stopping.is_set():
-            wake.wait(wait_s)
+        woken = not st.stopping.is_set() and wake.wait(wait_s)
     with st.db.connection() as conn:
-        if st.stopping.is_set() or not workers.is_active(conn, worker["id"]):
+        # Not woken: nothing was reserved for this worker since its claim (it
+        # subscribed first), so the answer needs no second claim.
+        if not woken or st.stopping.is_set() or not workers.is_active(conn, worker["id"]):
             jobs = []
         else:
             jobs = workers.claim(conn, worker, max_jobs, **_lease_args())

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import ConfigError, StoreUnavailable
+from .inotify import FileSignal
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,10 @@ class Connection:
 
     def on_commit(self, fn) -> None:
         """Call `fn()` once the current transaction commits (at once outside one);
-        never when it rolls back."""
+        never when it rolls back. The same `fn` (==) registered twice runs once."""
         if self.in_transaction:
-            self._on_commit.append(fn)
+            if fn not in self._on_commit:
+                self._on_commit.append(fn)
         else:
             fn()
 
@@ -233,6 +235,10 @@ class SQLiteDatabase(Database):
     def __init__(self, path: str):
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Touched after each commit that publishes wake-ups: other processes'
+        # wakeups.Listener sleep on it (inotify) instead of polling.
+        self.wake_signal_path = "" if path == ":memory:" else f"{path}-wake"
+        self._wake_signal = None
         self._idle: list[sqlite3.Connection] = []
         # Made on first use, i.e. after gunicorn's gevent worker patched
         # threading: then they are greenlet locks.
@@ -248,6 +254,19 @@ class SQLiteDatabase(Database):
         conn._run("PRAGMA synchronous=FULL", ())
         conn._run("PRAGMA foreign_keys=ON", ())
         return raw
+
+    def signal_wakeups(self) -> None:
+        """Tell the other processes' wake-up watchers that a commit published
+        wake-ups. After the commit: a failure here loses no data (they still
+        look every wakeups.SIGNAL_SAFETY_S), so it is logged, not raised."""
+        if not self.wake_signal_path:
+            return
+        if self._wake_signal is None:
+            self._wake_signal = FileSignal(self.wake_signal_path)
+        try:
+            self._wake_signal.touch()
+        except OSError as e:
+            log.warning("cannot touch the wake-up signal %s: %s", self.wake_signal_path, e)
 
     def _lock(self):
         if self._locks is None:

@@ -237,15 +237,18 @@ def _paced(step, timing: Timing, slots: Slots | None, topic: str):
                 return  # the client reconnects and resumes from its last event
         yield f"retry: {RETRY_MS if held else BUSY_RETRY_MS}\n\n"
         started = last_sent = time.monotonic()
+        woken = True   # the first step reads what is there already
         while True:
-            try:
-                events, done = step()
-            except StoreUnavailable:
-                return  # the client reconnects and resumes from its last event
-            for text in events:
-                yield text
-                last_sent = time.monotonic()
-            if done or not held or time.monotonic() - started >= timing.max_s:
+            if woken:  # a wait that merely timed out has nothing new to read
+                try:
+                    events, done = step()
+                except StoreUnavailable:
+                    return  # the client reconnects and resumes from its last event
+                for text in events:
+                    yield text
+                    last_sent = time.monotonic()
+            if (done or not held or stopping.is_set()
+                    or time.monotonic() - started >= timing.max_s):
                 return
             if time.monotonic() - last_sent >= timing.keepalive_s:
                 yield ": keep-alive\n\n"
@@ -255,7 +258,8 @@ def _paced(step, timing: Timing, slots: Slots | None, topic: str):
                     return
                 continue
             now = time.monotonic()
-            wake.wait(min(timing.keepalive_s - (now - last_sent), timing.max_s - (now - started)))
+            woken = wake.wait(min(timing.keepalive_s - (now - last_sent),
+                                  timing.max_s - (now - started)))
             if stopping.is_set():
                 return
     finally:

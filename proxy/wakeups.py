@@ -14,9 +14,14 @@ wakes nobody. Waiters in the committing process are woken right after the
 commit (Connection.on_commit); the others hear it through the database:
 - PostgreSQL: ``pg_notify``; the server delivers it at commit to every
   listening process of every proxy instance.
-- SQLite (one host): a row in ``wakeups``. Each process has one watcher that
-  asks ``PRAGMA data_version`` (changed by any other connection's commit; no
-  disk read) every `SQLITE_POLL_S` and, when it changed, reads the new rows.
+- SQLite (one host): a row in ``wakeups``, and after the commit the writer
+  touches a signal file beside the database (``<db>-wake``). Each process has
+  one watcher that sleeps on that file with inotify (inotify.py) and, when it
+  is touched, asks ``PRAGMA data_version`` (changed by any other connection's
+  commit; no disk read) and reads the new rows. It also looks every
+  `SIGNAL_SAFETY_S` (or `wakeup_poll_s` if longer) in case a touch was lost (a writer killed between its
+  commit and the touch). Without inotify (not Linux) it looks every
+  `wakeup_poll_s` instead.
 
 Listening: one `Listener` per process owns the only listening connection or
 watcher and fans a topic out, in memory, to the `Subscription`s waiting on it.
@@ -36,12 +41,16 @@ import sqlite3
 import threading
 import time
 
+from . import inotify
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "jobcloud"
-# How often a SQLite watcher looks for other processes' commits (the
-# wakeup_poll_s setting): each look is a few microseconds.
+# How often a SQLite watcher looks for other processes' commits where inotify
+# is missing (the wakeup_poll_s setting): each look is a few microseconds.
 SQLITE_POLL_S = 0.004
+# With inotify, how often it looks anyway (a touch lost to a killed writer).
+SIGNAL_SAFETY_S = 1.0
 # Rows kept in `wakeups`: a watcher more than this far behind wakes everyone.
 SQLITE_KEEP_ROWS = 20_000
 # A listener with no waiters for this long stops (a process that serves no
@@ -71,6 +80,8 @@ def notify(conn, *topics: str) -> None:
         return
     if conn.db is not None:
         conn.on_commit(lambda: conn.db.deliver_locally(topics))
+        if conn.dialect == "sqlite":
+            conn.on_commit(conn.db.signal_wakeups)   # once per transaction
     if conn.dialect == "postgresql":
         for topic in dict.fromkeys(topics):
             conn.execute("SELECT pg_notify(?, ?)", (CHANNEL, topic))
@@ -213,7 +224,8 @@ class Listener:
         after this returns is missed), and run the loop if it is not running."""
         if self._thread is not None:
             return
-        self._source = (_PostgresSource if self.db.dialect == "postgresql" else _SQLiteSource)(self.db)
+        self._source = (_PostgresSource if self.db.dialect == "postgresql" else _SQLiteSource)(
+            self.db, self.poll_s)
         self._thread = threading.Thread(target=self._run, name="wakeups", daemon=True)
         self._thread.start()
 
@@ -253,13 +265,26 @@ class Listener:
 
 
 class _SQLiteSource:
-    """Commits seen through PRAGMA data_version, topics read from `wakeups`."""
+    """Commits seen through PRAGMA data_version, topics read from `wakeups`,
+    looked at when the signal file is touched (or every poll_s without inotify)."""
 
-    def __init__(self, db):
+    def __init__(self, db, poll_s: float):
         self.path = db.path
+        self.poll_s = poll_s
+        self.signal = None
+        if db.wake_signal_path and inotify.available():
+            self.signal = inotify.FileSignal(db.wake_signal_path)
         self.reopen()
 
     def reopen(self) -> None:
+        if self.signal is not None:
+            try:
+                self.signal.watch()   # before reading: a later touch is not missed
+            except OSError as e:
+                log.warning("wake-ups: cannot watch %s (%s); looking every %s s instead",
+                            self.signal.path, e, self.poll_s)
+                self.signal.close()
+                self.signal = None
         # Reads only, which WAL mode almost never makes wait; a short timeout
         # keeps SQLite's busy handler (it sleeps in C) from stopping the process.
         self.raw = sqlite3.connect(self.path, timeout=0.05, isolation_level=None,
@@ -273,7 +298,11 @@ class _SQLiteSource:
     def poll(self, interval: float):
         """The topics committed since the last poll ([] for none), or None when
         some may have been pruned before this read them."""
-        time.sleep(interval)
+        if self.signal is None:
+            time.sleep(interval)
+        else:
+            # Touched, replaced or timed out: look.
+            self.signal.wait(max(SIGNAL_SAFETY_S, interval))
         version = self._version()
         if version == self.version:
             return []
@@ -290,12 +319,14 @@ class _SQLiteSource:
 
     def close(self) -> None:
         self.raw.close()
+        if self.signal is not None:
+            self.signal.close()
 
 
 class _PostgresSource:
     """LISTEN on one connection of its own (outside the pool)."""
 
-    def __init__(self, db):
+    def __init__(self, db, poll_s: float = 0):
         self.url = db.url
         self.raw = None
         self.reopen()

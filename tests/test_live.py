@@ -438,8 +438,11 @@ def test_streams_end_at_once_when_the_process_stops(app, client, alice):
     begin_shutdown(app)
     started = time.monotonic()
     assert events.rest() == [] and time.monotonic() - started < 1
-    # A stream opened meanwhile answers what it has and ends too.
+    # A stream opened meanwhile answers what it has and ends too, without
+    # waiting out a keep-alive interval (25 s) first.
+    started = time.monotonic()
     assert [e["event"] for e in stream(client, path, alice["headers"]).rest()] == ["state"]
+    assert time.monotonic() - started < live.KEEPALIVE_S / 5
 
 
 def test_truncation_shows_in_state_and_log_events(make_config):

@@ -211,11 +211,12 @@ def test_a_rolled_back_change_wakes_nobody_and_a_committed_one_does(wapp, users,
 
 # --------------------------------------------------------------------- gunicorn
 
-def _server(tmp_path, name: str, database_url: str, workers: int = 2) -> LiveServer:
+def _server(tmp_path, name: str, database_url: str, workers: int = 2, **settings) -> LiveServer:
     port = free_port()
     data = tmp_path / name
     env = dict(os.environ, JOBCLOUD_DATA_DIR=str(data), JOBCLOUD_BIND=f"127.0.0.1:{port}",
-               JOBCLOUD_LOG_LEVEL="WARNING", JOBCLOUD_DATABASE_URL=database_url)
+               JOBCLOUD_LOG_LEVEL="WARNING", JOBCLOUD_DATABASE_URL=database_url,
+               **{f"JOBCLOUD_{k.upper()}": str(v) for k, v in settings.items()})
     env.pop("JOBCLOUD_CONFIG", None)
     return LiveServer(f"http://127.0.0.1:{port}", start_gunicorn(env, port, workers=workers),
                       env, data)
@@ -302,8 +303,21 @@ def test_hundreds_of_idle_long_polls_and_live_pages_leave_pages_answering(tmp_pa
 @pytest.mark.live
 def test_a_job_submitted_at_one_instance_wakes_a_worker_waiting_at_another(tmp_path, pg_url):
     """Two proxy instances, separate processes, one PostgreSQL: pg_notify carries the wake-up."""
-    a = _server(tmp_path, "a", pg_url)
-    b = _server(tmp_path, "b", pg_url)
+    _submit_at_a_wakes_claim_at_b(tmp_path, pg_url)
+
+
+@pytest.mark.live
+def test_on_sqlite_a_commit_in_another_process_wakes_the_waiter_without_polling(tmp_path):
+    """Two servers on one host sharing one SQLite file, each process looking for
+    others' commits only once a minute: the submission at A still reaches the
+    claim waiting at B at once, through the signal file's inotify watch."""
+    _submit_at_a_wakes_claim_at_b(tmp_path, f"sqlite:///{tmp_path}/shared.db", wakeup_poll_s=60)
+
+
+def _submit_at_a_wakes_claim_at_b(tmp_path, url: str, **settings) -> None:
+    pg_url = url
+    a = _server(tmp_path, "a", pg_url, **settings)
+    b = _server(tmp_path, "b", pg_url, **settings)
     try:
         _, token, enrollment = _accounts(pg_url)
         secret = _register(b.url, enrollment, "at-b")

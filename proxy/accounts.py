@@ -302,6 +302,13 @@ def revoke_enrollment(conn, enrollment_id: str) -> None:
         raise NotFound("no such active enrollment token", code="enrollment_not_found")
 
 
+def enrollment_by_id(conn, enrollment_id: str) -> dict | None:
+    """The enrollment unless an admin revoked it. Its expiry bounds joining, not
+    staying: a worker that joined in time rejoins with its own secret later."""
+    return conn.query_one("SELECT * FROM enrollment_tokens WHERE id = ? AND revoked_at IS NULL",
+                          (enrollment_id,))
+
+
 def enrollment_for_token(conn, token: str, now: float) -> dict | None:
     if not token.startswith(ENROLLMENT_PREFIX):
         return None

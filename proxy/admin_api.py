@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from . import accounts, limits, usage, vms, workers
+from . import accounts, limits, usage, vms, webhooks, workers
 from .appstate import app_state
 from .auth import api_admin
 from .db import get_conn
@@ -99,10 +99,12 @@ def list_workers():
 @bp.route("/workers/<worker_id>/<action>", methods=["POST"])
 def worker_action(worker_id, action):
     api_admin()
+    # retire: the worker ends (worker_retired) and its name is free for another
+    # enrollment; revoke: the same, and the worker is not restarted (revoked).
     target = {"drain": WorkerState.DRAINING, "resume": WorkerState.ACTIVE,
-              "revoke": WorkerState.REVOKED}.get(action)
+              "retire": WorkerState.GONE, "revoke": WorkerState.REVOKED}.get(action)
     if target is None:
-        raise ValidationError("action must be drain, resume or revoke", code="invalid_action")
+        raise ValidationError("action must be drain, resume, retire or revoke", code="invalid_action")
     worker = workers.set_worker_state(get_conn(), worker_id, target,
                                       lease_timeout_s=app_state().config.lease_timeout_s,
                                       max_attempts=app_state().config.max_attempts)
@@ -153,3 +155,18 @@ def get_prices():
 def set_prices():
     admin = api_admin()
     return jsonify(usage.prices_json(usage.set_prices(get_conn(), json_object(), admin["name"])))
+
+
+# ------------------------------------------------------------ webhooks (issue #13)
+# A job's owner reads only that a delivery failed; why (refused, timeout, TLS,
+# an HTTP status) would map an allowed host's ports for them, so it is here.
+
+@bp.route("/webhook-deliveries", methods=["GET"])
+def list_webhook_deliveries():
+    api_admin()
+    job, state = request.args.get("job"), request.args.get("state")
+    if job is not None and not is_lookup_key(job):
+        raise ValidationError("job must be a job id", code="invalid_job")
+    if state is not None and state not in {s.value for s in webhooks.DeliveryState}:
+        raise ValidationError("state must be pending, delivered or failed", code="invalid_state")
+    return jsonify({"deliveries": webhooks.list_deliveries(get_conn(), job_id=job, state=state)})

@@ -16,16 +16,24 @@ a job that moved on: it gets 404 (no lease) or 409 (stale lease).
 """
 from __future__ import annotations
 
+import json
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import store, wakeups
 from .blobs import StoredBlob
 from .errors import Conflict, NotFound, ValidationError
 from .models import FINAL_VALUES, JobState, is_lookup_key
 
+log = logging.getLogger(__name__)
+
 WORKER_LOST_REASON = "worker lost"
 LOG_STREAMS = ("stdout", "stderr")
+# Slack on the lease's elapsed time when bounding reported usage: the worker's
+# clock starts after the claim, but a second's rounding or a slow answer on
+# the way must not flag an honest worker.
+USAGE_SLACK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,10 @@ class Result:
     peak_memory_bytes: int | None
     wall_seconds: float | None
     gpu_seconds: float | None = None
+    # The job filled its disk quota (got ENOSPC).
+    disk_full: bool = False
+    # What output collection kept and left out, by reason (parse_outputs_report).
+    outputs_report: dict | None = None
 
 
 # ----------------------------------------------------------------- holding a job
@@ -127,6 +139,12 @@ def storable_text(text: str) -> str:
 
 # ---------------------------------------------------------------------- results
 
+def lease_ran_out(job: dict, now: float) -> bool:
+    """Whether a running job's lease expired (not yet requeued: nobody reaped since)."""
+    return (job["state"] == JobState.RUNNING.value and job["lease_expires_at"] is not None
+            and job["lease_expires_at"] < now)
+
+
 def check_lease(conn, worker: dict, job_id: str, attempt: int) -> dict:
     """The job if this worker holds (or held, for a finished job) the lease of `attempt`.
 
@@ -159,13 +177,12 @@ def record_result(conn, worker: dict, job_id: str, result: Result, output: Store
     """
     now = time.time() if now is None else now
     with conn.transaction():
-        # GPU time is the worker's word, and it is billed: bound it by what the
-        # lease gave (the job's GPUs since the claim, 0 for a CPU job), so a
-        # rogue or buggy worker cannot bill GPU time nobody held.
-        held = conn.query_one("SELECT gpus, started_at FROM jobs WHERE id = ?", (job_id,))
+        held = conn.query_one("SELECT cpus, memory_mb, gpus, started_at, worker_id, attempt"
+                              " FROM jobs WHERE id = ?", (job_id,))
+        clamped: list[str] = []
+        if held is not None and (held["worker_id"], held["attempt"]) == (worker["id"], result.attempt):
+            result, clamped = bound_usage(result, held, now)
         gpu_s = result.gpu_seconds
-        if gpu_s is not None and held is not None:
-            gpu_s = min(gpu_s, held["gpus"] * max(0.0, now - (held["started_at"] or now)))
         applied = store.finish_job(
             conn, job_id, result.state, now, expect=JobState.RUNNING,
             holder=(worker["id"], result.attempt),
@@ -176,16 +193,48 @@ def record_result(conn, worker: dict, job_id: str, result: Result, output: Store
             output_blob=output and output.sha256, output_sha256=output and output.sha256,
             output_size=output and output.size, cpu_seconds=result.cpu_seconds,
             peak_memory_bytes=result.peak_memory_bytes, wall_seconds=result.wall_seconds,
-            gpu_seconds=gpu_s)
+            gpu_seconds=gpu_s, usage_clamped=",".join(clamped) or None,
+            disk_full=int(result.disk_full),
+            outputs_report=json.dumps(result.outputs_report) if result.outputs_report else None)
         job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
     if job is None:
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
     if applied:
+        if clamped:
+            log.warning("worker %s (%s) reported usage beyond its lease for job %s; clamped: %s",
+                        worker["name"], worker["id"], job_id, ", ".join(clamped))
         return job, True
     same_lease = job["worker_id"] == worker["id"] and job["attempt"] == result.attempt
     if same_lease and job["state"] in FINAL_VALUES:
         return job, False  # a retry of a result we already have: harmless
     raise _stale()
+
+
+def bound_usage(result: Result, held: dict, now: float) -> tuple[Result, list[str]]:
+    """The result's usage bounded by what the proxy observed of the lease.
+
+    Usage is the worker's word, and it is billed: a rogue or buggy worker must
+    not bill time nobody held. Wall time is at most the lease's elapsed time
+    (claim to now), CPU time at most the job's CPUs for that long (Docker caps
+    the container at them), each with USAGE_SLACK_S; peak memory at most the
+    job's limit; GPU time at most its GPUs since the claim, without slack (0
+    for a CPU job).
+
+    Returns:
+        (the bounded result, the names of the fields that were over, sorted).
+    """
+    elapsed = max(0.0, now - (held["started_at"] or now))
+    bounds = {"cpu_seconds": held["cpus"] * (elapsed + USAGE_SLACK_S),
+              "wall_seconds": elapsed + USAGE_SLACK_S,
+              "peak_memory_bytes": held["memory_mb"] * 1024 * 1024}
+    over = {k: type(getattr(result, k))(bound) for k, bound in bounds.items()
+            if getattr(result, k) is not None and getattr(result, k) > bound}
+    gpu_s = result.gpu_seconds
+    if gpu_s is not None:
+        # Not flagged: a worker rounding a GPU job's wall time up, or reporting
+        # the devices it saw for a CPU job, is not a sign of a rogue worker.
+        gpu_s = min(gpu_s, held["gpus"] * elapsed)
+    return replace(result, gpu_seconds=gpu_s, **over), sorted(over)
 
 
 def _stale() -> Conflict:

@@ -3,8 +3,11 @@ workers that went silent.
 
 A worker is `active` (gets jobs) or `draining` (finishes its jobs, gets no
 new ones) while it heartbeats; it ends `lost` (silent past the lease timeout:
-it may register again), `gone` (deregistered, or replaced by a registration
-under its name) or `revoked` (by an admin). Whenever a worker leaves the live
+it may register again, with its enrollment token or its own secret), `gone`
+(deregistered, retired by an admin, or replaced by a registration that proved
+to be the same worker) or `revoked` (by an admin). A worker told why it is no
+longer live (`refusal`) knows whether to rejoin (lost) or to end (retired,
+revoked). Whenever a worker leaves the live
 states, the jobs reserved for it go back to the queue and the jobs it held
 are requeued (leases.py).
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 from . import accounts, leases, scheduler, wakeups
 from .db import PG_DISPATCH_LOCK
-from .errors import NotFound, ValidationError
+from .errors import Conflict, NotFound, Unauthorized, ValidationError
 from .models import LIVE_WORKER_STATES, JobState, WorkerState, iso, new_id
 
 
@@ -63,14 +66,22 @@ class Orders:
 # ----------------------------------------------------------------- registration
 
 def register_worker(conn, enrollment: dict, name: str, cap: Capacity, *, lease_timeout_s: float,
-                    max_attempts: int, now: float | None = None) -> tuple[dict, str]:
-    """Register a worker; a live worker of the same name is replaced (it restarted).
+                    max_attempts: int, now: float | None = None,
+                    proven: dict | None = None) -> tuple[dict, str]:
+    """Register a worker; a live worker of the same name is replaced only when
+    the newcomer proves to be it (it restarted, or rejoins after a partition).
+
+    Args:
+        enrollment: the enrollment the worker joins under.
+        proven: the earlier registration whose secret the newcomer presented
+            (`rejoining`), or None for a registration with an enrollment token.
 
     Returns:
         (worker row, the worker's secret, shown once).
 
     Raises:
         ValidationError: the name is not 1-64 printable characters.
+        Conflict: a live worker of another enrollment holds the name (name_in_use).
     """
     now = time.time() if now is None else now
     if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
@@ -78,9 +89,20 @@ def register_worker(conn, enrollment: dict, name: str, cap: Capacity, *, lease_t
     secret = accounts.new_secret(accounts.WORKER_SECRET_PREFIX)
     worker_id = new_id("w")
     with conn.transaction(lock=PG_DISPATCH_LOCK):
-        for old in conn.query("SELECT id FROM workers WHERE name = ? AND state IN (?, ?)",
+        for old in conn.query("SELECT id, enrollment_id FROM workers WHERE name = ? AND state IN (?, ?)",
                               (name, *LIVE_WORKER_STATES)):
+            # Proof that it is the same worker: its own secret, or the enrollment
+            # it joined with. Anyone else holding some enrollment token would
+            # otherwise retire a live worker and be handed its running jobs.
+            if old["enrollment_id"] != enrollment["id"] and (proven is None or proven["id"] != old["id"]):
+                raise Conflict(f"a live worker is registered as {name!r} under another enrollment; an "
+                               "admin can retire it first (POST /api/v1/admin/workers/<id>/retire)",
+                               code="name_in_use")
             _retire(conn, old["id"], WorkerState.GONE, now, max_attempts)
+        if proven is not None:
+            # Its secret rejoins once: the lost registration is replaced by this one.
+            conn.execute("UPDATE workers SET state = ?, retired_at = COALESCE(retired_at, ?) WHERE id = ?",
+                         (WorkerState.GONE.value, now, proven["id"]))
         # A newcomer joins the round-robin turn next to the longest waiting.
         rr = conn.query_one("SELECT COALESCE(MIN(rr_seq), 0) AS m FROM workers WHERE state IN (?, ?)",
                             LIVE_WORKER_STATES)["m"]
@@ -102,12 +124,60 @@ def worker_for_secret(conn, secret: str) -> dict | None:
                           (accounts.hash_token(secret), *LIVE_WORKER_STATES))
 
 
-def is_lost_worker_secret(conn, secret: str) -> bool:
-    """True when `secret` belongs to a worker the proxy marked lost (it may register again)."""
+def any_worker_for_secret(conn, secret: str) -> dict | None:
+    """The worker whose secret this is, in whatever state, or None."""
     if not secret.startswith(accounts.WORKER_SECRET_PREFIX):
-        return False
-    return conn.query_one("SELECT id FROM workers WHERE secret_hash = ? AND state = ?",
-                          (accounts.hash_token(secret), WorkerState.LOST.value)) is not None
+        return None
+    return conn.query_one("SELECT * FROM workers WHERE secret_hash = ?", (accounts.hash_token(secret),))
+
+
+def refusal(worker: dict | None) -> Unauthorized:
+    """What a worker that is no longer live is told: whether it may rejoin.
+
+    Lost (silent past its lease: a partition, a frozen proxy) and unknown (a
+    proxy that forgot it) register again; retired and revoked are an admin's
+    word (or its own deregistration) and end the worker (worker/errors.py
+    EXIT_RETIRED, EXIT_REVOKED).
+    """
+    state = worker and worker["state"]
+    if state == WorkerState.LOST.value:
+        return Unauthorized("this worker was marked lost (silent past its lease) and its jobs were "
+                            "requeued; register again", code="worker_lost")
+    if state == WorkerState.REVOKED.value:
+        return Unauthorized("this worker was revoked by an admin", code="worker_revoked")
+    if state == WorkerState.GONE.value:
+        return Unauthorized("this worker was retired (by an admin, by its own deregistration, or "
+                            "replaced by a later registration of the same worker)",
+                            code="worker_retired")
+    return Unauthorized("the worker secret is not valid (unknown or not a worker secret)",
+                        code="invalid_worker_secret")
+
+
+def rejoining(conn, secret: str, name: str) -> tuple[dict, dict]:
+    """A registration with a worker's own secret instead of an enrollment token.
+
+    A lost worker (or a live one that restarted) rejoins with the secret it
+    was given, so a partition longer than its enrollment token's validity
+    does not end it; an enrollment an admin revoked stops it all the same.
+
+    Returns:
+        (the earlier registration, its enrollment).
+
+    Raises:
+        Unauthorized: the secret is unknown, retired or revoked (`refusal`),
+            or its enrollment was revoked.
+        Conflict: the secret belongs to a worker of another name (name_mismatch).
+    """
+    worker = any_worker_for_secret(conn, secret)
+    if worker is None or worker["state"] not in (WorkerState.LOST.value, *LIVE_WORKER_STATES):
+        raise refusal(worker)
+    if worker["name"] != name:
+        raise Conflict(f"this secret belongs to the worker {worker['name']!r}", code="name_mismatch")
+    enrollment = accounts.enrollment_by_id(conn, worker["enrollment_id"])
+    if enrollment is None:
+        raise Unauthorized("the enrollment this worker joined with was revoked",
+                           code="invalid_enrollment_token")
+    return worker, enrollment
 
 
 def get_worker(conn, worker_id: str) -> dict | None:
@@ -117,7 +187,9 @@ def get_worker(conn, worker_id: str) -> dict | None:
 def list_workers(conn, include_gone: bool = False) -> list[dict]:
     rows = conn.query(
         "SELECT w.*, (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = ?)"
-        " AS running FROM workers w ORDER BY w.name, w.id", (JobState.RUNNING.value,))
+        " AS running, (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id"
+        " AND j.usage_clamped IS NOT NULL) AS usage_clamped FROM workers w ORDER BY w.name, w.id",
+        (JobState.RUNNING.value,))
     return [r for r in rows if include_gone or r["state"] in LIVE_WORKER_STATES]
 
 
@@ -126,6 +198,9 @@ def worker_json(w: dict) -> dict:
             "memory_mb": w["memory_mb"], "gpus": w["gpus"], "slots": w["slots"],
             "disk_mb": w.get("disk_mb"),
             "images": json.loads(w["images"]), "running": w.get("running"),
+            # Results of this worker whose usage the proxy had to clamp: a
+            # buggy or rogue worker (leases.bound_usage).
+            "usage_clamped": w.get("usage_clamped"),
             "registered_at": iso(w["registered_at"]), "last_seen_at": iso(w["last_seen_at"])}
 
 
@@ -166,7 +241,7 @@ def heartbeat(conn, worker: dict, running_ids: list[str], *, lease_timeout_s: fl
         does not hold.
 
     Raises:
-        NotFound: the worker was retired meanwhile (worker_retired).
+        Unauthorized: the worker is no longer live (`refusal`).
     """
     now = time.time() if now is None else now
     with worker_call(conn, worker, now, lease_timeout_s, max_attempts):
@@ -200,13 +275,17 @@ def worker_call(conn, worker: dict, now: float, lease_timeout_s: float, max_atte
     job (its lease is gone, so the late result is refused), never the job.
 
     Raises:
-        NotFound: this worker is no longer live (worker_retired).
+        Unauthorized: this worker is no longer live (`refusal`).
     """
     with conn.transaction(lock=PG_DISPATCH_LOCK, durable=False):
         reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts, now=now)
-        if not _touch(conn, worker["id"], now):
-            raise NotFound("this worker was retired; register again", code="worker_retired")
-        yield
+        if _touch(conn, worker["id"], now):
+            yield
+            return
+    # Committed first: when this very call found the worker silent past its
+    # lease (its first call after a partition), the reap stands, and the
+    # answer says "lost", which the worker recovers from by rejoining.
+    raise refusal(get_worker(conn, worker["id"]))
 
 
 def _touch(conn, worker_id: str, now: float) -> bool:
@@ -230,7 +309,7 @@ def claim(conn, worker: dict, max_jobs: int, *, lease_timeout_s: float, max_atte
         The jobs now running under the worker's lease (possibly none).
 
     Raises:
-        NotFound: the worker was retired meanwhile (worker_retired).
+        Unauthorized: the worker is no longer live (`refusal`).
     """
     now = time.time() if now is None else now
     with worker_call(conn, worker, now, lease_timeout_s, max_attempts):
@@ -277,6 +356,12 @@ def reap(conn, *, lease_timeout_s: float, max_attempts: int, now: float | None =
         wakeups.notify(conn, *(wakeups.worker_topic(w["id"]) for w in lost))
         scheduler.dispatch(conn, now, lease_timeout_s)
     return requeued
+
+
+def reap_now(conn, *, lease_timeout_s: float, max_attempts: int) -> int:
+    """`reap` in a transaction of its own (a result whose lease ran out)."""
+    with conn.transaction(lock=PG_DISPATCH_LOCK):
+        return reap(conn, lease_timeout_s=lease_timeout_s, max_attempts=max_attempts)
 
 
 def _retire(conn, worker_id: str, state: WorkerState, now: float, max_attempts: int) -> None:

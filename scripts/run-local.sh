@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
 # `make run`: the proxy under gunicorn plus one local worker on this machine's
-# Docker engine, SQLite under $DATA_DIR. Ctrl-C stops both.
+# Docker engine, SQLite under $DATA_DIR.
+#
+# Ctrl-C: a terminal signals its whole foreground process group, which would
+# stop the proxy together with the worker and leave a running job `running`.
+# So the proxy and the worker run in sessions of their own (setsid) and only
+# this script hears Ctrl-C; its trap only counts (the loops below act on it):
+# first Ctrl-C, the worker drains (finishes or hands back its jobs) while the
+# proxy still answers, then the proxy stops; a second Ctrl-C, the worker stops
+# its jobs at once (and hands them back), then the proxy stops.
 set -euo pipefail
 DATA_DIR=${DATA_DIR:-$PWD/var}
 HOST=${HOST:-127.0.0.1}
@@ -9,35 +17,62 @@ URL="http://$HOST:$PORT"
 [[ $HOST == 0.0.0.0 ]] && URL="http://127.0.0.1:$PORT"
 export JOBCLOUD_DATA_DIR=$DATA_DIR
 
-pids=()
-stop() {
-    trap - INT TERM EXIT
+interrupts=0
+proxy=
+worker=
+trap 'interrupts=$((interrupts + 1))' INT TERM
+trap shutdown EXIT
+
+alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
+
+shutdown() {
+    trap - EXIT
     echo "stopping jobcloud..."
-    # The worker first: it finishes or hands back its jobs while the proxy still answers.
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${pids[$i]}" 2>/dev/null || true
-        wait "${pids[$i]}" 2>/dev/null || true
-    done
+    local seen=$interrupts
+    if alive "$worker"; then
+        echo "the worker finishes or hands back its jobs (Ctrl-C again: stop them now)"
+        kill -TERM "$worker"
+        while alive "$worker"; do
+            wait "$worker" || true   # a trapped signal ends the wait early
+            if ((interrupts > seen)) && alive "$worker"; then
+                seen=$interrupts
+                kill -TERM "$worker"   # its second signal: containers stopped, jobs handed back
+            fi
+        done
+    fi
+    if alive "$proxy"; then
+        kill -TERM "$proxy"
+        while alive "$proxy"; do
+            wait "$proxy" || true
+            if ((interrupts > seen)); then
+                kill -INT "$proxy" 2>/dev/null || true   # gunicorn: quick shutdown
+            fi
+        done
+    fi
 }
-trap stop INT TERM EXIT
 
-jobcloud-proxy serve --bind "$HOST:$PORT" &
-pids+=($!)
+setsid jobcloud-proxy serve --bind "$HOST:$PORT" &
+proxy=$!
 
-for ((i = 0; i < 240; i++)); do
+for ((i = 0; i < 240 && interrupts == 0; i++)); do
     curl -fsS -o /dev/null "$URL/healthz" 2>/dev/null && break
-    kill -0 "${pids[0]}" 2>/dev/null || { echo "the proxy did not start" >&2; exit 1; }
+    alive "$proxy" || { echo "the proxy did not start" >&2; exit 1; }
     sleep 0.25
 done
+((interrupts == 0)) || exit 0
 
-# The local worker enrolls itself with a token made for it now (valid one hour).
+# The local worker enrolls itself with a token made for it now (valid one hour;
+# it rejoins with its own secret after that).
 token=$(jobcloud enroll create --label "local worker" --expires 3600)
 JOBCLOUD_WORKER_PROXY_URL=$URL JOBCLOUD_WORKER_ENROLLMENT_TOKEN=$token \
 JOBCLOUD_WORKER_NAME=${WORKER_NAME:-local} JOBCLOUD_WORKER_DATA_DIR=$DATA_DIR/worker \
-    jobcloud-worker &
-pids+=($!)
+    setsid jobcloud-worker &
+worker=$!
 
 echo
 echo "jobcloud is running at $URL (proxy + 1 local worker). Ctrl-C stops it."
 echo
-wait -n "${pids[@]}"
+# Until Ctrl-C, or until either exits on its own (then the other is stopped).
+while ((interrupts == 0)) && alive "$proxy" && alive "$worker"; do
+    wait -n "$proxy" "$worker" || true
+done

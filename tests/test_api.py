@@ -227,12 +227,14 @@ def test_worker_endpoints_refuse_user_and_enrollment_tokens(client, users, alice
                     "offset": 0, "data": "x"}
             r = client.open(url, method=method, headers=headers, json=body)
             assert r.status_code == 401, (header, method, url, r.status_code)
-    # Registration takes only an enrollment token.
+    # Registration takes an enrollment token, or a worker's own secret to
+    # register that same worker again: never a user token, never another name.
     capacity = {"name": "w2", "cpus": 1, "memory_mb": 512, "gpus": 0, "slots": 1,
                 "images": ["jobcloud/python"]}
-    for token in (alice["token"], worker.secret):
-        r = client.post("/api/v1/workers/register", headers=_bearer(token), json=capacity)
-        assert r.status_code == 401
+    r = client.post("/api/v1/workers/register", headers=_bearer(alice["token"]), json=capacity)
+    assert r.status_code == 401
+    r = client.post("/api/v1/workers/register", headers=_bearer(worker.secret), json=capacity)
+    assert r.status_code == 409 and r.json["error"] == "name_mismatch"
     # None of that disturbed the real lease.
     assert client.get(f"/api/v1/jobs/{job['id']}", headers=alice["headers"]).json["state"] == "running"
 
@@ -295,3 +297,42 @@ def test_metrics_follow_the_queue(client, alice, worker):
     assert after[("jobcloud_job_duration_seconds_count", ())] == 1
     assert after[("jobcloud_job_duration_seconds_bucket", (("le", "+Inf"),))] == 1
     assert after[("jobcloud_job_duration_seconds_sum", ())] >= 0
+
+
+METRICS_TOKEN = "m" * 40
+
+
+@pytest.fixture
+def metrics_app(make_config):
+    from proxy import create_app
+
+    application = create_app(make_config(metrics_token=METRICS_TOKEN))
+    yield application
+    application.extensions["jobcloud"].db.close()
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer " + "x" * 40, "Bearer " + METRICS_TOKEN[:-1],
+                                           "Basic " + METRICS_TOKEN, METRICS_TOKEN])
+def test_metrics_with_a_token_configured_refuse_a_missing_or_wrong_one(metrics_app, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    # Loopback included: with a token set, the token is the only way in.
+    r = metrics_app.test_client().get("/metrics", headers=headers)
+    assert r.status_code == 401
+    assert r.json["error"] == "metrics_token_required" and "metrics_token" in r.json["detail"]
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_metrics_with_a_token_configured_answer_it_from_anywhere(metrics_app):
+    r = metrics_app.test_client().get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+                                      environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert r.status_code == 200 and "jobcloud_queue_depth" in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("address, status", [("127.0.0.1", 200), ("::1", 200), ("127.8.9.1", 200),
+                                             ("192.0.2.7", 403), ("10.1.2.3", 403),
+                                             ("::ffff:192.0.2.7", 403)])
+def test_metrics_without_a_token_answer_loopback_clients_only(client, address, status):
+    r = client.get("/metrics", environ_base={"REMOTE_ADDR": address})
+    assert r.status_code == status
+    if status == 403:
+        assert r.json["error"] == "metrics_loopback_only"

@@ -39,13 +39,19 @@ def set_prices(hub, body: dict, user: dict | None = None):
 
 
 def finish(hub, worker, user=None, **usage) -> dict:
-    """Submit a job as `user`, let `worker` claim it and post its result with `usage`."""
+    """Submit a job as `user`, let `worker` claim it and post its result with `usage`.
+
+    The proxy bills at most the usage the lease allows (leases.bound_usage), so
+    the result is recorded as if the job had run for the wall time it reports.
+    """
     fields = {k: usage.pop(k) for k in ("memory_mb", "gpus") if k in usage}
     job_id = hub.submit(user, **fields)
     [job] = worker.claim()
     assert job["id"] == job_id
-    r = worker.result(job_id, job["attempt"], **usage)
-    assert r.status_code == 200, r.get_json()
+    result = worker_api.parse_result({"attempt": job["attempt"], "state": "succeeded",
+                                      "exit_code": 0, **usage}, hub.config.log_tail_bytes)
+    hub.call(leases.record_result, worker.row(), job_id, result, None,
+             now=time.time() + (usage.get("wall_seconds") or 0))
     return hub.job(job_id, user or hub.alice)
 
 

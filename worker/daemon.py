@@ -9,6 +9,13 @@ Shutdown order (first SIGTERM/SIGINT, or `request_stop()`):
 A second signal skips the wait: containers are stopped at once, and the
 deregistration hands their jobs back.
 
+Nothing but a signal or an admin ends a registered worker. The proxy being
+unreachable is retried with capped backoff; a refused secret (marked lost
+after a partition longer than the lease, or a proxy that forgot this worker)
+makes it stop the jobs the proxy already requeued and register again, first
+with its own secret, then with its enrollment token. Only "retired" or
+"revoked" (an admin's word) end it, with EXIT_RETIRED or EXIT_REVOKED.
+
 The proxy's orders (cancel these jobs, stop those you no longer hold, drain)
 come on heartbeat answers, on claim answers, and on result answers that claim
 a successor: `apply_orders` applies them alike, whichever arrives first, so a
@@ -29,15 +36,19 @@ import psutil
 
 from .client import WorkerClient
 from .config import WorkerConfig
-from .errors import EXIT_FORCED, EXIT_OK, EXIT_REGISTER, MalformedAnswer, ProtocolError, ProxyUnreachable
-from .inputs import DatasetCache, remove_tree
+from .errors import (EXIT_FORCED, EXIT_OK, EXIT_REGISTER, EXIT_RETIRED, EXIT_REVOKED, MalformedAnswer,
+                     ProtocolError, ProxyUnreachable)
+from .inputs import DatasetCache
 from .protocol import ClaimAnswer
-from .runner import JobRunner, Successors
+from .runner import JobRunner, Successors, remove_job_dirs
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
 SECRET_FILE = "worker-secret"
+# The proxy's refusals that are an admin's word: the worker ends with this code
+# (and systemd does not restart it). Any other refused secret registers again.
+ENDED_BY_ADMIN = {"worker_retired": EXIT_RETIRED, "worker_revoked": EXIT_REVOKED}
 
 
 class Worker:
@@ -61,6 +72,7 @@ class Worker:
         self._slot_freed = threading.Event()
         self._signals = 0
         self._register_lock = threading.Lock()
+        self.ended_by_admin: int | None = None   # the exit code, once an admin ended this worker
 
     # ------------------------------------------------------------------ entry
 
@@ -75,6 +87,8 @@ class Worker:
         claimer.start()
         self.stopping.wait()
         self.finish_running_jobs()
+        if self.ended_by_admin is not None:
+            return self.ended_by_admin   # nothing to deregister: the proxy retired us
         self.deregister()
         return EXIT_FORCED if self.giving_up.is_set() else EXIT_OK
 
@@ -103,7 +117,7 @@ class Worker:
         gone = self.sandbox.remove_leftovers()
         if gone:
             log.warning("removed %d container(s) left by an earlier run: jobs %s", len(gone), gone)
-        remove_tree(data / "jobs")
+        remove_job_dirs(data / "jobs")
         # The earlier run's leases: deregistering its worker requeues its jobs now,
         # instead of after the proxy's lease timeout.
         secret_file = data / SECRET_FILE
@@ -116,21 +130,44 @@ class Worker:
                 log.info("earlier registration not deregistered: %s", e)
             secret_file.unlink(missing_ok=True)
 
-    def register(self) -> bool:
+    def register(self, again: bool = False) -> bool:
+        """Register with the proxy; returns False when stopped or refused for good.
+
+        Args:
+            again: this worker was registered and the proxy dropped it: rejoin
+                with the old secret first (the enrollment token may have expired
+                since), and take a refusal as worth another try (a proxy being
+                set up again), unless it is an admin's word (ENDED_BY_ADMIN).
+                The first registration gives up on a refusal instead: a wrong
+                token is a configuration error (EXIT_REGISTER).
+        """
         tries = 0
+        old_secret = self.client.secret if again else None
         while not self.stopping.is_set():
             cap = self.capacity()
+            credential = old_secret or self.config.enrollment_token
             try:
-                answer = self.client.register(self.config.enrollment_token, self.config.name, **cap)
+                answer = self.client.register(credential, self.config.name, **cap)
             except ProxyUnreachable as e:
                 tries += 1
                 log.warning("register: %s; retrying", e)
                 self.stopping.wait(self.backoff(tries))
                 continue
             except ProtocolError as e:
-                # Refused, or an answer not understood (a proxy of another version).
-                log.error("register refused: %s", e)
-                return False
+                if again and e.code in ENDED_BY_ADMIN:
+                    self.end_by_admin(e)
+                    return False
+                if not again:
+                    # Refused, or an answer not understood (a proxy of another version).
+                    log.error("register refused: %s", e)
+                    return False
+                tries += 1
+                log.error("register again refused (%s); retrying", e)
+                if old_secret is not None:
+                    old_secret = None   # e.g. a proxy that forgot us: the enrollment token next
+                    continue
+                self.stopping.wait(self.backoff(tries))
+                continue
             self.heartbeat_interval = answer.heartbeat_interval_s
             secret_file = self.config.data_path / SECRET_FILE
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -161,10 +198,7 @@ class Worker:
                 # The leases were extended all the same; the next beat tries again.
                 log.error("heartbeat: %s", e)
             except ProtocolError as e:
-                if not self.recover_lost(e):
-                    log.error("heartbeat refused (%s): this worker is no longer registered", e)
-                    self.stop_jobs("lost")
-                    self.stopping.set()
+                self.on_refused("heartbeat", e)
             except Exception:  # the loop boundary
                 log.exception("heartbeat")
             self.giving_up.wait(self.heartbeat_interval)
@@ -219,11 +253,10 @@ class Worker:
                 self.stopping.wait(delay)
                 continue
             except ProtocolError as e:
-                if self.recover_lost(e):
-                    continue
-                log.error("claim refused (%s); stopping", e)
-                self.stopping.set()
-                return
+                self.on_refused("claim", e)
+                tries += 1
+                self.stopping.wait(self.backoff(tries))
+                continue
             except Exception:  # the loop boundary
                 log.exception("claim")
                 self.stopping.wait(self.backoff(1))
@@ -243,21 +276,36 @@ class Worker:
         log.info("job %s (attempt %s): starting in %s", runner.job_id, job["attempt"], job["image"])
         runner.start()
 
-    def recover_lost(self, error: ProtocolError) -> bool:
-        """After the proxy marked this worker lost: drop its jobs and register again.
+    def on_refused(self, call: str, error: ProtocolError) -> None:
+        """A heartbeat or claim was refused: rejoin, or end when an admin said so.
 
-        The proxy has already requeued the jobs, so their results would be
-        refused; they are stopped without a result. Returns False when the
-        error is not "worker_lost" (revoked, unknown secret): nothing to recover.
+        A refused secret (401) means the proxy no longer counts this worker: it
+        has requeued the jobs, so their results would be refused; they are
+        stopped without a result, and the worker registers again (or ends,
+        ENDED_BY_ADMIN). Any other refusal is logged and the call is made again
+        later: a proxy of another version, not a reason to stop on our own.
         """
-        if error.code != "worker_lost":
-            return False
+        if error.status != 401:
+            log.error("%s refused: %s", call, error)
+            return
         with self._register_lock:
-            if error.secret != self.client.secret:
-                return True  # the other loop registered again already
-            log.warning("the proxy marked this worker lost; stopping its jobs and registering again")
+            if error.secret != self.client.secret or self.stopping.is_set():
+                return  # the other loop registered again already, or ended us
+            if error.code in ENDED_BY_ADMIN:
+                self.end_by_admin(error)
+                return
+            log.warning("%s: the proxy dropped this worker (%s); stopping its jobs and registering "
+                        "again", call, error)
             self.stop_jobs("lost")
-            return self.register()
+            self.register(again=True)
+
+    def end_by_admin(self, error: ProtocolError) -> None:
+        """An admin retired or revoked this worker: stop its jobs (already requeued) and end."""
+        log.error("this worker was ended by an admin (%s); exiting with code %d", error,
+                  ENDED_BY_ADMIN[error.code])
+        self.ended_by_admin = ENDED_BY_ADMIN[error.code]
+        self.stop_jobs("lost")
+        self.stopping.set()
 
     def finish_running_jobs(self) -> None:
         deadline = time.monotonic() + self.config.grace_s

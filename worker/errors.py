@@ -57,9 +57,14 @@ class MalformedAnswer(ProtocolError):
     missing field, a wrong type): a proxy of another version."""
 
 
-# Named exit codes of `jobcloud-worker`.
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_DOCKER = 3
-EXIT_REGISTER = 4
-EXIT_FORCED = 130
+# Named exit codes of `jobcloud-worker` (README "Running a worker"). Only an
+# admin ends a registered worker: a partition, a proxy restart or being marked
+# lost never do (it registers again). The systemd units restart it on every
+# code but EXIT_RETIRED and EXIT_REVOKED (RestartPreventExitStatus).
+EXIT_OK = 0           # stopped by a signal, jobs finished or handed back
+EXIT_CONFIG = 2       # invalid configuration
+EXIT_DOCKER = 3       # no usable Docker engine
+EXIT_REGISTER = 4     # the first registration was refused (enrollment token)
+EXIT_RETIRED = 5      # an admin retired this worker (POST /api/v1/admin/workers/<id>/retire)
+EXIT_REVOKED = 6      # an admin revoked this worker (POST /api/v1/admin/workers/<id>/revoke)
+EXIT_FORCED = 130     # a second signal: stopped at once

@@ -16,10 +16,10 @@ from .config import Config
 from .errors import ValidationError
 from .db import PG_DISPATCH_LOCK
 from .store import NewJob, create_job, get_job
-from .uploads import FormSpec, ZipLimits, check_script, check_zip, parse_form
+from .uploads import ArchiveLimits, FormSpec, check_script, check_zip, parse_form
 
 NAME_MAX = 100
-TEXT_FIELDS = ("name", "image", "cpus", "memory_mb", "timeout_s", "gpus", "csrf_token",
+TEXT_FIELDS = ("name", "image", "cpus", "memory_mb", "timeout_s", "gpus", "disk_mb", "csrf_token",
                "webhook_url")
 
 
@@ -55,8 +55,8 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
         check_script(script)
         dataset = form.files.get("dataset")
         if dataset is not None:
-            check_zip(dataset.path, ZipLimits(cfg.zip_max_total_bytes, cfg.zip_max_entries,
-                                              cfg.zip_max_ratio))
+            check_zip(dataset.path, ArchiveLimits(cfg.zip_max_total_bytes, cfg.zip_max_entries,
+                                                  cfg.zip_max_ratio))
         fields = _resources(form.fields, cfg)
         webhook_url = form.fields.get("webhook_url", "").strip() or None
         if webhook_url is not None:
@@ -133,6 +133,7 @@ def _resources(fields: dict, cfg: Config) -> dict:
                              cfg.max_memory_mb),
         "timeout_s": _number(fields, "timeout_s", int, cfg.default_timeout_s, 1, cfg.max_timeout_s),
         "gpus": _number(fields, "gpus", int, 0, 0, cfg.max_gpus),
+        "disk_mb": _number(fields, "disk_mb", int, cfg.default_disk_mb, 1, cfg.max_disk_mb),
     }
 
 

@@ -1,6 +1,6 @@
 """Per-user limits and priority weights, set by admins.
 
-Per-job limits (cpus, memory, GPUs, time) refuse a submission with 400; count
+Per-job limits (cpus, memory, GPUs, time, disk) refuse a submission with 400; count
 and rate limits (jobs queued, submissions per minute) with 429; the running
 limit and the weight are applied by the scheduler (scheduler.py). Every
 refusal names the limit and its value.
@@ -22,11 +22,12 @@ FIELDS = {
     "max_memory_mb": (int, 6),
     "max_gpus": (int, 0),
     "max_timeout_s": (int, 1),
+    "max_disk_mb": (int, 1),
     "weight": (float, 0.01),
 }
 # Which job field each per-job limit bounds.
 PER_JOB = {"max_cpus": "cpus", "max_memory_mb": "memory_mb", "max_gpus": "gpus",
-           "max_timeout_s": "timeout_s"}
+           "max_timeout_s": "timeout_s", "max_disk_mb": "disk_mb"}
 UPPER = 10 ** 9
 
 

@@ -66,3 +66,9 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# Why a worker leaves a file of a job's output directory out of its archive
+# (worker/outputs.py REASONS): the result's outputs report counts by these.
+LEFT_OUT_REASONS = ("size_cap", "file_cap", "special_file", "symlink", "bad_name", "unreadable",
+                    "reserved_name")

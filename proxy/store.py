@@ -6,6 +6,7 @@ it) and leases.py (holding it, its output and result, requeueing it).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -18,11 +19,14 @@ from .models import FINAL_STATES, JobState, id_floor, is_lookup_key, iso, new_id
 _JOB_SELECT = ("SELECT j.*, u.name AS owner" + webhooks.JOB_COLUMNS +
                " FROM jobs j JOIN users u ON u.id = j.owner_id" + webhooks.JOB_JOIN)
 
+# Where a worker's output archive lists the files it left out (worker/outputs.py MANIFEST).
+OUTPUTS_MANIFEST = ".jobcloud/left-out.json"
 # Columns a final transition may set besides state, finished_at and the lease.
 FINAL_COLUMNS = frozenset({
     "exit_code", "failure_reason", "stdout_tail", "stderr_tail", "stdout_truncated",
     "stderr_truncated", "output_blob", "output_sha256", "output_size", "cpu_seconds",
-    "peak_memory_bytes", "wall_seconds", "gpu_seconds", "worker_id", "reserved_at"})
+    "peak_memory_bytes", "wall_seconds", "gpu_seconds", "worker_id", "reserved_at",
+    "disk_full", "outputs_report", "usage_clamped"})
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class NewJob:
     dataset_name: str | None = None
     dataset: StoredBlob | None = None
     webhook_url: str | None = None
+    disk_mb: int | None = None
 
 
 def create_job(conn, job: NewJob, now: float | None = None) -> dict:
@@ -49,11 +54,11 @@ def create_job(conn, job: NewJob, now: float | None = None) -> dict:
     conn.execute(
         "INSERT INTO jobs (id, owner_id, name, script_name, script_blob, script_sha256, script_size,"
         " dataset_name, dataset_blob, dataset_sha256, dataset_size, image, cpus, memory_mb,"
-        " timeout_s, gpus, state, attempt, submitted_at, webhook_url)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+        " timeout_s, gpus, state, attempt, submitted_at, webhook_url, disk_mb)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
         (job_id, job.owner_id, job.name, job.script_name, *_blob_columns(job.script),
          job.dataset_name, *_blob_columns(dataset), job.image, job.cpus, job.memory_mb, job.timeout_s, job.gpus, JobState.QUEUED.value, now,
-         job.webhook_url))
+         job.webhook_url, job.disk_mb))
     wakeups.notify_jobs(conn, [job_id])
     return get_job(conn, job_id)
 
@@ -227,6 +232,40 @@ def read_logs(conn, job: dict, stream: str, offset: int = 0, limit: int = 1024 *
             "truncated": bool(job[f"{stream}_truncated"]), "source": "stream"}
 
 
+def outputs_report(job: dict) -> dict:
+    """What the worker kept in the output archive and what it left out, by
+    reason (worker/outputs.py REASONS); the archive's manifest lists the files
+    left out. None values for a job finished before workers reported this."""
+    report = json.loads(job["outputs_report"]) if job.get("outputs_report") else {}
+    left_out = report.get("left_out")
+    return {"files": report.get("files"), "left_out": left_out,
+            "left_out_bytes": report.get("left_out_bytes"), "left_out_reasons": report.get("reasons"),
+            "manifest": OUTPUTS_MANIFEST if left_out else None}
+
+
+# How the warnings name the reasons a file was left out (worker/outputs.py REASONS).
+LEFT_OUT_LABELS = {"size_cap": "over the size cap", "file_cap": "over the file cap",
+                   "special_file": "special files", "symlink": "symlinks",
+                   "bad_name": "names no archive can hold", "unreadable": "unreadable",
+                   "reserved_name": f"named {OUTPUTS_MANIFEST}"}
+
+
+def job_warnings(job: dict) -> list[str]:
+    """Sentences on what the job's outputs lack: files left out of the
+    archive (by reason), a disk quota filled."""
+    warnings = []
+    report = outputs_report(job)
+    if report["left_out"]:
+        parts = ", ".join(f"{n} {LEFT_OUT_LABELS.get(reason, reason)}"
+                          for reason, n in sorted((report["left_out_reasons"] or {}).items()))
+        warnings.append(f"{report['left_out']} output file(s) left out of the archive ({parts}); "
+                        f"the archive lists them in {OUTPUTS_MANIFEST}.")
+    if job.get("disk_full"):
+        warnings.append(f"The job filled its disk quota of {job.get('disk_mb') or '?'} MB: "
+                        "writes past it failed (no space left on device).")
+    return warnings
+
+
 def job_json(job: dict) -> dict:
     """The public JSON shape of a job (no internal paths, leases or worker secrets)."""
     return {
@@ -236,7 +275,8 @@ def job_json(job: dict) -> dict:
         "state": job["state"],
         "image": job["image"],
         "resources": {"cpus": job["cpus"], "memory_mb": job["memory_mb"],
-                      "timeout_s": job["timeout_s"], "gpus": job["gpus"]},
+                      "timeout_s": job["timeout_s"], "gpus": job["gpus"],
+                      "disk_mb": job.get("disk_mb")},
         "script": {"name": job["script_name"], "sha256": job["script_sha256"],
                    "size": job["script_size"]},
         "dataset": ({"name": job["dataset_name"], "sha256": job["dataset_sha256"],
@@ -249,10 +289,16 @@ def job_json(job: dict) -> dict:
         "finished_at": iso(job["finished_at"]),
         "exit_code": job["exit_code"],
         "failure_reason": job["failure_reason"],
-        "outputs": ({"sha256": job["output_sha256"], "size": job["output_size"]}
-                    if job["output_blob"] else None),
+        "outputs": ({"sha256": job["output_sha256"], "size": job["output_size"],
+                     **outputs_report(job)} if job["output_blob"] else None),
+        # The job filled its disk quota (resources.disk_mb): it got ENOSPC.
+        "disk_full": bool(job.get("disk_full")),
+        # What the owner should know of the outputs, as the page and the CLI show it.
+        "warnings": job_warnings(job),
         "usage": {"cpu_seconds": job["cpu_seconds"], "peak_memory_bytes": job["peak_memory_bytes"],
-                  "wall_seconds": job["wall_seconds"], "gpu_seconds": job.get("gpu_seconds")},
+                  "wall_seconds": job["wall_seconds"], "gpu_seconds": job.get("gpu_seconds"),
+                  # Fields the proxy bounded by what it observed (leases.bound_usage).
+                  "clamped": sorted(filter(None, (job.get("usage_clamped") or "").split(",")))},
         "cost": usage.cost_json(job),
         "webhook": webhooks.webhook_json(job),
         "links": {"self": f"/api/v1/jobs/{job['id']}", "logs": f"/api/v1/jobs/{job['id']}/logs",

@@ -28,7 +28,7 @@ from .db import close_conn, get_conn
 from .downloads import send_blob
 from .errors import NotFound, Unauthorized, ValidationError
 from .jsonbody import integer, json_object, number
-from .models import FINAL_VALUES, JobState, WorkerState
+from .models import FINAL_VALUES, LEFT_OUT_REASONS, JobState, WorkerState
 from .uploads import FormSpec, parse_form
 
 bp = Blueprint("worker_api", __name__, url_prefix="/api/v1")
@@ -51,12 +51,8 @@ def current_worker() -> dict:
     worker = workers.worker_for_secret(conn, secret)
     if worker is None:
         # A worker that was only silent too long (a network cut, a frozen VM)
-        # is told so, and registers again; a revoked or unknown one is not.
-        if workers.is_lost_worker_secret(conn, secret):
-            raise Unauthorized("this worker was marked lost (silent past its lease) and its jobs "
-                               "were requeued; register again", code="worker_lost")
-        raise Unauthorized("the worker secret is not valid (unknown, retired or not a worker secret)",
-                           code="invalid_worker_secret")
+        # is told so, and rejoins; a retired or revoked one is told so, and ends.
+        raise workers.refusal(workers.any_worker_for_secret(conn, secret))
     g.worker = worker
     return worker
 
@@ -65,15 +61,23 @@ def current_worker() -> dict:
 
 @bp.route("/workers/register", methods=["POST"])
 def register():
+    """Register with an enrollment token, or rejoin with the worker's own secret
+    (a worker marked lost, or one that restarted): workers.rejoining."""
     conn = get_conn()
-    enrollment = accounts.enrollment_for_token(conn, bearer_token(), time.time())
-    if enrollment is None:
-        raise Unauthorized("the enrollment token is not valid (unknown, expired or revoked)",
-                           code="invalid_enrollment_token")
-    body = json_object()
+    token = bearer_token()
+    proven = None
+    if token.startswith(accounts.WORKER_SECRET_PREFIX):
+        body = json_object()
+        proven, enrollment = workers.rejoining(conn, token, body.get("name"))
+    else:
+        enrollment = accounts.enrollment_for_token(conn, token, time.time())
+        if enrollment is None:
+            raise Unauthorized("the enrollment token is not valid (unknown, expired or revoked)",
+                               code="invalid_enrollment_token")
+        body = json_object()
     cap = parse_capacity(body)
     worker, secret = workers.register_worker(conn, enrollment, body.get("name"), cap,
-                                             **_lease_args())
+                                             proven=proven, **_lease_args())
     cfg = app_state().config
     return jsonify({"worker_id": worker["id"], "secret": secret,
                     "heartbeat_interval_s": cfg.heartbeat_interval_s,
@@ -144,7 +148,7 @@ def _claimed_json(job: dict) -> dict:
     return {
         "id": job["id"], "attempt": job["attempt"], "name": job["name"], "image": job["image"],
         "cpus": job["cpus"], "memory_mb": job["memory_mb"], "timeout_s": job["timeout_s"],
-        "gpus": job["gpus"],
+        "gpus": job["gpus"], "disk_mb": job.get("disk_mb"),
         "script": {"sha256": job["script_sha256"], "size": job["script_size"],
                    "url": f"{base}/script"},
         "dataset": ({"sha256": job["dataset_sha256"], "size": job["dataset_size"],
@@ -206,7 +210,12 @@ def post_result(job_id):
                              code="invalid_result")
         conn = get_conn()
         # Refuse a stale lease before keeping any of its files.
-        leases.check_lease(conn, worker, job_id, parsed.attempt)
+        if leases.lease_ran_out(leases.check_lease(conn, worker, job_id, parsed.attempt), time.time()):
+            # Nobody reaped it yet (no claim or heartbeat since a partition ended):
+            # requeue it now, so this result is refused as stale and the job runs
+            # again, instead of racing the rerun the requeue would start.
+            workers.reap_now(conn, **_lease_args())
+            leases.check_lease(conn, worker, job_id, parsed.attempt)
         output = None
         if upload is not None:
             if not zipfile.is_zipfile(upload.path):
@@ -305,4 +314,40 @@ def parse_result(data: dict, tail_bytes: int) -> leases.Result:
         peak_memory_bytes=usage("peak_memory_bytes", int),
         wall_seconds=usage("wall_seconds"),
         gpu_seconds=usage("gpu_seconds"),
+        disk_full=_flag(data, "disk_full"),
+        outputs_report=parse_outputs_report(data.get("outputs")),
     )
+
+
+def parse_outputs_report(report) -> dict | None:
+    """Validate the result's `outputs` part: what the archive holds and what
+    was left out of it, by reason.
+
+    Raises:
+        ValidationError: not an object of bounded counts, or an unknown reason.
+    """
+    if report is None:
+        return None
+    if not isinstance(report, dict):
+        raise ValidationError("outputs must be an object", code="invalid_result")
+
+    def count(source: dict, key: str) -> int:
+        return integer(source, key, lo=0, hi=MAX_USAGE, default=0, required=False,
+                       code="invalid_result",
+                       message=f"outputs.{key} must be a whole number between 0 and {MAX_USAGE}")
+
+    reasons = report.get("reasons") or {}
+    if not isinstance(reasons, dict) or not set(reasons) <= set(LEFT_OUT_REASONS):
+        raise ValidationError(f"outputs.reasons must map reasons ({', '.join(LEFT_OUT_REASONS)})"
+                              " to counts", code="invalid_result")
+    by_reason = {name: count(reasons, name) for name in LEFT_OUT_REASONS if reasons.get(name)}
+    return {"files": count(report, "files"), "bytes": count(report, "bytes"),
+            "left_out": sum(by_reason.values()),
+            "left_out_bytes": count(report, "left_out_bytes"), "reasons": by_reason}
+
+
+def _flag(data: dict, key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ValidationError(f"{key} must be true or false", code="invalid_result")
+    return value

@@ -22,6 +22,9 @@ command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v genisoimage >/dev/null 2>&1 || need+=(genisoimage)
+# Each job's disk quota is an ext4 image the worker makes (worker/jobdisk.py).
+command -v mkfs.ext4 >/dev/null 2>&1 || [[ -x /usr/sbin/mkfs.ext4 || -x /sbin/mkfs.ext4 ]] \
+    || need+=(e2fsprogs)
 # The code editor's bundle is built with npm from the registry (scripts/build-editor.sh).
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 

@@ -140,7 +140,10 @@ def run_inputs(client, tmp_path, script_url: str):
            "timeout_s": 10, "gpus": 0, "script": {"url": script_url, "sha256": None}, "dataset": None}
     runner = JobRunner(job, client=client, sandbox=None, cache=None, config=config,
                        backoff=lambda n: 0, giving_up=threading.Event(), on_done=lambda r: None)
-    return runner._execute()
+    try:
+        return runner._execute()
+    finally:
+        runner._clean_up()  # what run() does after: the job's disk is unmounted
 
 
 def test_a_job_whose_script_download_is_cut_off_is_handed_back(client, tmp_path):

@@ -21,6 +21,9 @@ import pytest
 import requests
 
 from tests.conftest import LiveServer, free_port, require, start_gunicorn, stop_gunicorn, wait_until
+from worker import jobdisk
+from worker.config import DEFAULT_JOB_UID
+from worker.outputs import MANIFEST
 
 IMAGE = "jobcloud/python"
 FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
@@ -94,6 +97,10 @@ class Cluster:
 
 
 def start_worker(url: str, enrollment: str, data_dir: Path, log_path: Path, **extra) -> tuple:
+    if jobdisk.check_available() is not None:
+        # Not root here: jobs run without a disk quota (test_worker_hostile_jobs
+        # needs one, and says so); every other test runs the same.
+        extra.setdefault("disk_quota", "false")
     env = dict(os.environ,
                JOBCLOUD_WORKER_PROXY_URL=url, JOBCLOUD_WORKER_ENROLLMENT_TOKEN=enrollment,
                JOBCLOUD_WORKER_NAME=extra.pop("name", f"test-{os.getpid()}"),
@@ -120,12 +127,13 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 
 def start_cluster(base: Path, *, slots: int, gunicorn_workers: int, proxy_env: dict | None = None,
-                  worker_images: str = IMAGE) -> Cluster:
+                  worker_images: str = IMAGE, **worker_settings) -> Cluster:
     """The real proxy (1 s heartbeats) with one user and one worker subprocess.
 
     Args:
         proxy_env: JOBCLOUD_* settings for the proxy that win over these defaults.
         worker_images: the worker's allowed images, comma-separated.
+        worker_settings: more of the worker's settings (JOBCLOUD_WORKER_*).
     """
     port = free_port()
     env = dict(os.environ, JOBCLOUD_DATA_DIR=str(base / "proxy"), JOBCLOUD_BIND=f"127.0.0.1:{port}",
@@ -141,7 +149,7 @@ def start_cluster(base: Path, *, slots: int, gunicorn_workers: int, proxy_env: d
     enrollment = re.search(r"jce_\S+", server.admin("enroll", "create")).group(0)
     worker_log = base / "worker.log"
     worker, worker_env = start_worker(server.url, enrollment, base / "worker", worker_log, slots=slots,
-                                      images=worker_images)
+                                      images=worker_images, **worker_settings)
     c = Cluster(server, token, worker, base / "worker", worker_log, worker_env)
     c.enrollment, c.port = enrollment, port
     return c
@@ -223,7 +231,7 @@ open("out.txt", "w").write("relative write goes to the outputs")
     assert "WROTE" not in out and out.count("readonly") == 4, out
     assert "'NoNewPrivs:\\t1'" in out and "'CapEff:\\t0000000000000000'" in out, out
     assert "'CapPrm:\\t0000000000000000'" in out
-    assert "uid 1000 gid 1000" in out
+    assert f"uid {DEFAULT_JOB_UID} gid {DEFAULT_JOB_UID}" in out
     assert "sock False False" in out
     assert "tmp ok" in out
     assert WORKER_SECRET_MARK not in out and "jce_" not in out and "ENROLLMENT" not in out
@@ -264,9 +272,10 @@ open("/job/output/real.txt", "w").write("mine")
     job = cluster.run(code)
     assert job["state"] == "succeeded", job
     zf = cluster.outputs(job["id"])
-    assert zf.namelist() == ["real.txt"]
+    assert zf.namelist() == ["real.txt", MANIFEST]
     for name in zf.namelist():
         assert b"root:" not in zf.read(name)
+    assert job["outputs"]["left_out_reasons"] == {"symlink": 3, "special_file": 1}
 
 
 def test_memory_far_beyond_the_limit_fails_with_reason(cluster):

@@ -13,6 +13,7 @@ from worker.errors import ConfigError, InputError, UnsafeArchive
 from worker.inputs import DatasetCache, extract_dataset, sha256_of
 from worker.logs import LogStream
 from worker.outputs import collect_outputs
+from tests.zips import HOSTILE
 
 LIMITS = dict(max_bytes=1 << 20, max_members=100, max_ratio=200.0)
 
@@ -42,8 +43,25 @@ def test_unsafe_member_paths_are_refused(tmp_path, name):
 def test_symlink_members_are_refused(tmp_path):
     archive = make_zip(tmp_path / "d.zip", [("link", b"/etc/passwd", stat.S_IFLNK | 0o777)])
     (tmp_path / "out").mkdir()
-    with pytest.raises(UnsafeArchive, match="symlink"):
+    with pytest.raises(UnsafeArchive, match="symbolic link"):
         extract_dataset(archive, tmp_path / "out", **LIMITS)
+
+
+@pytest.mark.parametrize("name, archive, code, words", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_the_worker_refuses_what_the_proxy_refuses_without_host_paths(tmp_path, name, archive,
+                                                                       code, words):
+    """The same rule as intake (jobcloud_archive): nothing is written, and the
+    message, which becomes the job's failure reason, names no path of this machine."""
+    (tmp_path / "d.zip").write_bytes(archive)
+    dest = tmp_path / "job" / "input" / "data"
+    dest.mkdir(parents=True)
+    with pytest.raises(UnsafeArchive) as refused:
+        extract_dataset(tmp_path / "d.zip", dest, **LIMITS)
+    message = str(refused.value)
+    for word in words:
+        assert word.lower() in message.lower(), (word, message)
+    assert str(tmp_path) not in message and "/job/" not in message, message
+    assert list(dest.iterdir()) == [], "nothing is written from a refused archive"
 
 
 def test_size_and_ratio_limits_hold_whatever_the_headers_say(tmp_path):
@@ -99,18 +117,23 @@ def test_dataset_cache_fetches_once_checks_hash_and_evicts_lru(tmp_path):
 
 
 def test_outputs_skip_symlinks_fifos_and_respect_bounds(tmp_path):
-    out = tmp_path / "out"
-    (out / "sub").mkdir(parents=True)
-    (out / "a.txt").write_text("a")
-    (out / "sub" / "b.txt").write_text("bb")
-    os.symlink("/etc/passwd", out / "passwd")
-    os.symlink("/etc", out / "etcdir")
-    os.mkfifo(out / "fifo")
-    got = collect_outputs(out, tmp_path / "o.zip", max_bytes=100, max_files=10)
-    assert zipfile.ZipFile(tmp_path / "o.zip").namelist() == ["a.txt", "sub/b.txt"]
-    assert got.files == 2 and not got.truncated
-    got = collect_outputs(out, tmp_path / "p.zip", max_bytes=100, max_files=1)
-    assert got.truncated and got.files == 1
+    def make_outputs():
+        out = tmp_path / "out"
+        (out / "sub").mkdir(parents=True)
+        (out / "a.txt").write_text("a")
+        (out / "sub" / "b.txt").write_text("bb")
+        os.symlink("/etc/passwd", out / "passwd")
+        os.symlink("/etc", out / "etcdir")
+        os.mkfifo(out / "fifo")
+        return out
+
+    # Collection empties the output directory (worker/outputs.py): made again for each.
+    got = collect_outputs(make_outputs(), tmp_path / "o.zip", max_bytes=100, max_files=10)
+    names = zipfile.ZipFile(tmp_path / "o.zip").namelist()
+    assert sorted(n for n in names if not n.startswith(".jobcloud/")) == ["a.txt", "sub/b.txt"]
+    assert got.files == 2 and got.left_out == {"symlink": 2, "special_file": 1}
+    got = collect_outputs(make_outputs(), tmp_path / "p.zip", max_bytes=100, max_files=1)
+    assert got.truncated and got.files == 1 and got.left_out["file_cap"] == 1
     (tmp_path / "empty").mkdir()
     assert collect_outputs(tmp_path / "empty", tmp_path / "e.zip", max_bytes=1, max_files=1) is None
 

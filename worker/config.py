@@ -5,8 +5,10 @@ defaults below), validated, and passed inward.
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import os
+import pwd
 import re
 import socket
 from dataclasses import dataclass, field, fields
@@ -18,6 +20,10 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 ENV_PREFIX = "JOBCLOUD_WORKER_"
+# Jobs run as this uid and gid: above every range Debian gives accounts
+# (< 65536) and below systemd's container ranges (524288+); the worker refuses
+# one that is an account or group on its host. docs/SECURITY.md.
+DEFAULT_JOB_UID = 700_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,14 @@ class WorkerConfig:
     nofile: int = 1024
     # Largest file a job may write (RLIMIT_FSIZE), in bytes.
     fsize_bytes: int = 2 * GiB
+    # Each job writes into a filesystem of its own of the job's disk_mb
+    # (worker/jobdisk.py): needs root and mkfs.ext4. Off only for a worker
+    # that cannot have it; then nothing bounds what a job writes.
+    disk_quota: bool = True
+    # A job's disk when its claim names none (a proxy older than disk_mb).
+    default_disk_mb: int = 1024
+    # The uid and gid jobs run as (see DEFAULT_JOB_UID).
+    job_uid: int = DEFAULT_JOB_UID
     # Image -> OCI runtime registered with the engine (e.g. "runsc", gVisor): a
     # second kernel between a job and the host's, per image. None by default:
     # the engine's own runtime (runc), which every Docker install has.
@@ -136,6 +150,8 @@ def _coerce(values: dict) -> dict:
                 out[key] = tuple(i.strip() for i in items if i.strip())
             elif kind is dict:
                 out[key] = _mapping(value)
+            elif kind is bool:
+                out[key] = _boolean(value)
             elif kind in (int, float):
                 out[key] = kind(value)
             else:
@@ -143,6 +159,18 @@ def _coerce(values: dict) -> dict:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{key}: {value!r} is not a valid {kind.__name__}") from e
     return out
+
+
+def _boolean(value) -> bool:
+    """A JSON boolean, or true/false/1/0/yes/no as an environment variable holds it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
 
 
 def _mapping(value) -> dict[str, str]:
@@ -158,6 +186,17 @@ def _mapping(value) -> dict[str, str]:
 
 
 _DEFAULTS = WorkerConfig(name="x", slots=1)
+
+
+def _is_account(uid: int) -> bool:
+    """Whether `uid` is a user, or the same number a group, on this host."""
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(uid)
+            return True
+        except KeyError:
+            continue
+    return False
 # What dockerd accepts as a runtime name in its daemon.json.
 RUNTIME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -184,6 +223,11 @@ def _validate(values: dict) -> WorkerConfig:
          + ", ".join(sorted(set(cfg.runtimes) - set(cfg.images)))),
         (all(RUNTIME_NAME.fullmatch(r) for r in cfg.runtimes.values()),
          "runtimes: a runtime name is letters, digits, '_', '.', '-' (as in dockerd's config)"),
+        (1 <= cfg.default_disk_mb <= 2**24, "default_disk_mb must be between 1 and 16777216"),
+        (65536 <= cfg.job_uid < 2**31, "job_uid must be between 65536 and 2147483647 "
+                                       "(below 65536 lie the host's accounts)"),
+        (not _is_account(cfg.job_uid), f"job_uid {cfg.job_uid} is a user or group on this host: "
+                                       "jobs must run as no account (choose another job_uid)"),
     ]
     for ok, message in checks:
         if not ok:

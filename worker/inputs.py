@@ -1,18 +1,18 @@
 """A job's inputs: the script and dataset streamed from the proxy, a dataset
 cache keyed by sha256 (bounded, least recently used evicted), and a safe
-extraction that re-checks every member of the archive. The proxy checks
-datasets too; the worker never relies on that.
+extraction that re-checks every member of the archive with the rule the proxy
+checked it with at intake (jobcloud_archive); the worker never relies on that.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import stat
 import threading
 import uuid
-import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+import jobcloud_archive
+from jobcloud_archive import ArchiveError, Limits as ArchiveLimits
 
 from .errors import InputError, UnsafeArchive
 
@@ -104,78 +104,29 @@ class DatasetCache:
 
 def extract_dataset(archive: Path, dest: Path, *, max_bytes: int, max_members: int,
                     max_ratio: float) -> int:
-    """Extract a zip into `dest` (which must exist), checking every member.
+    """Extract a zip into `dest` (which must exist) under the one archive rule
+    (jobcloud_archive, the rule the proxy applied at intake).
 
-    Refused: absolute paths, `..`, backslashes and drive letters, symlinks and
-    other special files, more than `max_members` members, more than `max_bytes`
-    uncompressed in all (counted while writing, not trusted from the headers),
-    and members whose compression ratio is above `max_ratio`.
+    The whole directory is checked before anything is written; data is counted
+    and CRC-checked while it is written, never trusted from the headers. Files
+    are 0644 and directories 0755 whatever the umask: the job's user reads them.
 
     Returns:
         The number of bytes written.
 
     Raises:
-        UnsafeArchive: a member breaks one of the rules (nothing more is written).
-        InputError: the file is not a readable zip.
+        UnsafeArchive: a member breaks the rule (the message names the member,
+            never a path of this machine).
+        InputError: the file is not a readable zip, or it cannot be written
+            (the reason only, without the path).
     """
+    limits = ArchiveLimits(max_total_bytes=max_bytes, max_entries=max_members, max_ratio=max_ratio)
     try:
-        zf = zipfile.ZipFile(archive)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise InputError(f"the dataset is not a valid zip archive: {e}") from e
-    written = 0
-    with zf:
-        members = zf.infolist()
-        if len(members) > max_members:
-            raise UnsafeArchive(f"the dataset has {len(members)} members (at most {max_members})")
-        for info in members:
-            parts = _safe_parts(info)
-            target = dest.joinpath(*parts) if parts else dest
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True, mode=0o755)
-                continue
-            if info.compress_size and info.file_size / info.compress_size > max_ratio \
-                    and info.file_size > CHUNK:
-                raise UnsafeArchive(f"{info.filename}: compression ratio above {max_ratio:g}")
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            written = _write_member(zf, info, target, written, max_bytes)
-    return written
-
-
-def _safe_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
-    name = info.filename
-    # Many zip writers leave the file type bits out: only a type that is set is judged.
-    kind = stat.S_IFMT(info.external_attr >> 16)
-    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
-        raise UnsafeArchive(f"{name}: symlinks and special files are not allowed")
-    if "\\" in name or "\x00" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchive(f"{name}: absolute or non-POSIX paths are not allowed")
-    parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
-    if ".." in parts:
-        raise UnsafeArchive(f"{name}: '..' is not allowed")
-    return parts
-
-
-def _write_member(zf: zipfile.ZipFile, info, target: Path, written: int, max_bytes: int) -> int:
-    # O_EXCL|O_NOFOLLOW: a duplicate member name cannot overwrite, nor write through a link.
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-        for block in iter(lambda: src.read(CHUNK), b""):
-            written += len(block)
-            if written > max_bytes:
-                raise UnsafeArchive(f"the dataset unpacks to more than {max_bytes} bytes")
-            out.write(block)
-    return written
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a job directory whatever the job did to its permissions."""
-    def fix_and_retry(func, p, _exc):
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700, follow_symlinks=False)
-        except OSError:
-            pass
-        func(p)
-
-    if path.exists():
-        shutil.rmtree(path, onerror=fix_and_retry)
+        extracted = jobcloud_archive.extract(archive, dest, limits, what="dataset",
+                                             file_mode=0o644, dir_mode=0o755)
+    except ArchiveError as e:
+        raise (InputError if e.code == "invalid_zip" else UnsafeArchive)(e.message) from None
+    except OSError as e:
+        # The job's owner reads this as the failure reason: no host path in it.
+        raise InputError(f"cannot unpack the dataset: {e.strerror or type(e).__name__}") from None
+    return extracted.total_bytes

@@ -1,6 +1,7 @@
-"""One claimed job, from claim to accepted result: fetch inputs, run the
-container, collect outputs, post the result (retried until the proxy accepts
-or refuses it), and always clean up the job directory.
+"""One claimed job, from claim to accepted result: make its disk, fetch
+inputs, run the container, collect outputs, post the result (retried until
+the proxy accepts or refuses it), and always clean up the job directory and
+give the slot back, whatever the job left (worker/trees.py).
 """
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ from typing import Callable
 from .client import WorkerClient
 from .config import WorkerConfig
 from .errors import InputError, LeaseLost, MalformedAnswer, ProtocolError, ProxyUnreachable, SandboxError
-from .inputs import DatasetCache, extract_dataset, remove_tree, sha256_of
+from .inputs import DatasetCache, extract_dataset, sha256_of
+from .jobdisk import JobDisk, mounts_under, unmount
 from .logs import LogShipper, LogStream
-from .outputs import collect_outputs
+from .outputs import Collected, collect_outputs
 from .protocol import ClaimAnswer
-from .sandbox import JOB_USER, JobSpec, Outcome, Sandbox
+from .sandbox import JobSpec, Outcome, Sandbox
+from .trees import remove_tree
 
 log = logging.getLogger(__name__)
 
-JOB_UID, JOB_GID = (int(i) for i in JOB_USER.split(":"))
 STREAMS = ("stdout", "stderr")
 
 
@@ -66,6 +68,7 @@ class JobRunner(threading.Thread):
         self.job_dir = config.data_path / "jobs" / f"{claimed['id']}-{claimed['attempt']}"
         self._stop_reason: str | None = None
         self._shipper: LogShipper | None = None
+        self._disk: JobDisk | None = None
 
     @property
     def job_id(self) -> str:
@@ -87,13 +90,30 @@ class JobRunner(threading.Thread):
             if result is not None:
                 self._post_result(result, archive)
         finally:
+            # The slot is given back even when the clean-up fails: a job
+            # directory left behind is the start-up sweep's, not a lost slot.
+            try:
+                self._clean_up()
+            finally:
+                self.on_done(self)
+
+    def _clean_up(self) -> None:
+        try:
+            if self._disk is not None:
+                self._disk.remove()
             remove_tree(self.job_dir)
-            self.on_done(self)
+        except Exception:  # the loop boundary of a job thread
+            log.exception("job %s: its directory could not be removed; the next start-up "
+                          "sweep removes it", self.job_id)
 
     # -------------------------------------------------------------- the steps
 
     def _execute(self) -> tuple[dict | None, Path | None]:
-        input_dir, output_dir = self._make_job_dir()
+        try:
+            input_dir, output_dir = self._make_job_dir()
+        except SandboxError as e:
+            log.warning("job %s: %s", self.job_id, e)
+            return self._result("failed", failure_reason=f"worker error: {e}"), None
         streams = {name: LogStream(name, self.config.log_max_bytes, self.config.log_tail_bytes)
                    for name in STREAMS}
         try:
@@ -108,7 +128,9 @@ class JobRunner(threading.Thread):
                 log.warning("job %s: inputs: %s; handed back without a result", self.job_id, e)
                 return None, None
             log.warning("job %s: inputs: %s", self.job_id, e)
-            return self._result("failed", failure_reason=f"inputs: {e}"), None
+            # The owner reads this: an OSError's message names a path of this machine.
+            why = _why(e) if isinstance(e, OSError) else e
+            return self._result("failed", failure_reason=f"inputs: {why}"), None
         shipper = LogShipper(self.client, self.job_id, self.job["attempt"], list(streams.values()),
                              self.config.log_flush_s)
         shipper.start()
@@ -117,7 +139,8 @@ class JobRunner(threading.Thread):
             outcome = self.sandbox.run(
                 self._spec(), input_dir, output_dir,
                 on_output=lambda name, data: streams[name].feed(data),
-                stop_reason=lambda: self._stop_reason)
+                stop_reason=lambda: self._stop_reason,
+                on_poll=self._disk.sample if self._disk is not None else None)
         except SandboxError as e:
             log.warning("job %s: %s", self.job_id, e)
             outcome = Outcome(state="failed", exit_code=None, failure_reason=str(e), cpu_seconds=None,
@@ -128,22 +151,47 @@ class JobRunner(threading.Thread):
             log.info("job %s: stopped (%s), no result sent", self.job_id, self._stop_reason)
             return None, None
         archive = self.job_dir / "outputs.zip"
-        collected = collect_outputs(output_dir, archive, max_bytes=self.config.output_max_bytes,
-                                    max_files=self.config.output_max_files)
+        try:
+            collected = collect_outputs(output_dir, archive, max_bytes=self.config.output_max_bytes,
+                                        max_files=self.config.output_max_files)
+        except Exception as e:  # whatever the job's tree does, the job ends, not the worker
+            log.exception("job %s: collecting its outputs failed", self.job_id)
+            result = self._outcome_result(outcome, streams, None)
+            reason = f"output collection failed: {_why(e)}"
+            result["failure_reason"] = "; ".join(filter(None, [result.get("failure_reason"), reason]))
+            if result["state"] == "succeeded":
+                result["state"] = "failed"
+            return result, None
         return self._outcome_result(outcome, streams, collected), archive if collected else None
 
     def _make_job_dir(self) -> tuple[Path, Path]:
+        """The job directory: input/ (read-only to the job) and the job's writable
+        directory, on a disk of its own when the worker has quotas.
+
+        Raises:
+            SandboxError: the job's disk could not be made.
+        """
         remove_tree(self.job_dir)
-        input_dir, output_dir = self.job_dir / "input", self.job_dir / "output"
-        for d in (self.job_dir, input_dir, output_dir):
+        input_dir = self.job_dir / "input"
+        for d in (self.job_dir, input_dir):
             d.mkdir(parents=True, mode=0o755)
-            os.chmod(d, 0o755)  # whatever the umask: uid 1000 must read the inputs
+            os.chmod(d, 0o755)  # whatever the umask: the job's uid must read the inputs
+        uid = gid = self.config.job_uid
+        if self.config.disk_quota:
+            self._disk = JobDisk(self.job_dir, self._disk_mb(), (uid, gid))
+            return input_dir, self._disk.create()
+        output_dir = self.job_dir / "output"
+        output_dir.mkdir(mode=0o755)
         try:
-            os.chown(output_dir, JOB_UID, JOB_GID)
+            os.chown(output_dir, uid, gid)
         except PermissionError:
             # Not root: the job's user can still write when the directory is open to all.
             os.chmod(output_dir, 0o777)
         return input_dir, output_dir
+
+    def _disk_mb(self) -> int:
+        value = self.job.get("disk_mb")
+        return int(value) if value else self.config.default_disk_mb
 
     def _fetch_inputs(self, input_dir: Path) -> None:
         script = input_dir / "main.py"
@@ -172,10 +220,16 @@ class JobRunner(threading.Thread):
                        memory_mb=int(j["memory_mb"]), gpus=int(j.get("gpus") or 0),
                        timeout_s=float(j["timeout_s"]))
 
-    def _outcome_result(self, outcome: Outcome, streams: dict[str, LogStream], collected) -> dict:
+    def _outcome_result(self, outcome: Outcome, streams: dict[str, LogStream],
+                        collected: Collected | None) -> dict:
         out, err = streams["stdout"], streams["stderr"]
+        disk_full = self._disk is not None and self._disk.full
+        reason = outcome.failure_reason
+        if disk_full and outcome.state == "failed":
+            reason = f"{reason} (the job filled its disk quota of {self._disk.size_mb} MB)"
         return self._result(
-            outcome.state, exit_code=outcome.exit_code, failure_reason=outcome.failure_reason,
+            outcome.state, exit_code=outcome.exit_code, failure_reason=reason,
+            disk_full=disk_full or None, outputs=collected.report() if collected else None,
             stdout=out.tail(), stderr=err.tail(),
             stdout_truncated=out.truncated, stderr_truncated=err.truncated,
             cpu_seconds=outcome.cpu_seconds, peak_memory_bytes=outcome.peak_memory_bytes,
@@ -214,6 +268,32 @@ class JobRunner(threading.Thread):
             except ProtocolError as e:
                 log.warning("job %s: the proxy refused the result: %s", self.job_id, e)
                 return
+
+
+def remove_job_dirs(jobs_dir: Path) -> None:
+    """The start-up sweep: remove what jobs of an earlier run left in `jobs_dir`
+    (their disks still mounted, when that run was killed, and any tree a job
+    made). What cannot be removed is logged, and the worker starts all the
+    same: a leftover must not keep it from running jobs. A disk that stays
+    mounted is never removed through (trees.py stops at a mount point).
+    """
+    for mountpoint in mounts_under(jobs_dir):
+        log.warning("unmounting a job disk an earlier run left: %s", mountpoint)
+        try:
+            unmount(mountpoint)
+        except SandboxError as e:
+            log.error("%s: %s", mountpoint, e)
+    try:
+        remove_tree(jobs_dir)
+    except OSError as e:
+        log.error("could not remove what an earlier run left in %s: %s", jobs_dir, e)
+
+
+def _why(error: Exception) -> str:
+    """What went wrong, for the job's owner: never a path on the worker."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return type(error).__name__
 
 
 def gpu_seconds(job: dict, outcome: Outcome) -> float | None:

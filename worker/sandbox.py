@@ -6,7 +6,8 @@ What the container gets, and why:
   script is /job/input/main.py, the dataset is unpacked under
   /job/input/data) and one writable directory, /job/output, which is also the
   working directory, so relative writes become outputs;
-- a non-root user (1000:1000), every capability dropped, no-new-privileges;
+- a non-root user that is no account on the host (the worker's `job_uid`,
+  see docs/SECURITY.md), every capability dropped, no-new-privileges;
 - limits: processes (a fork bomb stops there), memory with swap equal to it
   (no swapping past the limit), CPU quota from the job's cpus, open files and
   file size;
@@ -33,6 +34,7 @@ import docker.errors
 import requests
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
+from .config import DEFAULT_JOB_UID
 from .errors import SandboxError
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,6 @@ INPUT_MOUNT = "/job/input"
 OUTPUT_MOUNT = "/job/output"
 SCRIPT_PATH = f"{INPUT_MOUNT}/main.py"
 DATA_PATH = f"{INPUT_MOUNT}/data"
-JOB_USER = "1000:1000"
 LABEL_WORKER = "jobcloud.worker"
 LABEL_JOB = "jobcloud.job"
 LABEL_ATTEMPT = "jobcloud.attempt"
@@ -59,6 +60,8 @@ class Policy:
     fsize_bytes: int
     # image -> OCI runtime name; an image not listed gets the engine's default.
     runtimes: dict[str, str] = field(default_factory=dict)
+    # "uid:gid" the job runs as: no account on the host (config.job_uid).
+    user: str = f"{DEFAULT_JOB_UID}:{DEFAULT_JOB_UID}"
 
 
 @dataclass(frozen=True)
@@ -126,20 +129,23 @@ class Sandbox:
 
     def run(self, spec: JobSpec, input_dir: Path, output_dir: Path, *,
             on_output: Callable[[str, bytes], None],
-            stop_reason: Callable[[], str | None]) -> Outcome:
+            stop_reason: Callable[[], str | None],
+            on_poll: Callable[[], None] | None = None) -> Outcome:
         """Run the job's script to its end, its timeout, or a stop request.
 
         Args:
             on_output: called from a reader thread with ("stdout"|"stderr", bytes).
             stop_reason: polled; a non-None answer stops the container. "cancelled"
                 ends the job cancelled; anything else ends it "abandoned".
+            on_poll: called at each poll while the container runs, and once
+                after (the job's disk looks whether it is full).
 
         Raises:
             SandboxError: the engine could not create or start the container.
         """
         container = self._create(spec, input_dir, output_dir)
         try:
-            return self._run_created(container, spec, on_output, stop_reason)
+            return self._run_created(container, spec, on_output, stop_reason, on_poll or _nothing)
         finally:
             self._remove(container)
 
@@ -160,7 +166,7 @@ class Sandbox:
         kwargs = dict(
             name=f"jobcloud-{spec.job_id}-{spec.attempt}",
             labels={LABEL_WORKER: self.owner, LABEL_JOB: spec.job_id, LABEL_ATTEMPT: str(spec.attempt)},
-            user=JOB_USER,
+            user=p.user,
             working_dir=OUTPUT_MOUNT,
             hostname="job",
             environment=job_environment(spec),
@@ -189,7 +195,7 @@ class Sandbox:
             kwargs["device_requests"] = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
         return kwargs
 
-    def _run_created(self, container, spec: JobSpec, on_output, stop_reason) -> Outcome:
+    def _run_created(self, container, spec: JobSpec, on_output, stop_reason, on_poll) -> Outcome:
         # Attach before start, so not a byte of early output is missed.
         try:
             stream = self.docker.api.attach(container.id, stdout=True, stderr=True, stream=True,
@@ -212,6 +218,7 @@ class Sandbox:
         ended_by = None
         while not reader_done.wait(POLL_S):
             usage.sample()
+            on_poll()
             if time.monotonic() - started > spec.timeout_s:
                 ended_by = "timed_out"
             else:
@@ -223,6 +230,7 @@ class Sandbox:
                 break
         usage.sample()
         exit_code = self._wait(container)
+        on_poll()
         reader.join(timeout=5)
         return self._outcome(container, ended_by, exit_code, usage, time.monotonic() - started)
 
@@ -270,11 +278,17 @@ class Sandbox:
             log.error("could not remove container %s: %s", container.name, e)
 
 
+def _nothing() -> None:
+    pass
+
+
 def job_environment(spec: JobSpec) -> dict:
     """The container's whole environment: job facts only, nothing of the worker's."""
     threads = str(max(1, int(spec.cpus)))
     return {
-        "HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+        # USER and LOGNAME: the job's uid has no passwd entry in an image built
+        # before it was chosen, and getpass.getuser() looks at these first.
+        "HOME": "/tmp", "USER": "job", "LOGNAME": "job", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
         "MPLCONFIGDIR": "/tmp", "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
         "JOBCLOUD_JOB_ID": spec.job_id, "JOBCLOUD_ATTEMPT": str(spec.attempt),
         "JOBCLOUD_INPUT": INPUT_MOUNT, "JOBCLOUD_DATA": DATA_PATH, "JOBCLOUD_OUTPUT": OUTPUT_MOUNT,

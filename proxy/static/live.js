@@ -146,6 +146,17 @@
       if (atBottom) pre.scrollTop = pre.scrollHeight;
     }
 
+    function showWarnings(warnings) {
+      const list = document.getElementById("warnings");
+      if (!list) return;
+      list.replaceChildren(...warnings.map((text) => {
+        const item = document.createElement("li");
+        item.textContent = text;
+        return item;
+      }));
+      list.hidden = warnings.length === 0;
+    }
+
     function showJob(job) {
       const badge = document.getElementById("state");
       badge.textContent = job.state;
@@ -158,6 +169,7 @@
       setText("usage", usageText(job.usage));
       setText("cost", costText(job.cost));
       showTruncated(job.truncated);
+      showWarnings(job.warnings || []);
       const outputs = document.getElementById("outputs");
       if (job.outputs && !outputs.querySelector("a")) {
         const link = document.createElement("a");

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the jobcloud job images offline (no container registry is needed):
 # debootstrap a Debian rootfs with the packages of worker/images/NAME.packages,
-# add the non-root user `job` (uid 1000), and `docker import` it as jobcloud/NAME.
+# add the non-root user `job` (uid/gid $JOB_UID), and `docker import` it as jobcloud/NAME.
+# The worker runs every job as that uid (its `job_uid` setting, 700000 by default):
+# no account on any host (docs/SECURITY.md); the entry here only names it inside.
 #
 # Rebuilding when nothing changed is quick: the rootfs tarball is cached under
 # $JOBCLOUD_IMAGE_CACHE keyed by a hash of the package list (and of this
@@ -9,6 +11,7 @@
 #
 # Usage: build.sh [NAME...]   (default: python ml); needs root for debootstrap.
 set -euo pipefail
+JOB_UID=${JOB_UID:-700000}
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 SUITE=${JOBCLOUD_IMAGE_SUITE:-bookworm}
@@ -30,7 +33,7 @@ build_one() {
     [[ -f $list ]] || die "no package list $list"
     local packages key tarball image="jobcloud/$name:latest"
     packages=$(grep -v '^\s*#' "$list" | tr -s ' \n' '\n' | sed '/^$/d' | sort -u | paste -sd, -)
-    key=$( (echo "$SUITE $packages"; cat "$0") | sha256sum | cut -c1-16)
+    key=$( (echo "$SUITE $packages $JOB_UID"; cat "$0") | sha256sum | cut -c1-16)
     tarball="$CACHE/$name-$key.tar"
 
     if [[ $FORCE != 1 ]] && [[ $(docker image inspect -f '{{index .Config.Labels "jobcloud.key"}}' \
@@ -50,7 +53,7 @@ build_one() {
         --change 'ENV PYTHONDONTWRITEBYTECODE=1' \
         --change 'ENV MPLCONFIGDIR=/tmp' \
         --change 'ENV HOME=/tmp' \
-        --change 'USER 1000:1000' \
+        --change "USER $JOB_UID:$JOB_UID" \
         --change 'WORKDIR /job' \
         --change 'CMD ["python3"]' \
         "$tarball" "$image" >/dev/null
@@ -82,8 +85,8 @@ add_job_user() {
     local rootfs=$1
     grep -q '^job:' "$rootfs/etc/passwd" && return
     # Edit the files directly: no chroot, so no /proc or /dev needs mounting.
-    echo 'job:x:1000:1000:jobcloud job:/tmp:/bin/sh' >> "$rootfs/etc/passwd"
-    echo 'job:x:1000:' >> "$rootfs/etc/group"
+    echo "job:x:$JOB_UID:$JOB_UID:jobcloud job:/tmp:/bin/sh" >> "$rootfs/etc/passwd"
+    echo "job:x:$JOB_UID:" >> "$rootfs/etc/group"
     echo 'job:!:19000:0:99999:7:::' >> "$rootfs/etc/shadow"
 }
 

@@ -23,7 +23,7 @@ help:
 	@echo "make editor - bundle the code editor (CodeMirror, from npm) into proxy/static"
 	@echo "make bench  - run the benchmarks and rewrite docs/PERFORMANCE.md"
 	@echo "make soak   - chaos soak: 600 jobs while workers and the proxy are killed (~5 min)"
-	@echo "make vm-template - build the worker VM template (var/vm/template) with both job images"
+	@echo "make vm-template - build the worker VM template (var-vm/template) with both job images"
 
 # The venv is rebuilt only when setup.cfg changes. The system packages come first:
 # libvirt-python is built from source against libvirt-dev.

@@ -12,6 +12,7 @@ import time
 import traceback
 
 from . import (
+    archive,
     claim,
     idle,
     loadtest,
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "claim": ("Claim + result cycles, simulated workers", claim.run),
     "status": ("Job status page latency", status.run),
     "upload": ("1 GiB dataset upload", upload.run),
+    "archive": ("Checking a 2 GiB dataset of any shape", archive.run),
     "submit-scaling": ("Submissions by store size", submit.run_scaling),
     "trivial": ("Trivial job end to end vs bare docker run", worker.run_trivial),
     "throughput": ("Jobs per second, 1 worker, N slots", worker.run_throughput),
@@ -116,6 +118,8 @@ def parse_args(argv):
     p.add_argument("--load-clients", type=int, default=200, help="locust users for load")
     p.add_argument("--load-duration", type=float, default=60, help="load window, s")
     p.add_argument("--upload-mib", type=int, default=1024, help="dataset size for upload, MiB")
+    p.add_argument("--archive-mib", type=int, default=2048,
+                   help="data in each dataset shape for archive, MiB (2 GiB: the upload limit)")
     p.add_argument("--idle-workers", type=int, default=1000,
                    help="idle workers holding a claim long-poll, for idle")
     p.add_argument("--idle-pages", type=int, default=1000, help="open live pages, for idle")

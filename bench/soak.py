@@ -5,9 +5,12 @@ heartbeats, a short lease) and several real `jobcloud-worker` processes on the
 local Docker engine. Several users submit small scripts (some write an output
 file, some fail on purpose) while a driver, at seeded random, kill -9's a
 worker and starts its replacement, restarts the proxy (SIGTERM or kill -9),
-and freezes a worker past its lease (SIGSTOP, then SIGCONT). Every worker talks
-to the proxy through `LossyLink`, which loses some result posts before the
-proxy sees them and cuts others after the proxy committed them. Then the
+freezes a worker past its lease (SIGSTOP, then SIGCONT), freezes the whole
+proxy past the lease, and cuts one worker's link past the lease. Every worker
+talks to the proxy through a `LossyLink` of its own, which loses some result
+posts before the proxy sees them and cuts others after the proxy committed
+them. A few hostile jobs run in the mix: a deep directory tree, a disk filled
+with many files up to the job's quota, and 10^5 files. Then the
 faults stop, the system settles, and the invariants are checked: zero
 violations is the only pass, and at least `min_verified_share` of the planned
 jobs must be shown to have ended as their script meant: a soak in which little
@@ -15,6 +18,10 @@ works cannot pass by skipping what failed.
 
 Each script prints its attempt and a token of its own, and writes the token
 to its output file, so the stored result shows which run it came from.
+Besides the books, the workers themselves: no worker process may exit unless
+the soak killed it, every worker must be active at the proxy again within two
+heartbeats of each fault ending, and each worker's data directory must be back
+to its size before the first job (nothing mounted under it).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import http.client
 import io
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -38,7 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import requests
 
 from .forms import job_form
-from .harness import Account, Proxy, free_port
+from .harness import Account, BenchError, Proxy, free_port
 from .worker import FINAL, IMAGE, LocalWorker
 
 RESULT_PATH = re.compile(r"^/api/v1/worker/jobs/([^/?]+)/result$")
@@ -57,7 +65,44 @@ WORKER_LOST = "worker lost"
 # Logged by a trigger on every change to a final job's outcome (see watch_final_rows).
 OVERWRITES = "soak_final_overwrites"
 WATCHED = ("state", "exit_code", "attempt", "finished_at", "stdout_tail", "output_sha256")
-FAULTS = ("kill_worker", "restart_proxy", "kill_proxy", "pause_worker")
+FAULTS = ("kill_worker", "restart_proxy", "kill_proxy", "pause_worker", "freeze_proxy",
+          "cut_link")
+# Hostile scripts in the mix (Expected.kind): each prints the same start/done
+# markers as the others, so its one result is checked the same way.
+HOSTILE = {
+    # 3,000 nested directories in the outputs: deeper than Python's recursion limit.
+    "deep": """top = os.getcwd()
+for _ in range(3000):
+    os.mkdir("d")
+    os.chdir("d")
+os.chdir(top)
+""",
+    # 1 MiB files until the job's disk quota says ENOSPC, then carry on (and
+    # fail, having written four times its quota, if it never does).
+    "fill": """import errno
+os.makedirs("fill", exist_ok=True)
+try:
+    for i in range(4 * DISK_MB):
+        with open("fill/%d" % i, "wb") as f:
+            f.write(b"x" * 2**20)
+    print("no ENOSPC after %d MiB" % (4 * DISK_MB), flush=True)
+    sys.exit(5)
+except OSError as e:
+    if e.errno != errno.ENOSPC:
+        raise
+    print("disk full after %d files" % i, flush=True)
+import shutil
+shutil.rmtree("fill")
+""",
+    # 10^5 empty files: ten times the output file cap.
+    "many": """os.makedirs("many", exist_ok=True)
+for i in range(100000):
+    open("many/%d" % i, "w").close()
+""",
+}
+HOSTILE_DISK_MB = 64
+# A recovered worker: active at the proxy within this many heartbeats of a fault's end.
+RECOVERY_HEARTBEATS = 2
 
 
 @dataclass(frozen=True)
@@ -88,6 +133,7 @@ class Expected:
     state: str
     exit_code: int
     output: bool
+    kind: str = "plain"   # or a HOSTILE key
 
 
 @dataclass
@@ -143,6 +189,7 @@ class LossyLink(ThreadingHTTPServer):
         self.upstream_port = upstream_port
         self.rng, self.rules = rng, rules
         self.dropping = True
+        self.cut = False   # a partition: every request refused unforwarded
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
         self.applied: Counter = Counter()  # job id -> results the proxy applied
@@ -167,6 +214,16 @@ class LossyLink(ThreadingHTTPServer):
                 return label, "before" if r < before else "after" if r < before + after else "pass"
         return "", "pass"
 
+    @staticmethod
+    def merged(links: list["LossyLink"]) -> "LossyLink":
+        """The counts of several links as one (a view for the checks, not a server)."""
+        view = object.__new__(LossyLink)
+        view.counts, view.applied = Counter(), Counter()
+        for link in links:
+            view.counts.update(link.counts)
+            view.applied.update(link.applied)
+        return view
+
     def record(self, job_id: str, status: int, body: bytes) -> None:
         with self.lock:
             self.counts[f"result answers {status}"] += 1
@@ -189,6 +246,11 @@ class _Forward(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.cut:
+            with self.server.lock:
+                self.server.counts["requests refused while the link was cut"] += 1
+            self.close_connection = True
+            return
         result = RESULT_PATH.match(self.path)
         label, fate = self.server.fate(self.path)
         if fate == "before":
@@ -241,67 +303,88 @@ def run_soak(plan: Plan, tmp: str | None = None, say=print) -> Report:
         users = [proxy.add_user(f"{run_id}-u{i}") for i in range(plan.users)]
         enrollment = proxy.enrollment_token()
         proxy.start(settings)
-        link = LossyLink(proxy.port, random.Random(rng.random()),
-                         {"results": (RESULT_PATH, plan.drop_before, plan.drop_after)})
-        threading.Thread(target=link.serve_forever, daemon=True).start()
+        links = [LossyLink(proxy.port, random.Random(rng.random()),
+                           {"results": (RESULT_PATH, plan.drop_before, plan.drop_after)})
+                 for _ in range(plan.workers)]
+        for link in links:
+            threading.Thread(target=link.serve_forever, daemon=True).start()
         workers = [LocalWorker(proxy, enrollment, plan.slots, name=f"{run_id}-w{i}", url=link.url,
                                env={"JOBCLOUD_WORKER_CLAIM_WAIT_S": "2",
                                     "JOBCLOUD_WORKER_GRACE_S": "5"})
-                   for i in range(plan.workers)]
+                   for i, link in enumerate(links)]
         try:
             with contextlib.ExitStack() as stack:
                 for w in workers:
                     stack.enter_context(w)
                     # Runs before that worker's stop: a frozen process cannot act on SIGTERM.
                     stack.callback(_resume, w)
-                report = _soak(plan, rng, report, proxy, settings, users, workers, link, say)
+                stack.callback(_resume_proxy, proxy)
+                report = _soak(plan, rng, report, proxy, settings, users, workers, links, say)
         finally:
-            link.shutdown()
-            link.server_close()
+            for link in links:
+                link.shutdown()
+                link.server_close()
     report.seconds = time.monotonic() - t0
     return report
 
 
 def _soak(plan: Plan, rng: random.Random, report: Report, proxy: Proxy, settings: dict,
-          users: list[Account], workers: list[LocalWorker], link: LossyLink, say) -> Report:
-    """Submissions and faults, settling, then the checks; workers and link are up."""
+          users: list[Account], workers: list[LocalWorker], links: list[LossyLink],
+          say) -> Report:
+    """Submissions and faults, settling, then the checks; workers and links are up."""
     expected = plan_jobs(plan, rng)
     watch_final_rows(proxy)
-    monitor = Monitor(proxy)
+    baseline = {w.name: disk_use(w.data_dir) for w in workers}
+    monitor = Monitor(proxy, workers)
     monitor.start()
     submitter = Submitter(proxy, users, expected, plan.chaos_s * 0.7, rng.randrange(2**31))
     submitter.start()
-    faults = drive_faults(plan, rng, proxy, settings, workers, say)
+    faults, recoveries = drive_faults(plan, rng, proxy, settings, workers, links, say)
     submitter.join()
-    link.dropping = False
+    for link in links:
+        link.dropping = False
     say(f"soak: faults over ({dict(faults)}); settling, up to {plan.settle_s:.0f} s")
     settled = settle(proxy, plan.settle_s)
     # Long enough for a frozen worker's late result or a lost claim's lease to
     # have come and gone: nothing may change after this.
     snapshot = final_rows(proxy)
     time.sleep(plan.lease_s + 2)
+    monitor.stop()   # its last look sees every worker process still running
     for w in workers:
         w.stop()
-    monitor.stop()
+    link = LossyLink.merged(links)
     check(report, plan, proxy, users, submitter, expected, monitor, snapshot, workers, link, settled)
+    check_workers(report, workers, monitor, recoveries, baseline,
+                  RECOVERY_HEARTBEATS * float(settings["JOBCLOUD_HEARTBEAT_INTERVAL_S"]))
     report.counts.update(faults)
     report.counts.update(link.counts)
     return report
 
 
 def plan_jobs(plan: Plan, rng: random.Random) -> list[Expected]:
-    """What each job will do: most succeed, about one in four writes an output, one in ten fails."""
+    """What each job will do: most succeed, about one in four writes an output,
+    one in ten fails; one in 50 (at least one of each kind) is hostile and succeeds."""
     jobs = []
     for _ in range(plan.jobs):
         fails = rng.random() < 0.1
         jobs.append(Expected("failed" if fails else "succeeded", 3 if fails else 0,
                              rng.random() < 0.25))
+    kinds = sorted(HOSTILE)
+    hostile = rng.sample(range(plan.jobs), min(plan.jobs, max(len(kinds), plan.jobs // 50)))
+    for n, index in enumerate(hostile):
+        jobs[index] = Expected("succeeded", 0, False, kinds[n % len(kinds)])
     return jobs
 
 
 def script_for(e: Expected, rng: random.Random) -> bytes:
-    return SCRIPT.format(sleep=round(rng.uniform(0.05, 0.6), 2), output=e.output,
-                         exit_code=e.exit_code).encode()
+    script = SCRIPT.format(sleep=round(rng.uniform(0.05, 0.6), 2), output=e.output,
+                           exit_code=e.exit_code)
+    if e.kind != "plain":  # the hostile part runs before the done marker
+        marker = '\nprint("done attempt'
+        head, tail = script.split(marker, 1)
+        hostile = HOSTILE[e.kind].replace("DISK_MB", str(HOSTILE_DISK_MB))
+        script = f"{head}\n{hostile}{marker}{tail}"
+    return script.encode()
 
 
 class Submitter:
@@ -337,9 +420,11 @@ class Submitter:
         t0 = time.monotonic()
         for n, index in enumerate(mine):
             _sleep_until(t0 + self.window_s * n / len(mine))
-            body, content_type = job_form(script_for(self.expected[index], rng),
-                                          {"name": f"soak-{index}", "image": IMAGE, "cpus": "1",
-                                           "memory_mb": "128", "timeout_s": "60"})
+            fields = {"name": f"soak-{index}", "image": IMAGE, "cpus": "1",
+                      "memory_mb": "128", "timeout_s": "60"}
+            if self.expected[index].kind != "plain":
+                fields["disk_mb"] = str(HOSTILE_DISK_MB)
+            body, content_type = job_form(script_for(self.expected[index], rng), fields)
             while True:
                 try:
                     r = session.post(f"{self.proxy.url}/api/v1/jobs", data=body, timeout=30,
@@ -364,11 +449,14 @@ class Monitor:
     state, attempt or finish time changes after it was first seen is an overwrite.
 
     It sees only what lasts until its next look; the trigger of watch_final_rows
-    sees every committed change. A look that fails is counted, never fatal.
+    sees every committed change. A look that fails is counted, never fatal. It also notes every worker
+    process that exited without being killed by the soak.
     """
 
-    def __init__(self, proxy: Proxy):
+    def __init__(self, proxy: Proxy, workers: list[LocalWorker] = ()):
         self.proxy = proxy
+        self.workers = workers
+        self.exits: dict[int, str] = {}   # pid -> what happened to a worker process
         self.first: dict[str, tuple] = {}
         self.overwrites: list[str] = []
         self.looks = 0
@@ -393,6 +481,11 @@ class Monitor:
 
     def _look(self) -> None:
         self.looks += 1
+        for w in self.workers:
+            proc = w.proc
+            code = proc.poll() if proc is not None else None
+            if code is not None and code != -signal.SIGKILL:   # -9: the soak killed it
+                self.exits.setdefault(proc.pid, f"{w.name} (pid {proc.pid}) exited with {code}")
         for job_id, row in final_rows(self.proxy).items():
             seen = self.first.setdefault(job_id, row)
             if seen != row:
@@ -437,17 +530,33 @@ def final_rows(proxy: Proxy) -> dict[str, tuple]:
 
 # ------------------------------------------------------------------ the faults
 
+# Faults that cut workers off from the proxy past the lease: after each, every
+# worker must be active again within RECOVERY_HEARTBEATS.
+PARTITIONS = ("pause_worker", "freeze_proxy", "cut_link")
+# Bound on waiting for the workers to be back after a fault (a worker that is
+# not back by then is reported, and the soak goes on).
+RECOVERY_WAIT_S = 30.0
+
+
 def drive_faults(plan: Plan, rng: random.Random, proxy: Proxy, settings: dict,
-                 workers: list[LocalWorker], say) -> Counter:
-    """Inject faults until the chaos window ends: each kind once first, then at random."""
+                 workers: list[LocalWorker], links: list[LossyLink],
+                 say) -> tuple[Counter, list[tuple[str, float | None]]]:
+    """Inject faults until the chaos window ends: each kind once first, then at
+    random. After each, wait for every worker to be active at the proxy again.
+
+    Returns:
+        the faults done, and per fault (kind, seconds from its end until every
+        worker was active again, or None if not within RECOVERY_WAIT_S).
+    """
     done: Counter = Counter()
+    recoveries: list[tuple[str, float | None]] = []
     order = list(FAULTS)
     rng.shuffle(order)
     end = time.monotonic() + plan.chaos_s
     while True:
         time.sleep(rng.uniform(*plan.fault_every_s))
         if time.monotonic() >= end:
-            return done
+            return done, recoveries
         kind = order.pop(0) if order else rng.choice(FAULTS)
         w = rng.choice(workers)
         t = time.monotonic()
@@ -464,9 +573,69 @@ def drive_faults(plan: Plan, rng: random.Random, proxy: Proxy, settings: dict,
             w.proc.send_signal(signal.SIGSTOP)
             time.sleep(plan.lease_s + rng.uniform(1, 3))
             w.proc.send_signal(signal.SIGCONT)
+        elif kind == "freeze_proxy":
+            frozen = proxy.processes()
+            for p in frozen:
+                p.suspend()
+            time.sleep(plan.lease_s + rng.uniform(1, 3))
+            for p in frozen:
+                p.resume()
+        elif kind == "cut_link":
+            link = links[workers.index(w)]
+            link.cut = True
+            time.sleep(plan.lease_s + rng.uniform(1, 3))
+            link.cut = False
         done[f"fault {kind}"] += 1
-        say(f"soak: {t - end + plan.chaos_s:5.0f} s  {kind}" + (f" {w.name}" if "worker" in kind else "")
-            + f" ({time.monotonic() - t:.1f} s)")
+        back = workers_back(proxy, workers, time.time(), RECOVERY_WAIT_S)
+        recoveries.append((kind, back))
+        say(f"soak: {t - end + plan.chaos_s:5.0f} s  {kind}"
+            + (f" {w.name}" if kind in ("kill_worker", "pause_worker", "cut_link") else "")
+            + f" ({time.monotonic() - t:.1f} s; workers back after "
+            + (f"{back:.1f} s)" if back is not None else f"more than {RECOVERY_WAIT_S:g} s)"))
+
+
+def workers_back(proxy: Proxy, workers: list[LocalWorker], since: float,
+                 bound_s: float) -> float | None:
+    """Seconds until each worker's newest registration is active and has
+    talked to the proxy after `since` (wall clock), or None past `bound_s`."""
+    t0 = time.monotonic()
+    names = [w.name for w in workers]
+    marks = ", ".join("?" * len(names))
+    while time.monotonic() - t0 < bound_s:
+        with proxy.db.connection() as conn:
+            rows = conn.query(f"SELECT name, state, last_seen_at FROM workers WHERE name IN ({marks})"
+                              " ORDER BY registered_at", tuple(names))
+        newest = {r["name"]: r for r in rows}
+        if all(n in newest and newest[n]["state"] == "active" and newest[n]["last_seen_at"] >= since
+               for n in names):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return None
+
+
+def disk_use(path) -> int:
+    """Bytes allocated under `path` (iterative; links not followed)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def mounts_under(path) -> list[str]:
+    prefix = os.path.realpath(path) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].encode().decode("unicode_escape") for line in f]
+    return [p for p in points if p.startswith(prefix)]
+
+
+def _resume_proxy(proxy: Proxy) -> None:
+    for p in proxy.processes():
+        with contextlib.suppress(Exception):
+            p.resume()
 
 
 def _resume(w: LocalWorker) -> None:
@@ -544,6 +713,32 @@ def check(report: Report, plan: Plan, proxy: Proxy, users: list[Account], submit
         "monitor looks failed": len(monitor.errors),
     })
     report.details.extend(f"monitor look failed: {e}" for e in monitor.errors[:3])
+
+
+# Allowed growth of a worker's data dir over the run (its own small state files).
+DISK_SLACK_BYTES = 2**20
+
+
+def check_workers(report: Report, workers: list[LocalWorker], monitor: Monitor,
+                  recoveries: list[tuple[str, float | None]], baseline: dict[str, int],
+                  bound_s: float) -> None:
+    """The workers' own invariants: alive, back after each partition, disk as before."""
+    report.check("no worker process exited (other than killed -9 by the soak)", len(workers),
+                 list(monitor.exits.values()))
+    partitions = [(k, s) for k, s in recoveries if k in PARTITIONS]
+    report.check(f"every worker active again within {bound_s:g} s of each partition ending",
+                 len(partitions), [f"{k}: {'not back' if s is None else f'{s:.1f} s'}"
+                                   for k, s in partitions if s is None or s > bound_s])
+    disk = []
+    for w in workers:
+        grown = disk_use(w.data_dir) - baseline[w.name]
+        if grown > DISK_SLACK_BYTES:
+            disk.append(f"{w.name}: {grown / 2**20:.1f} MiB more than before the first job")
+        disk.extend(f"{w.name}: still mounted: {m}" for m in mounts_under(w.data_dir))
+    report.check("every worker's disk use back to its baseline (nothing mounted)", len(workers),
+                 disk)
+    slowest = max((s for _, s in recoveries if s is not None), default=0.0)
+    report.counts["slowest recovery after a fault, ms"] = round(slowest * 1000)
 
 
 def check_outcomes(report: Report, plan: Plan, jobs: dict[str, dict], logs: dict,

@@ -35,7 +35,7 @@ from .harness import ROOT, BenchError, Proxy
 from .report import Row
 
 URI = "qemu:///system"
-TEMPLATE_DIR = ROOT / "var" / "vm" / "test-template"
+TEMPLATE_DIR = ROOT / "var-vm" / "test-template"
 TEMPLATE_IMAGES = ["jobcloud/python"]
 SIZES_GIB = (2, 10)
 REPEATS = 5
@@ -203,7 +203,7 @@ def _template() -> dict:
 
 def _work_dir() -> Path:
     # libvirt's QEMU (user libvirt-qemu) must reach the files: not a 0700 temp dir.
-    work = ROOT / "var" / "vm" / f"bench-{secrets.token_hex(4)}"
+    work = ROOT / "var-vm" / f"bench-{secrets.token_hex(4)}"
     work.mkdir(parents=True)
     for d in (work.parent, work):
         d.chmod(0o755)

@@ -11,13 +11,13 @@ import argparse
 import getpass
 import json
 import os
-import shutil
-import stat
 import sys
 import tempfile
 import time
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+import jobcloud_archive
 
 from . import config as cfgmod
 from .api import Client, MultipartBody
@@ -39,6 +39,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C while following; the job keeps running
 POLL_MIN_S, POLL_MAX_S = 0.2, 2.0
 # Redraw the upload progress bar at most this often.
 PROGRESS_EVERY_S = 0.1
+# What a fetched output archive may hold: above what a worker sends at most
+# (output_max_bytes 1 GiB, output_max_files 10,000 by default, raised by some
+# admins), and no ratio limit that a real output (zeros, logs) could trip:
+# deflate cannot pass about 1032:1. The member rule is the proxy's and worker's.
+FETCH_LIMITS = jobcloud_archive.Limits(max_total_bytes=64 * 2**30, max_entries=1_000_000,
+                                       max_ratio=1100)
 
 EPILOG = f"""\
 admin commands (on the proxy host, against its store):
@@ -139,6 +145,8 @@ def _add_settings(p) -> None:
     p.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB")
     p.add_argument("--timeout", type=int, metavar="S", help="time limit in seconds")
     p.add_argument("--gpus", type=int)
+    p.add_argument("--disk", type=int, metavar="MB",
+                   help="disk quota in MB for what the job writes (outputs and scratch)")
     p.add_argument("--name", help="a display name (default: the script's)")
     p.add_argument("--webhook", metavar="URL",
                    help="POST a signed notice to URL when the job finishes (allow-listed hosts only)")
@@ -168,7 +176,7 @@ def cmd_submit(args, path: Path) -> int:
     record = {"script": os.path.abspath(args.script),
               "data": os.path.abspath(args.data) if args.data else None,
               "settings": {k: getattr(args, k) for k in ("image", "cpus", "memory", "timeout",
-                                                         "gpus", "name", "webhook")}}
+                                                         "gpus", "disk", "name", "webhook")}}
     return _submit_and_report(args, path, record)
 
 
@@ -218,6 +226,9 @@ def cmd_fetch(args, path: Path) -> int:
         tmp.seek(0)
         names = extract_safely(tmp, dest)
     print(f"{len(names)} file(s), {_human(size)} zipped, into {dest}/")
+    # Files the worker left out, a disk quota filled: said, never silent.
+    for warning in client.job(args.job).get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -265,7 +276,7 @@ def submit(client: Client, record: dict) -> dict:
     fields = {key: str(s[opt]) for key, opt in (("name", "name"), ("image", "image"),
                                                   ("cpus", "cpus"), ("memory_mb", "memory"),
                                                   ("timeout_s", "timeout"), ("gpus", "gpus"),
-                                                  ("webhook_url", "webhook"))
+                                                  ("disk_mb", "disk"), ("webhook_url", "webhook"))
               if s.get(opt) is not None}
     files = {"script": (os.path.basename(script), script, "text/x-python")}
     with _dataset(record["data"]) as data:
@@ -411,46 +422,21 @@ def job_exit_code(job: dict) -> int:
 # ------------------------------------------------------------------ fetch
 
 def extract_safely(archive, dest: Path) -> list[str]:
-    """Unpack a zip into `dest` after checking every entry.
+    """Unpack a zip into `dest` under the one archive rule (jobcloud_archive, the
+    rule datasets pass at the proxy and the worker), after checking every entry.
+
+    Returns:
+        The names of the files written.
 
     Raises:
-        UnsafeArchive: an entry is absolute, climbs out with '..', or is a link;
-            nothing is written then.
+        UnsafeArchive: an entry breaks the rule (nothing is written then), its
+            data is damaged, or `dest` holds a link where the archive writes.
     """
     try:
-        zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile:
-        raise UnsafeArchive("the output archive is not a valid zip") from None
-    with zf:
-        members = [(info, _safe_parts(info)) for info in zf.infolist()]
-        dest.mkdir(parents=True, exist_ok=True)
-        root = dest.resolve()
-        written = []
-        for info, parts in members:
-            target = root.joinpath(*parts)
-            # An existing symlink inside dest must not redirect a write outside it.
-            if not target.parent.resolve().is_relative_to(root) or target.is_symlink():
-                raise UnsafeArchive(f"refusing to write through a link at {target}")
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
-            written.append(info.filename)
-    return written
-
-
-def _safe_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
-    name = info.filename
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise UnsafeArchive(f"the output archive holds a link: {name!r}")
-    path = PurePosixPath(name)
-    parts = tuple(p for p in path.parts if p not in ("", "."))
-    if (path.is_absolute() or "\\" in name or ".." in parts or not parts
-            or (parts and ":" in parts[0])):
-        raise UnsafeArchive(f"the output archive holds an unsafe path: {name!r}")
-    return parts
+        return jobcloud_archive.extract(archive, dest, FETCH_LIMITS, what="output archive",
+                                        replace=True).names
+    except jobcloud_archive.ArchiveError as e:
+        raise UnsafeArchive(e.message) from None
 
 
 # ------------------------------------------------------------------ helpers
@@ -484,7 +470,8 @@ def _describe(job: dict) -> str:
     r = job["resources"]
     lines = [
         ("job", job["id"]), ("name", job["name"]), ("state", _outcome(job)), ("image", job["image"]),
-        ("resources", f"{r['cpus']:g} cpus, {r['memory_mb']} MB, {r['timeout_s']} s, {r['gpus']} gpus"),
+        ("resources", f"{r['cpus']:g} cpus, {r['memory_mb']} MB, {r['timeout_s']} s, {r['gpus']} gpus"
+                      + (f", {r['disk_mb']} MB disk" if r.get("disk_mb") else "")),
         ("script", job["script"]["name"]),
         ("dataset", job["dataset"]["name"] if job.get("dataset") else "-"),
         ("attempt", job["attempt"]), ("submitted", job["submitted_at"]),

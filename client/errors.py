@@ -66,4 +66,5 @@ class ServerError(ApiError):
 
 
 class UnsafeArchive(ClientError):
-    """Raised when an output archive holds an absolute path, a '..' component or a link."""
+    """Raised when an output archive breaks the archive rule (jobcloud_archive) or would
+    write through a link in the destination."""

@@ -33,7 +33,7 @@ NETWORK=${NETWORK:-network=default}
 IMAGES=${IMAGES:-jobcloud/python,jobcloud/ml}
 LIBVIRT_URI=${LIBVIRT_URI:-qemu:///system}
 LOCATION=${LOCATION:-http://deb.debian.org/debian/dists/bookworm/main/installer-amd64/}
-STATE_DIR=${STATE_DIR:-var/vm/installs}
+STATE_DIR=${STATE_DIR:-var-vm/installs}
 
 command -v virt-install >/dev/null || { echo "virt-install missing: apt-get install virtinst" >&2; exit 1; }
 

@@ -30,8 +30,9 @@ class BlobStore:
         self.root = Path(data_dir).resolve()
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        # Private whatever the umask (datadir.py sets 077 at every entry point).
+        for d in (self.root, self.blobs, self.tmp):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def path(self, blob: str) -> Path:
         """Path of a stored blob by its name (a sha256 hex digest)."""
@@ -47,7 +48,7 @@ class BlobStore:
         upload.finish()
         blob = upload.sha256
         target = self.path(blob)
-        target.parent.mkdir(exist_ok=True)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
         if target.exists():
             upload.discard()
         else:
@@ -65,7 +66,7 @@ class Upload:
         self.limit = limit
         self.what = what
         self.path = store.tmp / f"up-{secrets.token_hex(12)}"
-        self.file = open(self.path, "xb")
+        self.file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         self.hash = hashlib.sha256()
         self.size = 0
         self.sha256 = ""

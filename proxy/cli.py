@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from . import accounts, limits, usage, workers
+from . import accounts, datadir, limits, usage, workers
 from .config import load_config
 from .db import open_database
 from .errors import ProxyError
@@ -29,6 +29,7 @@ def proxy_main(argv=None) -> int:
     try:
         overrides = {"bind": args.bind} if getattr(args, "bind", None) else {}
         cfg = load_config(overrides=overrides)
+        datadir.secure(cfg.data_dir)
         db = open_database(cfg.resolved_database_url)
         db.migrate()
         if args.command == "migrate":
@@ -117,6 +118,9 @@ def jobcloud_main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config()
+        # The admin commands open the same database: what they create (a new
+        # database, its WAL) must be as private as what the server creates.
+        datadir.secure(cfg.data_dir)
         db = open_database(cfg.resolved_database_url)
         db.migrate()
         with db.connection() as conn, conn.transaction():

@@ -61,6 +61,10 @@ class Config:
     default_timeout_s: int = 600
     max_timeout_s: int = 24 * 3600
     max_gpus: int = 8
+    # The job's own filesystem on the worker (outputs and scratch), in MiB:
+    # the kernel stops a job there (ENOSPC), so one job cannot fill a worker.
+    default_disk_mb: int = 1024
+    max_disk_mb: int = 64 * 1024
     # Workers heartbeat this often; one silent for lease_timeout_s is lost.
     heartbeat_interval_s: float = 10.0
     lease_timeout_s: float = 45.0
@@ -89,7 +93,8 @@ class Config:
     # (live.streams_per_process), so workers and pages always get in.
     live_streams_max: int = 2000
     # How often each process looks for wake-ups committed by other processes
-    # on SQLite (wakeups.py; PostgreSQL pushes them): half of it is the average
+    # on SQLite where inotify is missing (wakeups.py; on Linux a signal file
+    # pushes them, PostgreSQL pushes them too): half of it is then the average
     # delay before a worker waiting in another process hears of a new job.
     wakeup_poll_s: float = 0.004
     # Connections one gunicorn process serves at once (gevent's
@@ -123,6 +128,11 @@ class Config:
     webhook_timeout_s: float = 10.0
     # How often each proxy process looks for due deliveries.
     webhook_poll_s: float = 1.0
+    # Bearer token /metrics requires (Prometheus: authorization.credentials_file).
+    # Empty: /metrics answers loopback clients only, as the default bind does,
+    # so binding to a public address never publishes queue depths and workers
+    # (README, "Metrics"). 32 characters at least: `openssl rand -hex 32`.
+    metrics_token: str = ""
 
     @property
     def resolved_database_url(self) -> str:
@@ -185,6 +195,8 @@ def validate(values: dict) -> Config:
         (1 <= cfg.default_timeout_s <= cfg.max_timeout_s,
          "default_timeout_s must be within [1, max_timeout_s]"),
         (0 <= cfg.max_gpus <= 64, "max_gpus must be between 0 and 64"),
+        (1 <= cfg.default_disk_mb <= cfg.max_disk_mb <= 2**24,
+         "default_disk_mb and max_disk_mb must satisfy 1 <= default <= max <= 16777216"),
         (cfg.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive"),
         (cfg.lease_timeout_s > cfg.heartbeat_interval_s,
          "lease_timeout_s must be longer than heartbeat_interval_s"),
@@ -216,6 +228,9 @@ def validate(values: dict) -> Config:
         (0.01 <= cfg.webhook_backoff_s <= 3600, "webhook_backoff_s must be between 0.01 and 3600"),
         (0.1 <= cfg.webhook_timeout_s <= 20, "webhook_timeout_s must be between 0.1 and 20"),
         (0.01 <= cfg.webhook_poll_s <= 60, "webhook_poll_s must be between 0.01 and 60"),
+        (cfg.metrics_token == "" or _METRICS_TOKEN.fullmatch(cfg.metrics_token) is not None,
+         "metrics_token must be empty or 32 to 256 letters, digits and -._~+/ (a bearer token;"
+         " e.g. openssl rand -hex 32)"),
         (cfg.database_url == "" or cfg.database_url.startswith(
             ("sqlite:///", "postgresql://", "postgres://")),
          "database_url must start with sqlite:/// or postgresql://"),
@@ -227,6 +242,8 @@ def validate(values: dict) -> Config:
         cfg, webhook_allowed_hosts=tuple(h.lower() for h in cfg.webhook_allowed_hosts))
 
 
+# RFC 6750's b64token, long enough not to be guessed.
+_METRICS_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{32,256}=*")
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
 
 

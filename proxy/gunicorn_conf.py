@@ -21,6 +21,8 @@ win over what is read here, as they win over any config file.
 """
 import signal
 
+from jobcloud_datadir import PRIVATE_UMASK
+from proxy import datadir
 from proxy.config import load_config
 from proxy.errors import ConfigError
 
@@ -49,12 +51,30 @@ accesslog = _cfg.access_log
 errorlog = "-"
 # Uploads are streamed by the app; do not let gunicorn cap request lines below defaults.
 limit_request_line = 8190
+# gunicorn applies its own umask only to the sockets and files it makes (and
+# when it daemonizes); the processes' umask is set by on_starting below.
+umask = PRIVATE_UMASK
 control_socket_disable = not _cfg.gunicorn_control_socket
 if _cfg.gunicorn_control_socket:
     control_socket = _cfg.gunicorn_control_socket
 # Trust no client's forwarding headers (X-Forwarded-*, SCRIPT_NAME) by default,
 # loopback included (see forwarded_allow_ips in config.py).
 forwarded_allow_ips = _cfg.forwarded_allow_ips
+
+
+def on_starting(server):
+    """Make the data directory private (proxy.datadir) before anything opens it.
+
+    In the master, before any worker forks: the umask it sets is inherited by
+    every process, and a data directory owned by another user stops the start
+    with one line (in a worker's create_app it would be gunicorn's "worker
+    failed to boot" and a traceback). Not when this file is imported:
+    --print-config and --check-config load it too, and must change nothing.
+    """
+    try:
+        datadir.secure(_cfg.data_dir)
+    except ConfigError as e:
+        raise SystemExit(f"jobcloud-proxy: {e.detail}") from None
 
 
 def worker_exit(server, worker):

@@ -2,16 +2,24 @@
 
 Metrics are computed from the database at scrape time, not counted in process
 memory, so every gunicorn process and proxy instance reports the same truth.
+
+/metrics tells queue depth per state, workers and VMs: with `metrics_token`
+set it asks every client for that bearer token; without one it answers
+loopback clients only (README, "Metrics").
 """
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+import hmac
+import ipaddress
+
+from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import vms
+from .appstate import app_state
 from .db import get_conn
-from .errors import StoreUnavailable
+from .errors import Forbidden, StoreUnavailable, Unauthorized
 from .models import JobState, WorkerState
 
 bp = Blueprint("ops", __name__)
@@ -30,9 +38,39 @@ def healthz():
 
 @bp.route("/metrics", methods=["GET"])
 def metrics():
+    check_metrics_access(app_state().config.metrics_token)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(get_conn()))
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")
+
+
+def check_metrics_access(token: str) -> None:
+    """Let the request read /metrics, or raise.
+
+    Raises:
+        Unauthorized: a token is configured and the request lacks it (or sends another).
+        Forbidden: no token is configured and the client is not on loopback.
+    """
+    if token:
+        scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest: the time taken says nothing about how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(),
+                                                                 token.encode()):
+            raise Unauthorized("/metrics needs the bearer token set as metrics_token",
+                               code="metrics_token_required",
+                               headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+    elif not _loopback(request.remote_addr):
+        raise Forbidden("/metrics answers loopback clients only unless metrics_token is set",
+                        code="metrics_loopback_only")
+
+
+def _loopback(address: str | None) -> bool:
+    try:
+        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 class StoreCollector:

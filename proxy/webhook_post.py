@@ -8,8 +8,9 @@ the allow-list and then resolve elsewhere (redirects are never followed
 either: only the status line is read); a watchdog ends the attempt at its
 deadline however slowly the receiver sends, since socket timeouts bound each
 read and not the whole; and a failure is one short class ("timeout", "TLS
-error") because users see it in their job's JSON, while the exception's text,
-which would tell them which ports of an allowed host are open, goes to the log.
+error") with the exception's text beside it, for the admin: the job's owner
+is shown only that delivery failed (webhooks.py), since the class alone tells
+which ports of an allowed host are open, filtered or closed.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .webhook_targets import address_allowed
 
 
 class SendFailed(Exception):
-    """Raised when a webhook POST gets no HTTP answer; `reason` is safe to show its user."""
+    """Raised when a webhook POST gets no HTTP answer; `reason` classifies it for the admin."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
@@ -101,7 +102,7 @@ def reachable_address(host: str, port: int, allowed_hosts: tuple[str, ...]) -> s
 
 
 def _failure(e: Exception, timed_out: bool) -> SendFailed:
-    """The reason a user is shown for a failed POST; the exception's text stays in the log."""
+    """A failed POST's class ("connection refused", ...) and the exception's text, for the admin."""
     detail = f"{type(e).__name__}: {e}"
     if timed_out or isinstance(e, TimeoutError):
         return SendFailed("timeout", detail)

@@ -5,8 +5,15 @@ Targets: only http(s) URLs whose host is on the admin allow-list
 again before every attempt, and at each attempt only the checked address,
 public unless the admin listed that very address. The rules are
 webhook_targets.py's; the one POST (no redirects, one deadline for the whole
-attempt, a short reason such as "timeout" or "HTTP 500" for its user, never the
-exception's text) is webhook_post.py's. This module keeps the names its callers
+attempt) is webhook_post.py's.
+
+Failures: the job's owner sees one category, "delivery failed", whatever
+stopped the notice (DNS, an address not allowed, refused, timed out, TLS, a
+banner that is not HTTP, any status but 2xx): each distinct answer would map
+an allowed host's ports and names for them (docs/SECURITY.md). Why it failed
+goes to the log and to the admin API (`last_error_detail`,
+GET /api/v1/admin/webhook-deliveries). Only a URL the allow-list no longer
+admits is named to its user, as it was at submission. This module keeps the names its callers
 use (`check_url`, `address_allowed`, `MAX_URL_LENGTH`, ...), so they need not
 know how it is divided.
 
@@ -56,6 +63,8 @@ CLAIM_GRACE_S = 30.0
 # Deliveries one process claims per pass; the rest wait for the next pass.
 BATCH = 20
 EVENT = "job.finished"
+# What a job's owner reads for every failed attempt (see the module docstring).
+DELIVERY_FAILED = "delivery failed"
 
 
 class DeliveryState(str, Enum):
@@ -145,10 +154,36 @@ def webhook_json(job: dict) -> dict | None:
         return {"url": job["webhook_url"], "state": "waiting_for_job"}
     return {"url": job["webhook_url"], "state": job["webhook_state"],
             "delivery_id": job["webhook_delivery_id"], "attempts": job["webhook_attempts"],
-            "last_status": job["webhook_last_status"], "last_error": job["webhook_last_error"],
+            # A status other than 2xx would say what listens on that port: admins only.
+            "last_status": (job["webhook_last_status"]
+                            if job["webhook_state"] == DeliveryState.DELIVERED.value else None),
+            "last_error": job["webhook_last_error"],
             "next_attempt_at": (iso(job["webhook_next_attempt_at"])
                                 if job["webhook_state"] == DeliveryState.PENDING.value else None),
             "delivered_at": iso(job["webhook_delivered_at"])}
+
+
+def list_deliveries(conn, *, job_id: str | None = None, state: str | None = None,
+                    limit: int = 100) -> list[dict]:
+    """Deliveries as the admin sees them, newest first, with why the last attempt failed."""
+    where, params = [], []
+    if job_id is not None:
+        where.append("d.job_id = ?")
+        params.append(job_id)
+    if state is not None:
+        where.append("d.state = ?")
+        params.append(state)
+    rows = conn.query(
+        "SELECT d.*, u.name AS owner FROM webhook_deliveries d JOIN users u ON u.id = d.owner_id"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY d.created_at DESC, d.id LIMIT ?", (*params, limit))
+    return [{"id": d["id"], "job_id": d["job_id"], "owner": d["owner"], "url": d["url"],
+             "state": d["state"], "attempts": d["attempts"], "last_status": d["last_status"],
+             "last_error": d["last_error"], "last_error_detail": d["last_error_detail"],
+             "next_attempt_at": (iso(d["next_attempt_at"])
+                                 if d["state"] == DeliveryState.PENDING.value else None),
+             "created_at": iso(d["created_at"]), "delivered_at": iso(d["delivered_at"])}
+            for d in rows]
 
 
 # -------------------------------------------------------------------- delivery
@@ -243,7 +278,7 @@ class Deliverer:
         return delivery
 
     def _attempt(self, conn, delivery: dict) -> None:
-        status, error = self._send(delivery)
+        status, error, detail = self._send(delivery)
         now = time.time()
         attempt = delivery["attempts"]
         if error is None:
@@ -259,36 +294,37 @@ class Deliverer:
         with conn.transaction():
             conn.execute(
                 "UPDATE webhook_deliveries SET state = ?, next_attempt_at = ?, claimed_until = NULL,"
-                " last_status = ?, last_error = ?, delivered_at = ? WHERE id = ? AND attempts = ?",
-                (state.value, next_at, status, error,
+                " last_status = ?, last_error = ?, last_error_detail = ?, delivered_at = ?"
+                " WHERE id = ? AND attempts = ?",
+                (state.value, next_at, status, error, detail,
                  now if state == DeliveryState.DELIVERED else None, delivery["id"], attempt))
 
-    def _send(self, delivery: dict) -> tuple[int | None, str | None]:
-        """POST the delivery once. Returns (HTTP status or None, error or None on success).
+    def _send(self, delivery: dict) -> tuple[int | None, str | None, str | None]:
+        """POST the delivery once.
 
-        The error is a short class ("timeout", "connection refused", "HTTP 500")
-        because users read it in their job's JSON: the exception's own text would
-        tell them which ports of an allowed host are open. The detail goes to the
-        log, which only the admin reads.
+        Returns:
+            (HTTP status or None, the error its user reads, the admin's detail);
+            both errors None on success.
         """
         problem = url_problem(delivery["url"], self.allowed_hosts)
         if problem:
-            return None, problem
+            return None, problem, problem
         body = delivery["body"].encode()
         timestamp = int(time.time())
         headers = {"Content-Type": "application/json", "User-Agent": "jobcloud-webhooks",
                    "X-Jobcloud-Event": EVENT, "X-Jobcloud-Delivery": delivery["id"],
                    "X-Jobcloud-Timestamp": str(timestamp),
                    "X-Jobcloud-Signature": sign(delivery["secret"], timestamp, body)}
+        status = None
         try:
             status = post(delivery["url"], body, headers, allowed_hosts=self.allowed_hosts,
                           deadline_s=self.timeout_s)
         except SendFailed as e:
-            log.warning("webhook %s for job %s, attempt %d: %s (%s)", delivery["id"],
-                        delivery["job_id"], delivery["attempts"], e.reason, e.detail)
-            return None, e.reason
-        if 200 <= status < 300:
-            return status, None
-        log.warning("webhook %s for job %s, attempt %d: HTTP %d", delivery["id"],
-                    delivery["job_id"], delivery["attempts"], status)
-        return status, f"HTTP {status}"
+            detail = f"{e.reason}: {e.detail}" if e.detail else e.reason
+        else:
+            if 200 <= status < 300:
+                return status, None, None
+            detail = f"HTTP {status}"
+        log.warning("webhook %s for job %s to %s, attempt %d: %s", delivery["id"],
+                    delivery["job_id"], delivery["url"], delivery["attempts"], detail)
+        return status, DELIVERY_FAILED, detail[:1000]

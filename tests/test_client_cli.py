@@ -21,6 +21,7 @@ import pytest
 from client.cli import EXIT_CANCELLED, extract_safely
 from client.errors import UnsafeArchive
 from tests.conftest import LiveServer, free_port, start_gunicorn, stop_gunicorn
+from tests.zips import HOSTILE
 # The sandbox tests' module-scoped proxy + real worker (skips without Docker, fails under CI).
 from tests.test_worker_sandbox import IMAGE, cluster  # noqa: F401 (a fixture)
 
@@ -137,6 +138,42 @@ def test_fetch_refuses_unsafe_archives(tmp_path):
         zf.writestr(link, "/etc/passwd")
     with pytest.raises(UnsafeArchive, match="link"):
         extract_safely(tmp_path / "link.zip", tmp_path / "out")
+
+
+@pytest.mark.parametrize("name, archive, code, words", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_fetch_refuses_what_the_proxy_refuses(tmp_path, name, archive, code, words):
+    """The same rule as intake and the worker (jobcloud_archive), before a byte is written."""
+    (tmp_path / "outputs.zip").write_bytes(archive)
+    with pytest.raises(UnsafeArchive) as refused:
+        extract_safely(tmp_path / "outputs.zip", tmp_path / "out")
+    for word in words:
+        assert word.lower() in str(refused.value).lower(), (word, str(refused.value))
+    assert not any((tmp_path / "out").rglob("*")), "nothing is written from a bad archive"
+
+
+def test_fetch_never_writes_through_a_link_in_the_destination(tmp_path):
+    """An existing link in the folder fetched into, as a directory or as a file, is
+    refused without naming a path of this machine; nothing outside is touched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for link, member in (("sub", "sub/a.txt"), ("a.txt", "a.txt")):
+        dest = tmp_path / f"out-{link}"
+        dest.mkdir()
+        os.symlink(outside / link, dest / link)
+        (tmp_path / "o.zip").write_bytes(_zip_of(member))
+        with pytest.raises(UnsafeArchive, match="link") as refused:
+            extract_safely(tmp_path / "o.zip", dest)
+        assert str(tmp_path) not in str(refused.value)
+    assert list(outside.iterdir()) == []
+
+
+def _zip_of(*names: str) -> bytes:
+    import io
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in names:
+            zf.writestr(name, "x")
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------ proxy + worker

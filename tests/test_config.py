@@ -46,6 +46,9 @@ def test_list_from_environment_is_comma_separated():
     ({"JOBCLOUD_BIND": "nowhere"}, "bind"),
     ({"JOBCLOUD_DATABASE_URL": "mysql://x"}, "database_url"),
     ({"JOBCLOUD_MAX_SCRIPT_BYTES": "1.5"}, "max_script_bytes"),
+    ({"JOBCLOUD_METRICS_TOKEN": "too-short"}, "metrics_token must be empty or 32 to 256"),
+    ({"JOBCLOUD_METRICS_TOKEN": "a" * 20 + " " + "b" * 20}, "metrics_token"),
+    ({"JOBCLOUD_METRICS_TOKEN": "x" * 257}, "metrics_token"),
 ])
 def test_bad_values_name_the_setting(env, message):
     with pytest.raises(ConfigError) as err:

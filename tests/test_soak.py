@@ -1,8 +1,10 @@
 """The short chaos soak (`make soak` runs the long one): a few hundred jobs from
 several users through a proxy with several gunicorn processes and three real
 workers, while workers are killed -9 and frozen past their lease, the proxy is
-restarted gently and killed -9, and result posts are lost before and after the
-proxy commits them. Every invariant must hold; about two minutes on 2 cores.
+restarted gently, killed -9 and frozen past the lease, a worker's link is cut
+past the lease, result posts are lost before and after the proxy commits them,
+and hostile jobs (a deep tree, a disk filled to its quota, 10^5 files) run in
+the mix. Every invariant must hold; about two minutes on 2 cores.
 
 The seed is printed (pytest -s shows it, and a failure repeats it); set
 JOBCLOUD_SOAK_SEED to replay a fault schedule and job mix. The second test pins
@@ -25,13 +27,14 @@ import requests
 
 from bench.forms import job_form
 from bench.harness import Proxy
-from bench.soak import (FAULTS, WORKER_LOST, Expected, LossyLink, Monitor, Plan, Report,
-                        check_outcomes, logged_overwrites, run_soak, watch_final_rows)
+from bench.soak import (FAULTS, HOSTILE, WORKER_LOST, Expected, LossyLink, Monitor, Plan,
+                        Report, check_outcomes, check_workers, logged_overwrites, plan_jobs,
+                        run_soak, watch_final_rows)
 from bench.worker import FINAL, IMAGE, LocalWorker
 from tests.conftest import require, wait_until
 from tests.test_worker_sandbox import docker_ready
 
-SHORT = Plan(jobs=200, users=3, workers=3, slots=2, gunicorn_workers=3, chaos_s=70.0,
+SHORT = Plan(jobs=200, users=3, workers=3, slots=2, gunicorn_workers=3, chaos_s=85.0,
              fault_every_s=(3.0, 7.0), settle_s=90.0)
 
 
@@ -176,3 +179,32 @@ def test_a_failed_monitor_look_is_counted_and_the_watch_goes_on():
     assert "AttributeError" in monitor.errors[0]
     monitor._stop.set()
     monitor._thread.join()
+
+
+def test_every_soak_plan_has_each_hostile_kind():
+    for jobs in (3, 200, 600):
+        kinds = [e.kind for e in plan_jobs(Plan(jobs=jobs), random.Random(jobs))]
+        assert set(kinds) == {"plain", *HOSTILE} or (jobs == 3 and set(kinds) == set(HOSTILE))
+
+
+def test_worker_invariants_catch_an_exit_a_slow_recovery_and_a_grown_disk(tmp_path):
+    workers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        workers.append(SimpleNamespace(name=name, data_dir=tmp_path / name))
+    baseline = {"a": 0, "b": 0}
+    monitor = SimpleNamespace(exits={})
+    report = Report(seed=0)
+    check_workers(report, workers, monitor, [("freeze_proxy", 1.5), ("kill_proxy", 9.0)],
+                  baseline, 2.0)
+    assert report.violations == 0, report.table()
+
+    (tmp_path / "b" / "left").write_bytes(b"x" * 2**21)
+    monitor.exits = {123: "a (pid 123) exited with 0"}
+    report = Report(seed=0)
+    check_workers(report, workers, monitor,
+                  [("cut_link", 2.5), ("pause_worker", None), ("kill_proxy", 9.0)], baseline, 2.0)
+    assert {n: v for n, _, v in report.invariants if v} == {
+        "no worker process exited (other than killed -9 by the soak)": 1,
+        "every worker active again within 2 s of each partition ending": 2,
+        "every worker's disk use back to its baseline (nothing mounted)": 1}, report.table()

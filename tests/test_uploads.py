@@ -22,6 +22,7 @@ import requests
 
 from proxy import create_app
 from tests.conftest import Users, csrf_from, login
+from tests.zips import HOSTILE, entry_count_only, make_zip
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -54,17 +55,6 @@ def multipart(*parts: bytes) -> bytes:
 
 
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
-
-
-def make_zip(*members, compression=zipfile.ZIP_DEFLATED) -> bytes:
-    """A zip of (name or ZipInfo, data) members."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression) as zf:
-        for name, data in members:
-            if isinstance(name, zipfile.ZipInfo):
-                name.compress_type = compression
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def special_member(name: str, kind: int) -> zipfile.ZipInfo:
@@ -192,7 +182,8 @@ def test_file_script_and_dataset_are_stored_durably_by_sha256(site):
     assert response.headers["Location"] == f"/api/v1/jobs/{job['id']}"
     assert job["state"] == "queued" and job["name"] == "train"
     assert job["image"] == "jobcloud/ml"
-    assert job["resources"] == {"cpus": 2.0, "memory_mb": 512, "timeout_s": 60, "gpus": 0}
+    assert job["resources"] == {"cpus": 2.0, "memory_mb": 512, "timeout_s": 60, "gpus": 0,
+                                "disk_mb": 1024}
     assert job["script"] == {"name": "train.py", "sha256": hashlib.sha256(SCRIPT).hexdigest(),
                              "size": len(SCRIPT)}
     assert job["dataset"] == {"name": "data.zip", "sha256": hashlib.sha256(dataset).hexdigest(),
@@ -370,6 +361,41 @@ def test_encrypted_member_is_refused(site):
         struct.pack_into("<H", dataset, at, struct.unpack_from("<H", dataset, at)[0] | 0x1)
     site.refused(site.submit(script_part(), dataset_part(bytes(dataset))), 400, "zip_encrypted",
                  "encrypted")
+
+
+@pytest.mark.parametrize("name, archive, code, words", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_every_member_the_worker_would_refuse_is_refused_at_intake(site, name, archive, code,
+                                                                   words):
+    """The one archive rule (jobcloud_archive): a 400 naming the member and the
+    reason, no blob, no job row; before it, these were 201s and failed jobs."""
+    site.refused(site.submit(script_part(), dataset_part(archive)), 400, code, *words)
+
+
+def test_entry_count_is_judged_from_the_end_record_before_the_directory(make_site):
+    """1.5 million entries announced by a zip64 end record with no directory behind
+    it: refused for the count, which is only possible if nothing was parsed first."""
+    site = make_site(max_dataset_bytes=MiB)
+    site.refused(site.submit(script_part(), dataset_part(entry_count_only(1_500_000))), 400,
+                 "zip_too_many_entries", "1500000 entries", "limit is 20")
+
+
+def test_directory_size_is_judged_from_the_end_record(site):
+    """A directory bigger than the entry limit allows, whatever count the record claims."""
+    archive = bytearray(make_zip(("a.txt", b"a")))
+    eocd = archive.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", archive, eocd + 8, 1, 1)           # one entry, as it says
+    struct.pack_into("<L", archive, eocd + 12, 1 << 30)        # in a 1 GiB directory
+    site.refused(site.submit(script_part(), dataset_part(bytes(archive))), 400,
+                 "zip_too_many_entries", "directory is 1 GiB")
+
+
+def test_overlapping_members_are_refused(site):
+    """Two directory entries sharing one member's data (the non-recursive zip bomb)."""
+    archive = bytearray(make_zip(("a.txt", b"x" * 100), ("b.txt", b"x" * 100)))
+    second = archive.find(b"PK\x01\x02", archive.find(b"PK\x01\x02") + 4)
+    struct.pack_into("<L", archive, second + 42, 0)            # b.txt's header offset -> a.txt
+    site.refused(site.submit(script_part(), dataset_part(bytes(archive))), 400, "invalid_zip",
+                 "local header")
 
 
 # ---------------------------------------------------------- sizes (test client)
@@ -632,6 +658,7 @@ def test_web_form_accepts_a_job(browser):
     ([script_part(b"#" * (5 * KiB))], 413, ["script", "4 KiB"]),
     ([script_part(), dataset_part(make_zip(("../x", b"x")))], 400, ["'../x'", "outside"]),
     ([script_part(), dataset_part(b"MZ not a zip")], 400, ["not a readable zip"]),
+    ([script_part(), dataset_part(HOSTILE[0][1])], 400, ["'a\\nb.txt'", "control character"]),
     ([script_part(), part("cpus", "NaN")], 400, ["finite"]),
     ([script_part(), part("bogus", "1")], 400, ["unknown field"]),
 ])

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.live]
 
 URI = "qemu:///system"
 # libvirt's QEMU (user libvirt-qemu) must reach the clones: not under pytest's 0700 tmp dirs.
-RUNS = ROOT / "var" / "vm" / "test-runs"
+RUNS = ROOT / "var-vm" / "test-runs"
 BOOT_TIMEOUT_S = 420
 JOB_TIMEOUT_S = 240
 

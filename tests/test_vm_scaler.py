@@ -738,8 +738,7 @@ def test_destroy_drains_first_and_checks_the_jobs_after(config, host, proxy):
 
 
 def test_only_the_newest_failed_consoles_are_kept(scaler, config):
-    state_dir = Path(config.state_dir)
-    state_dir.mkdir(parents=True)
+    state_dir = Path(config.state_dir)  # made private (0711) by the scaler at start
     old = [state_dir / f"{domain.new_name('jc-')}-console.failed.log" for _ in range(KEEP_FAILED_CONSOLES)]
     for i, path in enumerate(old):
         path.write_text("old")

@@ -1,5 +1,5 @@
 """The worker VM template: a real debootstrap build (cached by its input hash in
-var/vm/test-template, so a machine builds it once), its manifest, a quick
+var-vm/test-template, so a machine builds it once), its manifest, a quick
 no-op rebuild, no identity or secret inside, and the identity seed ISO.
 
 The disk's files are read with debugfs on a raw copy: no mount, no loop device.
@@ -21,7 +21,7 @@ from vm_provisioning.errors import ConfigError, TemplateMissing
 from vm_provisioning.seed import Identity, write_seed
 from vm_provisioning.template import MANIFEST, build_template, load_manifest
 
-TEST_TEMPLATE = ROOT / "var" / "vm" / "test-template"
+TEST_TEMPLATE = ROOT / "var-vm" / "test-template"
 # Only the small image: the end-to-end VM tests run jobcloud/python jobs.
 TEST_IMAGES = ["jobcloud/python"]
 
@@ -130,6 +130,8 @@ def test_template_holds_no_identity_and_no_secrets(template, disk_files):
     assert "class Worker" in disk_files("/opt/jobcloud/worker/daemon.py")
     # The settings loader beside it, on the worker's PYTHONPATH (/opt/jobcloud).
     assert "def layered(" in disk_files("/opt/jobcloud/jobcloud_config.py")
+    # The archive rule the worker extracts datasets with (worker/inputs.py).
+    assert "def extract(" in disk_files("/opt/jobcloud/jobcloud_archive.py")
     wants = disk_files.listing("/etc/systemd/system/multi-user.target.wants")
     assert {"jobcloud-firstboot.service", "jobcloud-worker.service", "docker.service"} <= set(wants)
     repositories = json.loads(disk_files("/var/lib/docker/image/overlay2/repositories.json"))
@@ -204,3 +206,22 @@ def test_first_boot_refuses_a_seed_it_cannot_use_before_writing_anything():
                       ({**good, "proxy_url": "ftp://10.0.2.2"}, "http(s) URL"),
                       ({**good, "slots": "2"}, "slots")]:
         assert says in module.check_seed(bad)
+
+
+def test_every_top_level_module_the_worker_imports_is_copied_into_the_guest():
+    """The guest has no pip: a module beside the packages that worker/ imports
+    (jobcloud_config, jobcloud_archive, ...) must be in the template's copy list,
+    or the worker VM dies at its first import."""
+    import ast
+
+    from vm_provisioning.template import SHARED_MODULES, WORKER_DIR
+    top_level = {p.stem for p in ROOT.glob("*.py")}
+    imported = set()
+    for source in WORKER_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    assert "jobcloud_archive" in imported
+    assert imported & top_level <= {p.stem for p in SHARED_MODULES}

@@ -111,6 +111,15 @@ def webhook_state(hub, job_id: str) -> dict:
     return hub.job(job_id)["webhook"]
 
 
+def admin_view(hub, job_id: str) -> dict:
+    """The job's delivery as the admin API shows it, with why its last attempt failed."""
+    r = hub.client.get(f"/api/v1/admin/webhook-deliveries?job={job_id}",
+                       headers=hub.admin["headers"])
+    assert r.status_code == 200, r.get_json()
+    [delivery] = r.get_json()["deliveries"]
+    return delivery
+
+
 def expected_signature(secret: str, request: dict) -> str:
     signed = request["headers"]["X-Jobcloud-Timestamp"].encode() + b"." + request["body"]
     return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
@@ -201,8 +210,9 @@ def test_redirects_are_not_followed_and_attempts_are_bounded(make_hub, receivers
                           and webhook_state(hub, job_id), what="delivery given up")
     finally:
         hub.app.extensions["jobcloud_webhooks"].stop()
-    assert done["attempts"] == 2 and done["last_status"] == 302
-    assert "302" in done["last_error"]
+    assert done["attempts"] == 2 and done["last_error"] == webhooks.DELIVERY_FAILED
+    assert (admin_view(hub, job_id)["last_status"], admin_view(hub, job_id)["last_error_detail"]) \
+        == (302, "HTTP 302")
     assert len(redirecting.requests) == 2 and target.requests == []
 
 
@@ -426,16 +436,83 @@ def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(whu
     assert elapsed < 1.5, f"the attempt took {elapsed:.1f}s with a 0.5s deadline"
     state = webhook_state(whub, job_id)
     assert (state["state"], state["last_error"], state["last_status"]) == \
-        ("pending", "timeout", None)
+        ("pending", webhooks.DELIVERY_FAILED, None)
+    assert admin_view(whub, job_id)["last_error_detail"].startswith("timeout")
 
 
-def test_users_see_a_failures_class_not_its_text(whub):
-    port = free_port()  # nothing listens there
-    passer = deliverer(whub, max_attempts=1)
-    job_id = run_job(whub, f"http://127.0.0.1:{port}/hook")
-    assert passer.run_once() == 1
-    state = webhook_state(whub, job_id)
-    assert (state["state"], state["last_error"]) == ("failed", "connection refused")
+class Silent:
+    """A port that accepts connections (the kernel's backlog) and never answers: what a
+    filtered port or a stuck service looks like to the sender, but for the handshake."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+
+    def close(self):
+        self.listener.close()
+
+
+class Banner:
+    """A port whose service answers with its own banner, not HTTP (an SSH server, say)."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return  # closed without a connection
+        with conn:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+            conn.recv(65536)
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_users_see_one_category_whichever_way_a_port_fails_and_admins_see_why(whub, receivers):
+    """Closed, filtered, a banner, an HTTP server's 404: four answers that would map an
+    allowed host's ports. The job's owner reads the same for each; the admin reads why."""
+    silent, banner, web = Silent(), Banner(), receivers(statuses=[404])
+    try:
+        passer = deliverer(whub, max_attempts=1, timeout_s=0.3)
+        worker = whub.register("w1")
+        jobs = {"closed": run_job(whub, f"http://127.0.0.1:{free_port()}/hook", worker),
+                "filtered": run_job(whub, silent.url, worker),
+                "banner": run_job(whub, banner.url, worker),
+                "http 404": run_job(whub, web.url, worker)}
+        assert passer.run_once() == 4
+    finally:
+        silent.close()
+        banner.close()
+    seen = {}
+    for port, job_id in jobs.items():
+        state = webhook_state(whub, job_id)
+        seen[port] = (state["state"], state["attempts"], state["last_error"], state["last_status"])
+        text = json.dumps(state).lower()
+        assert not re.search(r"refused|timeout|timed out|invalid|404|ssh|tls", text), text
+    assert set(seen.values()) == {("failed", 1, webhooks.DELIVERY_FAILED, None)}, seen
+
+    details = {port: admin_view(whub, job_id)["last_error_detail"] for port, job_id in jobs.items()}
+    assert details["closed"].startswith("connection refused: ConnectionRefusedError")
+    assert details["filtered"].startswith("timeout")
+    assert details["banner"].startswith("invalid HTTP response")
+    assert details["http 404"] == "HTTP 404"
+    assert admin_view(whub, jobs["http 404"])["last_status"] == 404
+    # The admin API is the admin's: the job's owner gets 403.
+    r = whub.client.get("/api/v1/admin/webhook-deliveries", headers=whub.alice["headers"])
+    assert r.status_code == 403
+
+
+@pytest.mark.parametrize("query", ["state=lost", "job=" + "x" * 65])
+def test_the_admin_delivery_list_refuses_bad_filters(whub, query):
+    r = whub.client.get(f"/api/v1/admin/webhook-deliveries?{query}", headers=whub.admin["headers"])
+    assert r.status_code == 400 and r.get_json()["error"] in ("invalid_state", "invalid_job")
 
 
 def test_a_name_resolving_to_loopback_is_reached_only_when_that_address_is_listed(
@@ -449,7 +526,8 @@ def test_a_name_resolving_to_loopback_is_reached_only_when_that_address_is_liste
 
     assert deliverer(hub, allowed_hosts=("localhost",)).run_once() == 1
     state = webhook_state(hub, job_id)
-    assert (state["state"], state["last_error"]) == ("pending", "address not allowed")
+    assert (state["state"], state["last_error"]) == ("pending", webhooks.DELIVERY_FAILED)
+    assert admin_view(hub, job_id)["last_error_detail"].startswith("address not allowed")
     assert receiver.requests == []
 
     assert deliverer(hub, allowed_hosts=("localhost", "127.0.0.1")).run_once(
@@ -477,7 +555,8 @@ def test_https_goes_to_the_checked_address_and_checks_the_names_certificate(
 
     untrusted = run_job(hub, url, worker)
     assert passer.run_once() == 1
-    assert webhook_state(hub, untrusted)["last_error"] == "TLS error"
+    assert webhook_state(hub, untrusted)["last_error"] == webhooks.DELIVERY_FAILED
+    assert admin_view(hub, untrusted)["last_error_detail"].startswith("TLS error")
     assert receiver.requests == []
 
     # Trusted, the certificate is checked for the URL's name although the

@@ -28,10 +28,10 @@ USER_NET_HOST = "10.0.2.2"
 @dataclass(frozen=True)
 class ScalerConfig:
     # The built template: manifest.json, the qcow2 disk, kernel and initrd (`jobcloud-vm build-template`).
-    template_dir: str = "./var/vm/template"
+    template_dir: str = "./var-vm/template"
     # Clone disks, seed ISOs, console logs and the scaler's state file live here; it must be
     # on the hypervisor's filesystem (shared at the same path for more than one host).
-    state_dir: str = "./var/vm/clones"
+    state_dir: str = "./var-vm/clones"
     # The proxy as the scaler (on the host) reaches it.
     proxy_url: str = "http://127.0.0.1:3000"
     # The proxy as a guest reaches it; empty means proxy_url with a loopback host rewritten

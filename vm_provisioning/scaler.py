@@ -24,9 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobcloud_datadir import ForeignOwner, make_private
+
 from . import domain, policy
 from .config import ScalerConfig, validate
-from .errors import LibvirtUnreachable, TemplateMissing, UnknownVM, VMError
+from .errors import ConfigError, LibvirtUnreachable, TemplateMissing, UnknownVM, VMError
 from .libvirt_host import Host, open_hosts
 from .policy import Action, Decision
 from .proxy_client import ProxyClient, QueueView
@@ -80,6 +82,7 @@ class Scaler:
         self.proxy = proxy or ProxyClient(config.proxy_url, config.admin_token, config.http_timeout_s)
         self.clock = clock
         self.store = StateStore(config.state_dir)
+        _secure_state_dir(config.state_dir)
         self._domain_types: dict[str, str] = {}
         # Passes run_forever has finished, failed ones included: lets a caller
         # wait for the daemon to have looked, instead of sleeping.
@@ -532,6 +535,29 @@ class Scaler:
             log.warning("could not report to the proxy: %s", e)
 
 
+def _secure_state_dir(state_dir: str) -> None:
+    """The state dir 0711 and its files 0600: they hold the scaler's state, each
+    clone's disk (its worker secret, once registered) and seed (an enrollment
+    token) and console log.
+
+    0711, not 0700: libvirt's QEMU runs as another user (libvirt-qemu) and
+    opens a clone's disk and seed by path, so it must pass through the
+    directory; it cannot list it. It reads the 0600 files because libvirt
+    hands each one to that user while its domain runs (dynamic_ownership, on
+    by default in qemu.conf) and back afterwards. docs/SECURITY.md.
+
+    Raises:
+        ConfigError: the directory belongs to another user.
+    """
+    try:
+        tightened = make_private(state_dir, dir_mode=0o711)
+    except ForeignOwner as e:
+        raise ConfigError(str(e)) from None
+    if tightened:
+        log.warning("state dir %s: removed group/other access from %d file(s) and directories",
+                    state_dir, tightened)
+
+
 def linked_clone(base: Path, clone: Path) -> None:
     """A qcow2 overlay on `base`: instant and ~200 KB whatever the template's size.
 
@@ -555,3 +581,5 @@ def linked_clone(base: Path, clone: Path) -> None:
         raise VMError("qemu-img is not installed: apt-get install qemu-utils") from None
     if done.returncode != 0:
         raise VMError(f"qemu-img could not clone {base}: {done.stderr.strip()[-300:]}")
+    # Whatever the umask: the clone will hold its worker's secret.
+    clone.chmod(0o600)

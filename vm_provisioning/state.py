@@ -85,8 +85,8 @@ class StateStore:
         Saved on an error too: the scaler changes the state only after each
         action succeeded, so what it holds then is what was really done.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / LOCK_FILE, "a+") as lock:
+        self.dir.mkdir(mode=0o711, parents=True, exist_ok=True)  # as Scaler makes it
+        with open(_private(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 state = self.load()
@@ -110,7 +110,7 @@ class StateStore:
 
     def save(self, state: ScalerState) -> None:
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as f:
             json.dump(state.to_json(), f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
@@ -120,3 +120,8 @@ class StateStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _private(path: Path, flags: int) -> int:
+    """A descriptor of `path` opened with `flags`, created 0600 whatever the umask."""
+    return os.open(path, flags, 0o600)

@@ -43,14 +43,16 @@ from .errors import BuildError, TemplateMissing
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DIR = ROOT / "var" / "vm" / "template"
+DEFAULT_DIR = ROOT / "var-vm" / "template"
 # Debootstrapped base tarballs and build work dirs (same filesystem as the output).
-DEFAULT_CACHE = ROOT / "var" / "vm" / "cache"
+DEFAULT_CACHE = ROOT / "var-vm" / "cache"
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 WORKER_DIR = ROOT / "worker"
-# The settings loader the deployables share (one stdlib-only file): the guest
-# gets it beside the worker package, on the worker's PYTHONPATH (/opt/jobcloud).
-SHARED_MODULES = (ROOT / "jobcloud_config.py",)
+# The settings loader, the data-directory privacy and the archive rule the
+# deployables share (stdlib-only files): the guest gets them beside the worker
+# package, on the worker's PYTHONPATH (/opt/jobcloud).
+SHARED_MODULES = (ROOT / "jobcloud_config.py", ROOT / "jobcloud_datadir.py",
+                  ROOT / "jobcloud_archive.py")
 DEFAULT_IMAGES = ("jobcloud/python", "jobcloud/ml")
 
 SUITE = "bookworm"
@@ -58,10 +60,12 @@ MIRROR = "http://deb.debian.org/debian"
 # What the guest runs: a kernel and systemd, Docker, and the worker's Python
 # dependencies as Debian packages (requests, docker SDK, psutil). apparmor: Debian's
 # kernel enables AppArmor, and dockerd then refuses to start containers unless it
-# can load its docker-default profile (which also confines every job).
+# can load its docker-default profile (which also confines every job). e2fsprogs:
+# mkfs.ext4 makes each job's own disk, the worker's disk quota (worker/jobdisk.py).
 PACKAGES = (
     "linux-image-amd64", "initramfs-tools", "systemd-sysv", "udev", "kmod", "iproute2",
     "apparmor", "docker.io", "python3", "python3-requests", "python3-docker", "python3-psutil",
+    "e2fsprogs",
 )
 # Bumped when the base rootfs is made differently with the same packages.
 BASE_FORMAT = 1

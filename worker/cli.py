@@ -8,11 +8,16 @@ import sys
 import docker
 import docker.errors
 
+from jobcloud_datadir import ForeignOwner, make_private
+
+from . import jobdisk
 from .client import WorkerClient
 from .config import load_config
 from .daemon import Worker
 from .errors import EXIT_CONFIG, EXIT_DOCKER, ConfigError
 from .sandbox import Policy, Sandbox
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
@@ -21,8 +26,17 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"jobcloud-worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if config.disk_quota and (why := jobdisk.check_available()):
+        print(f"jobcloud-worker: {why}; per-job disk quotas need it "
+              "(disk_quota=false runs jobs without one)", file=sys.stderr)
+        return EXIT_CONFIG
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    try:
+        _secure_data_dir(config.data_dir)
+    except ForeignOwner as e:
+        print(f"jobcloud-worker: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         engine = docker.from_env(timeout=60)
         engine.ping()
@@ -32,10 +46,25 @@ def main(argv=None) -> int:
         return EXIT_DOCKER
     sandbox = Sandbox(engine, owner=config.name, policy=Policy(
         pids_limit=config.pids_limit, tmpfs_mb=config.tmpfs_mb, nofile=config.nofile,
-        fsize_bytes=config.fsize_bytes, runtimes=config.runtimes))
+        fsize_bytes=config.fsize_bytes, runtimes=config.runtimes,
+        user=f"{config.job_uid}:{config.job_uid}"))
     worker = Worker(config, WorkerClient(config.proxy_url), sandbox)
     worker.install_signal_handlers()
     return worker.work()
+
+
+def _secure_data_dir(data_dir: str) -> None:
+    """The worker's data directory 0700 and its own files (the worker secret) 0600.
+
+    Not the process umask, and not the job directories below it: a job's
+    inputs must stay readable by the container's unprivileged user (runner.py
+    and inputs.py give them their modes). The directory itself keeps other
+    local users out of them; Docker mounts them as root.
+    """
+    tightened = make_private(data_dir, recurse_into=())
+    if tightened:
+        log.warning("data directory %s: removed group/other access from %d file(s) and "
+                    "directories", data_dir, tightened)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ class WorkerClient:
     def register(self, enrollment_token: str, name: str, *, cpus: float, memory_mb: int,
                  gpus: int, slots: int, images: list[str], disk_mb: int | None = None
                  ) -> RegisterAnswer:
-        """Register with an enrollment token; later calls use the secret it answers.
+        """Register with an enrollment token, or rejoin with this worker's own
+        secret after the proxy answered "worker_lost"; later calls use the
+        (new) secret it answers.
 
         Raises:
             ProxyUnreachable: worth another try.

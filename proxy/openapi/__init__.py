@@ -27,6 +27,8 @@ SECURITY_SCHEMES = {
     "workerSecret": {"type": "http", "scheme": "bearer", "description": "worker secret (jcw_...)"},
     "enrollmentToken": {"type": "http", "scheme": "bearer",
                         "description": "enrollment token (jce_...)"},
+    "metricsToken": {"type": "http", "scheme": "bearer",
+                     "description": "the proxy's metrics_token setting (/metrics only)"},
 }
 
 

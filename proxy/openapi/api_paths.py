@@ -102,11 +102,12 @@ def api_paths() -> dict:
             "List workers (admin)", USER, {"200": answer({"type": "object"}), **errors(401, 403)},
             params=[{"name": "all", "in": "query", "schema": {"type": "string"}}], tag="admin")},
         "/api/v1/admin/workers/{worker_id}/{action}": {"post": op(
-            "Drain, resume or revoke a worker (admin)", USER,
+            "Drain, resume, retire or revoke a worker (admin). Retire and revoke both requeue its "
+            "jobs, free its name and end the worker daemon (exit 5 retired, 6 revoked)", USER,
             {"200": answer({"$ref": "#/components/schemas/Worker"}), **errors(400, 401, 403, 404)},
             params=[{"name": "worker_id", "in": "path", "required": True, "schema": {"type": "string"}},
                     {"name": "action", "in": "path", "required": True,
-                     "schema": {"type": "string", "enum": ["drain", "resume", "revoke"]}}],
+                     "schema": {"type": "string", "enum": ["drain", "resume", "retire", "revoke"]}}],
             tag="admin")},
         "/api/v1/admin/queue": {"get": op(
             "Queue length and each live worker's load and idle time, for the VM scaler (admin)", USER,
@@ -124,6 +125,16 @@ def api_paths() -> dict:
                 "vms": {"type": "integer"}, "events": {"type": "integer"}}}),
              **errors(400, 401, 403)},
             body=json_body({"$ref": "#/components/schemas/ScalerReport"}), tag="admin")},
+        "/api/v1/admin/webhook-deliveries": {"get": op(
+            "Webhook deliveries, newest first (100), with why each last failed (admin)", USER,
+            {"200": answer({"type": "object", "properties": {
+                "deliveries": {"type": "array", "items": {"type": "object"}}}}),
+             **errors(400, 401, 403)},
+            params=[{"name": "job", "in": "query", "schema": {"type": "string"},
+                     "description": "only this job's delivery"},
+                    {"name": "state", "in": "query",
+                     "schema": {"type": "string", "enum": ["pending", "delivered", "failed"]}}],
+            tag="admin")},
         "/api/v1/admin/vms": {"get": op(
             "Worker VMs as the scaler last reported them, and its latest decisions (admin)", USER,
             {"200": answer({"type": "object", "properties": {
@@ -169,7 +180,10 @@ def api_paths() -> dict:
         "/healthz": {"get": {"summary": "Store reachable", "tags": ["ops"], "security": [],
                              "responses": {"200": answer({"type": "object"}),
                                            "503": answer({"type": "object"})}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["ops"], "security": [],
+        # No token needed when metrics_token is unset (loopback clients only: 403 to others).
+        "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["ops"],
+                             "security": [{}, {"metricsToken": []}],
                              "responses": {"200": {"description": "text",
-                                                   "content": {"text/plain": {}}}}}},
+                                                   "content": {"text/plain": {}}},
+                                           **errors(401, 403)}}},
     }

@@ -98,6 +98,9 @@ SUBMIT_FORM = {
             "image": {"type": "string"},
             "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
             "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
+            "disk_mb": {"type": "integer", "minimum": 1,
+                        "description": "the job's disk quota (outputs and scratch), MiB: writes "
+                                       "past it fail with ENOSPC (default: default_disk_mb)"},
             "webhook_url": {"type": "string", "maxLength": 2048,
                             "description": "http(s) URL on an allow-listed host (webhook_allowed_hosts)"
                                            ": gets a signed POST when the job finishes"},

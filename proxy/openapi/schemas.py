@@ -8,6 +8,8 @@ contract rather than from a 400.
 """
 from __future__ import annotations
 
+from ..models import LEFT_OUT_REASONS
+
 USAGE = {"type": ["number", "null"], "minimum": 0, "maximum": 2**53}
 MONEY = {"type": "string", "pattern": r"^\d+\.\d{6}$", "description": "exact decimal amount"}
 PRICE_IN = {"type": ["string", "number"], "description": "per hour, >= 0, at most 6 decimals"}
@@ -39,10 +41,28 @@ SCHEMAS = {
                 "finished_at": {"type": ["string", "null"]},
                 "exit_code": {"type": ["integer", "null"]},
                 "failure_reason": {"type": ["string", "null"]},
-                "outputs": {"type": ["object", "null"]}, "usage": {"type": "object"},
+                "outputs": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/JobOutputs"}]},
+                "usage": {"type": "object", "description": "cpu_seconds, peak_memory_bytes, "
+                          "wall_seconds, gpu_seconds as the worker reported them, bounded by what "
+                          "the lease allowed; clamped: the fields that were over and were bounded"},
+                "disk_full": {"type": "boolean",
+                              "description": "the job filled its disk quota (resources.disk_mb)"},
+                "warnings": {"type": "array", "items": {"type": "string"},
+                             "description": "what the outputs lack (files left out, a full "
+                                            "disk), as the job page and `jobcloud fetch` show it"},
                 "cost": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Cost"}]},
                 "webhook": {"type": ["object", "null"], "description": "URL and delivery state"},
                 "links": {"type": "object"}}},
+    "JobOutputs": {"type": "object", "required": ["sha256", "size"], "properties": {
+        "sha256": {"type": "string"}, "size": {"type": "integer"},
+        "files": {"type": ["integer", "null"], "description": "files in the archive"},
+        "left_out": {"type": ["integer", "null"],
+                     "description": "files of the job's output directory not in the archive"},
+        "left_out_bytes": {"type": ["integer", "null"]},
+        "left_out_reasons": {"type": ["object", "null"], "description": "count by reason",
+                             "properties": {r: {"type": "integer"} for r in LEFT_OUT_REASONS}},
+        "manifest": {"type": ["string", "null"],
+                     "description": "the archive member listing the files left out"}}},
     "JobList": {"type": "object", "required": ["jobs", "next"],
                 "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
                                "next": {"type": ["string", "null"]},
@@ -70,6 +90,8 @@ SCHEMAS = {
         "id": {"type": "string"}, "attempt": {"type": "integer"}, "name": {"type": "string"},
         "image": {"type": "string"}, "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
         "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
+        "disk_mb": {"type": ["integer", "null"],
+                    "description": "the job's disk quota in MiB; null: the worker's default"},
         "script": {"$ref": "#/components/schemas/JobInput"},
         "dataset": {"type": ["object", "null"], "description": "a JobInput, or null: no dataset"}}},
     "JobInput": {"type": "object", "required": ["sha256", "size", "url"], "properties": {
@@ -114,6 +136,13 @@ SCHEMAS = {
         "wall_seconds": USAGE,
         "gpu_seconds": {**USAGE, "description": "stored as at most the job's gpus times the"
                         " seconds since its claim (so 0 for a CPU job)"},
+        "disk_full": {"type": "boolean", "description": "the job filled its disk quota"},
+        "outputs": {"type": ["object", "null"], "description": "what the archive holds and "
+                    "what was left out of it, by reason", "properties": {
+                        "files": {"type": "integer"}, "bytes": {"type": "integer"},
+                        "left_out": {"type": "integer"}, "left_out_bytes": {"type": "integer"},
+                        "reasons": {"type": "object", "additionalProperties": False, "properties": {
+                            r: {"type": "integer", "minimum": 0} for r in LEFT_OUT_REASONS}}}},
         "claim_next": {"type": "integer", "minimum": 0, "maximum": 64,
                        "description": "also claim up to this many jobs: the answer then carries "
                                       "`jobs`, `cancel` and `drain`, as a claim's does"}}},
@@ -121,16 +150,18 @@ SCHEMAS = {
         "user": {"type": "string"}, "weight": {"type": "number"},
         **{name: {"type": ["number", "null"]} for name in (
             "max_running", "max_queued", "max_submissions_per_minute", "max_cpus",
-            "max_memory_mb", "max_gpus", "max_timeout_s")}}},
+            "max_memory_mb", "max_gpus", "max_timeout_s", "max_disk_mb")}}},
     "LimitChanges": {"type": "object", "additionalProperties": False, "properties": {
         "weight": {"type": ["number", "null"], "minimum": 0.01, "maximum": 1e9},
         "max_cpus": {"type": ["number", "null"], "minimum": 0.1, "maximum": 1e9},
         **{name: {"type": ["integer", "null"], "minimum": low, "maximum": 1e9} for name, low in (
             ("max_running", 0), ("max_queued", 0), ("max_submissions_per_minute", 0),
-            ("max_memory_mb", 6), ("max_gpus", 0), ("max_timeout_s", 1))}}},
+            ("max_memory_mb", 6), ("max_gpus", 0), ("max_timeout_s", 1), ("max_disk_mb", 1))}}},
     "Worker": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
-        "slots": {"type": "integer"}, "running": {"type": ["integer", "null"]}}},
+        "slots": {"type": "integer"}, "running": {"type": ["integer", "null"]},
+        "usage_clamped": {"type": ["integer", "null"], "description": "results of this worker "
+                          "whose usage was beyond what its lease allowed, and was clamped"}}},
     "QueueView": {"type": "object", "required": ["queued", "running", "workers"], "properties": {
         "queued": {"type": "integer"}, "running": {"type": "integer"},
         "runnable": {"type": "integer", "description": "queued jobs more workers could start now: "

@@ -14,9 +14,13 @@ def worker_paths() -> dict:
     """Register, heartbeat, claim, inputs, logs, result and deregister."""
     return {
         "/api/v1/workers/register": {"post": op(
-            "Register a worker with an enrollment token; returns its secret", ENROLL,
+            "Register a worker with an enrollment token, or rejoin with its own secret (a "
+            "worker told worker_lost); returns its (new) secret. A live worker's name is taken "
+            "over only with its secret or the same enrollment (else 409 name_in_use; an admin "
+            "retires the live worker first); 401 worker_retired or worker_revoked: an admin "
+            "ended this worker", ENROLL + WORKER,
             {"201": answer({"$ref": "#/components/schemas/RegisterAnswer"}),
-             **errors(400, 401)}, body=json_body({"$ref": "#/components/schemas/Capacity"}),
+             **errors(400, 401, 409)}, body=json_body({"$ref": "#/components/schemas/Capacity"}),
             tag="worker")},
         "/api/v1/worker/heartbeat": {"post": op(
             "Heartbeat: extends leases; answers jobs to cancel and the drain flag", WORKER,

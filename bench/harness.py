@@ -239,7 +239,10 @@ class Proxy:
             self.stop()
         finally:
             self.db.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if os.environ.get("JOBCLOUD_BENCH_KEEP"):   # to look at its logs and store after
+                print(f"kept {self.dir}", file=sys.stderr)
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class PostgresServer:

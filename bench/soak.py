@@ -100,7 +100,11 @@ for i in range(100000):
     open("many/%d" % i, "w").close()
 """,
 }
+# The hostile jobs' disk_mb: the filler's quota is small (it writes four times
+# that before it gives up); 10^5 files need inodes a 1 GiB job disk (about
+# 68,000) does not have, and the disks are sparse, so the others get 2 GiB.
 HOSTILE_DISK_MB = 64
+HOSTILE_ROOMY_DISK_MB = 2048
 # A recovered worker: active at the proxy within this many heartbeats of a fault's end.
 RECOVERY_HEARTBEATS = 2
 
@@ -422,8 +426,9 @@ class Submitter:
             _sleep_until(t0 + self.window_s * n / len(mine))
             fields = {"name": f"soak-{index}", "image": IMAGE, "cpus": "1",
                       "memory_mb": "128", "timeout_s": "60"}
-            if self.expected[index].kind != "plain":
-                fields["disk_mb"] = str(HOSTILE_DISK_MB)
+            kind = self.expected[index].kind
+            if kind != "plain":
+                fields["disk_mb"] = str(HOSTILE_DISK_MB if kind == "fill" else HOSTILE_ROOMY_DISK_MB)
             body, content_type = job_form(script_for(self.expected[index], rng), fields)
             while True:
                 try:
@@ -766,8 +771,9 @@ def check_outcomes(report: Report, plan: Plan, jobs: dict[str, dict], logs: dict
         if job["state"] not in FINAL:
             continue
         if (job["state"], job["exit_code"]) != (e.state, e.exit_code):
-            wrong.append(f"{job['id']} ended {job['state']} ({job['exit_code']},"
-                         f" {job['failure_reason']}), script meant {e.state} ({e.exit_code})")
+            wrong.append(f"{job['id']} ({e.kind}) ended {job['state']} ({job['exit_code']},"
+                         f" {job['failure_reason']}), script meant {e.state} ({e.exit_code});"
+                         f" stderr ends {(job.get('stderr_tail') or '')[-300:]!r}")
             continue
         problem = _one_result(job, e, logs, outputs)
         if problem:

@@ -99,10 +99,12 @@ def register_worker(conn, enrollment: dict, name: str, cap: Capacity, *, lease_t
                                "admin can retire it first (POST /api/v1/admin/workers/<id>/retire)",
                                code="name_in_use")
             _retire(conn, old["id"], WorkerState.GONE, now, max_attempts)
+            conn.execute("UPDATE workers SET replaced_by = ? WHERE id = ?", (worker_id, old["id"]))
         if proven is not None:
-            # Its secret rejoins once: the lost registration is replaced by this one.
-            conn.execute("UPDATE workers SET state = ?, retired_at = COALESCE(retired_at, ?) WHERE id = ?",
-                         (WorkerState.GONE.value, now, proven["id"]))
+            # The registration whose secret was presented is replaced by this one.
+            conn.execute("UPDATE workers SET state = ?, retired_at = COALESCE(retired_at, ?),"
+                         " replaced_by = ? WHERE id = ?",
+                         (WorkerState.GONE.value, now, worker_id, proven["id"]))
         # A newcomer joins the round-robin turn next to the longest waiting.
         rr = conn.query_one("SELECT COALESCE(MIN(rr_seq), 0) AS m FROM workers WHERE state IN (?, ?)",
                             LIVE_WORKER_STATES)["m"]
@@ -145,6 +147,9 @@ def refusal(worker: dict | None) -> Unauthorized:
                             "requeued; register again", code="worker_lost")
     if state == WorkerState.REVOKED.value:
         return Unauthorized("this worker was revoked by an admin", code="worker_revoked")
+    if state == WorkerState.GONE.value and worker.get("replaced_by"):
+        return Unauthorized("this registration was replaced by a later registration of the same "
+                            "worker; register again with this secret", code="worker_replaced")
     if state == WorkerState.GONE.value:
         return Unauthorized("this worker was retired (by an admin, by its own deregistration, or "
                             "replaced by a later registration of the same worker)",
@@ -169,7 +174,14 @@ def rejoining(conn, secret: str, name: str) -> tuple[dict, dict]:
         Conflict: the secret belongs to a worker of another name (name_mismatch).
     """
     worker = any_worker_for_secret(conn, secret)
-    if worker is None or worker["state"] not in (WorkerState.LOST.value, *LIVE_WORKER_STATES):
+    if worker is not None and worker["state"] == WorkerState.GONE.value and worker["replaced_by"]:
+        # Its replacement's secret may never have reached it (a lost answer):
+        # it may rejoin unless an admin has since ended its latest registration.
+        latest = _latest(conn, worker)
+        if latest["state"] not in (WorkerState.LOST.value, *LIVE_WORKER_STATES) \
+                and not latest["replaced_by"]:
+            raise refusal(latest)
+    elif worker is None or worker["state"] not in (WorkerState.LOST.value, *LIVE_WORKER_STATES):
         raise refusal(worker)
     if worker["name"] != name:
         raise Conflict(f"this secret belongs to the worker {worker['name']!r}", code="name_mismatch")
@@ -178,6 +190,16 @@ def rejoining(conn, secret: str, name: str) -> tuple[dict, dict]:
         raise Unauthorized("the enrollment this worker joined with was revoked",
                            code="invalid_enrollment_token")
     return worker, enrollment
+
+
+def _latest(conn, worker: dict) -> dict:
+    """The registration at the end of `worker`'s replacements."""
+    for _ in range(1000):   # a chain is as long as the rejoins of one worker
+        following = worker["replaced_by"] and get_worker(conn, worker["replaced_by"])
+        if not following:
+            return worker
+        worker = following
+    return worker
 
 
 def get_worker(conn, worker_id: str) -> dict | None:

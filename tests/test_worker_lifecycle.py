@@ -142,6 +142,14 @@ class MakeRun:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_until(self, predicate, timeout: float, what: str):
+        """conftest.wait_until, with the script's output in the failure."""
+        try:
+            return wait_until(predicate, timeout=timeout, what=what)
+        except AssertionError as e:
+            lines = [ln for ln in self.log_text().splitlines() if "GET /api/v1/jobs/" not in ln]
+            raise AssertionError(f"{e}; make run said:\n" + "\n".join(lines[-40:])) from None
+
     def worker_ready(self) -> bool:
         assert self.proc.poll() is None, self.log_text()[-3000:]
         return "registered as" in self.log_text()
@@ -188,8 +196,9 @@ def test_ctrl_c_on_make_run_drains_the_worker_while_the_proxy_answers(make_run):
     wait_until(lambda: make_run.started(job_id), timeout=30, what="the job to start")
     os.killpg(make_run.proc.pid, signal.SIGINT)   # Ctrl-C: the whole foreground group
     # The job finishes and is reported while the proxy still answers.
-    job = wait_until(lambda: (j := make_run.job(job_id)) and j["state"] not in ("queued", "running") and j,
-                     timeout=30, what="the job to finish after Ctrl-C")
+    job = make_run.wait_until(
+        lambda: (j := make_run.job(job_id)) and j["state"] not in ("queued", "running") and j,
+        timeout=30, what="the job to finish after Ctrl-C")
     assert job["state"] == "succeeded", job
     assert make_run.proc.wait(timeout=30) == 0, make_run.log_text()[-3000:]
     with pytest.raises(requests.RequestException):
@@ -200,8 +209,8 @@ def test_a_second_ctrl_c_stops_the_jobs_at_once_and_hands_them_back(make_run):
     job_id = make_run.submit("import time\nprint('started', flush=True)\ntime.sleep(300)")
     wait_until(lambda: make_run.started(job_id), timeout=30, what="the job to start")
     os.killpg(make_run.proc.pid, signal.SIGINT)
-    wait_until(lambda: "stopping: waiting up to" in make_run.log_text(), timeout=20,
-               what="the worker to begin draining")
+    make_run.wait_until(lambda: "stopping: waiting up to" in make_run.log_text(), timeout=20,
+                        what="the worker to begin draining")
     os.killpg(make_run.proc.pid, signal.SIGINT)
     assert make_run.proc.wait(timeout=30) == 0, make_run.log_text()[-3000:]
     # Handed back, not left `running` until the next start.

@@ -98,9 +98,21 @@ def test_a_worker_that_reaps_itself_is_told_lost_and_rejoins_with_its_secret(hub
     back = Worker(hub, "a", r.get_json()["worker_id"], r.get_json()["secret"])
     assert back.row()["enrollment_id"] == a.row()["enrollment_id"]
     assert [(j["id"], j["attempt"]) for j in back.claim()] == [(job_id, 2)]
-    # The old secret rejoins once: it now names a registration that was replaced.
+    # The old secret now names a replaced registration: told so (not "retired",
+    # which would end the worker), and it may rejoin again, since the answer
+    # carrying the new secret may never have reached the worker.
+    with pytest.raises(Unauthorized) as e:
+        hub.heartbeat_at(a, [], time.time())
+    assert e.value.code == "worker_replaced"
     r = register_with(hub, a.secret, "a")
-    assert (r.status_code, r.get_json()["error"]) == (401, "worker_retired")
+    assert r.status_code == 201, r.get_json()
+    latest = Worker(hub, "a", r.get_json()["worker_id"], r.get_json()["secret"])
+    assert back.row()["state"] == WorkerState.GONE.value and latest.row()["state"] == "active"
+    # Once an admin retires the latest registration, no secret of its chain rejoins.
+    assert hub.admin_action(latest, "retire").status_code == 200
+    for secret in (a.secret, back.secret):
+        r = register_with(hub, secret, "a")
+        assert (r.status_code, r.get_json()["error"]) == (401, "worker_retired")
 
 
 def test_a_revoked_worker_cannot_rejoin(hub):

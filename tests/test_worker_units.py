@@ -151,6 +151,20 @@ def test_log_stream_is_bounded_keeps_a_tail_and_utf8_offsets():
     assert s.tail().endswith("THE END")
 
 
+def test_a_log_chunk_whose_post_failed_is_sent_again_as_it_was():
+    """Found by the chaos soak (a frozen proxy): the proxy may store a chunk
+    whose answer never arrived, and ignores a second chunk at that offset. Were
+    the retry merged with the output written since, that output would be lost."""
+    s = LogStream("stdout", max_bytes=1024, tail_bytes=16)
+    s.feed(b"start\n")
+    assert s.take() == (0, "start\n")
+    s.put_back("start\n")            # the post timed out: stored or not, unknown
+    s.feed(b"done token=abc\n")
+    assert s.take() == (0, "start\n")
+    s.sent_ok("start\n")
+    assert s.take() == (6, "done token=abc\n")
+
+
 def test_config_precedence_and_validation(tmp_path):
     cfg_file = tmp_path / "w.json"
     cfg_file.write_text('{"slots": 2, "name": "from-file", "images": ["a", "b"]}')

@@ -30,6 +30,7 @@ class LogStream:
         self.sent = 0          # byte offset of the next chunk the proxy expects
         self.truncated = False
         self._pending: list[str] = []
+        self._unsent: str | None = None   # taken, its post failed: sent again as it was
         self._tail = bytearray()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._lock = threading.Lock()
@@ -55,6 +56,12 @@ class LogStream:
     def take(self, limit: int = CHUNK_BYTES) -> tuple[int, str] | None:
         """The next chunk to send and its offset, or None; `sent_ok` confirms it."""
         with self._lock:
+            if self._unsent is not None:
+                # A chunk whose post failed goes again exactly as it was: the
+                # proxy may have stored it (the answer lost), and it ignores a
+                # chunk at an offset it has; one merged with newer text would
+                # be ignored whole, losing the newer text.
+                return self.sent, self._unsent
             if not self._pending:
                 return None
             text = "".join(self._pending)
@@ -64,11 +71,13 @@ class LogStream:
             return self.sent, chunk
 
     def put_back(self, chunk: str) -> None:
+        """`chunk` (from `take`) was not confirmed: `take` returns it again, alone."""
         with self._lock:
-            self._pending.insert(0, chunk)
+            self._unsent = chunk
 
     def sent_ok(self, chunk: str) -> None:
         with self._lock:
+            self._unsent = None
             self.sent += len(chunk.encode("utf-8"))
 
     def tail(self) -> str:
@@ -125,6 +134,12 @@ class LogShipper(threading.Thread):
                     log.info("job %s: logs wait for the proxy: %s", self.job_id, e)
                     return False
                 except ProtocolError as e:
+                    if e.status == 401:
+                        # This worker is being registered again (lost, replaced):
+                        # keep the chunk; the rejoin stops this job if it was requeued.
+                        stream.put_back(chunk)
+                        log.info("job %s: logs wait for the worker to rejoin: %s", self.job_id, e)
+                        return False
                     log.warning("job %s: proxy refused a log chunk: %s", self.job_id, e)
                 stream.sent_ok(chunk)
         return True

@@ -18,7 +18,7 @@ def worker_paths() -> dict:
             "worker told worker_lost); returns its (new) secret. A live worker's name is taken "
             "over only with its secret or the same enrollment (else 409 name_in_use; an admin "
             "retires the live worker first); 401 worker_retired or worker_revoked: an admin "
-            "ended this worker", ENROLL + WORKER,
+            "ended this worker (worker_replaced, worker_lost: register again)", ENROLL + WORKER,
             {"201": answer({"$ref": "#/components/schemas/RegisterAnswer"}),
              **errors(400, 401, 409)}, body=json_body({"$ref": "#/components/schemas/Capacity"}),
             tag="worker")},

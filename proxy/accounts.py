@@ -15,13 +15,12 @@ import functools
 import hashlib
 import re
 import secrets
-import sys
 import threading
 import time
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from . import throttle
+from . import offload, throttle
 from .errors import Conflict, NotFound, ValidationError
 from .models import is_lookup_key, new_id
 
@@ -186,8 +185,7 @@ def _hash_cpu(fn, *args):
     event loop goes on serving other requests meanwhile. Elsewhere it runs inline.
     """
     with _hash_slots():
-        pool = _gevent_threadpool()
-        return fn(*args) if pool is None else pool.apply(fn, args)
+        return offload.run(fn, *args)
 
 
 _slots = None
@@ -205,20 +203,6 @@ def _hash_slots():
             if _slots is None:
                 _slots = threading.BoundedSemaphore(MAX_CONCURRENT_HASHES)
     return _slots
-
-
-def _gevent_threadpool():
-    """gevent's pool of real threads when gevent has patched threading, else None.
-
-    Looked up in sys.modules: a process that gevent patched has imported
-    gevent.monkey; one that did not never imports gevent here.
-    """
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is None or not monkey.is_module_patched("threading"):
-        return None
-    import gevent
-
-    return gevent.get_hub().threadpool
 
 
 # ----------------------------------------------------------------------- API tokens

@@ -25,6 +25,17 @@ trap shutdown EXIT
 
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
 
+# Waits until one of the given processes exits, a signal arrives, or a second
+# passes. A trapped signal ends a `wait` early, but one that lands just before
+# the wait starts would leave it waiting for a process that may run for
+# minutes: the loops around this re-check `interrupts` at least every second.
+pause_on() {
+    sleep 1 &
+    local sleeper=$!
+    wait -n "$@" "$sleeper" 2>/dev/null || true
+    kill "$sleeper" 2>/dev/null || true
+}
+
 shutdown() {
     trap - EXIT
     echo "stopping jobcloud..."
@@ -33,7 +44,7 @@ shutdown() {
         echo "the worker finishes or hands back its jobs (Ctrl-C again: stop them now)"
         kill -TERM "$worker"
         while alive "$worker"; do
-            wait "$worker" || true   # a trapped signal ends the wait early
+            pause_on "$worker"
             if ((interrupts > seen)) && alive "$worker"; then
                 seen=$interrupts
                 kill -TERM "$worker"   # its second signal: containers stopped, jobs handed back
@@ -43,7 +54,7 @@ shutdown() {
     if alive "$proxy"; then
         kill -TERM "$proxy"
         while alive "$proxy"; do
-            wait "$proxy" || true
+            pause_on "$proxy"
             if ((interrupts > seen)); then
                 kill -INT "$proxy" 2>/dev/null || true   # gunicorn: quick shutdown
             fi
@@ -81,5 +92,5 @@ echo "jobcloud is running at $URL (proxy + 1 local worker). Ctrl-C stops it."
 echo
 # Until Ctrl-C, or until either exits on its own (then the other is stopped).
 while ((interrupts == 0)) && alive "$proxy" && alive "$worker"; do
-    wait -n "$proxy" "$worker" || true
+    pause_on "$proxy" "$worker"
 done

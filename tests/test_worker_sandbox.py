@@ -117,13 +117,20 @@ def start_worker(url: str, enrollment: str, data_dir: Path, log_path: Path, **ex
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    """SIGTERM (finish running jobs), then a second one (stop them now: the
+    worker removes their containers and job disks), then kill -9, which would
+    leave a job's disk mounted for the next start's sweep."""
+    for sig in (signal.SIGTERM, signal.SIGTERM):
+        if proc.poll() is not None:
+            return
+        proc.send_signal(sig)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=10)
+            return
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def start_cluster(base: Path, *, slots: int, gunicorn_workers: int, proxy_env: dict | None = None,

@@ -83,9 +83,12 @@ def _tighten(path: str) -> int:
     point at is not ours to change), and so is what another user owns (e.g. a
     disk libvirt handed to its QEMU user while a VM runs).
     """
-    st = os.lstat(path)
-    mode = stat.S_IMODE(st.st_mode)
-    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or not mode & 0o077:
+    try:
+        st = os.lstat(path)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or not mode & 0o077:
+            return 0
+        os.chmod(path, mode & ~0o077)
+    except FileNotFoundError:   # removed meanwhile (an upload's temp file, a -journal)
         return 0
-    os.chmod(path, mode & ~0o077)
     return 1

@@ -125,7 +125,8 @@ class Subscription:
     def wait(self, timeout: float) -> bool:
         """Sleep until a topic fires (True, and re-armed) or `timeout` passes (False)."""
         woken = self._event.wait(max(0.0, timeout))
-        self._event.clear()
+        if woken:   # (a fire right after a timeout stays set for the next wait)
+            self._event.clear()
         return woken
 
     def fire(self) -> None:

@@ -89,12 +89,26 @@ def register_worker(conn, enrollment: dict, name: str, cap: Capacity, *, lease_t
     secret = accounts.new_secret(accounts.WORKER_SECRET_PREFIX)
     worker_id = new_id("w")
     with conn.transaction(lock=PG_DISPATCH_LOCK):
-        for old in conn.query("SELECT id, enrollment_id FROM workers WHERE name = ? AND state IN (?, ?)",
-                              (name, *LIVE_WORKER_STATES)):
+        if proven is not None:
+            # Checked again under the lock: an admin's retire or revoke, or a use
+            # of the successor, may have committed since `rejoining` looked.
+            proven = get_worker(conn, proven["id"])
+            why = rejoin_refusal(conn, proven)
+            if why is not None:
+                raise why
+        for old in conn.query("SELECT id, enrollment_id, state FROM workers WHERE name = ?"
+                              " AND state IN (?, ?, ?)",
+                              (name, *LIVE_WORKER_STATES, WorkerState.LOST.value)):
+            mine = old["enrollment_id"] == enrollment["id"] or (proven is not None
+                                                                and proven["id"] == old["id"])
+            if old["state"] == WorkerState.LOST.value and not mine:
+                continue   # another enrollment's lost worker holds nothing
             # Proof that it is the same worker: its own secret, or the enrollment
             # it joined with. Anyone else holding some enrollment token would
-            # otherwise retire a live worker and be handed its running jobs.
-            if old["enrollment_id"] != enrollment["id"] and (proven is None or proven["id"] != old["id"]):
+            # otherwise retire a live worker and be handed its running jobs. An
+            # earlier registration of the same worker (live or lost) is replaced,
+            # so its secret rejoins no more once this one is used.
+            if not mine:
                 raise Conflict(f"a live worker is registered as {name!r} under another enrollment; an "
                                "admin can retire it first (POST /api/v1/admin/workers/<id>/retire)",
                                code="name_in_use")
@@ -174,15 +188,9 @@ def rejoining(conn, secret: str, name: str) -> tuple[dict, dict]:
         Conflict: the secret belongs to a worker of another name (name_mismatch).
     """
     worker = any_worker_for_secret(conn, secret)
-    if worker is not None and worker["state"] == WorkerState.GONE.value and worker["replaced_by"]:
-        # Its replacement's secret may never have reached it (a lost answer):
-        # it may rejoin unless an admin has since ended its latest registration.
-        latest = _latest(conn, worker)
-        if latest["state"] not in (WorkerState.LOST.value, *LIVE_WORKER_STATES) \
-                and not latest["replaced_by"]:
-            raise refusal(latest)
-    elif worker is None or worker["state"] not in (WorkerState.LOST.value, *LIVE_WORKER_STATES):
-        raise refusal(worker)
+    why = rejoin_refusal(conn, worker)
+    if why is not None:
+        raise why
     if worker["name"] != name:
         raise Conflict(f"this secret belongs to the worker {worker['name']!r}", code="name_mismatch")
     enrollment = accounts.enrollment_by_id(conn, worker["enrollment_id"])
@@ -192,14 +200,32 @@ def rejoining(conn, secret: str, name: str) -> tuple[dict, dict]:
     return worker, enrollment
 
 
-def _latest(conn, worker: dict) -> dict:
-    """The registration at the end of `worker`'s replacements."""
-    for _ in range(1000):   # a chain is as long as the rejoins of one worker
-        following = worker["replaced_by"] and get_worker(conn, worker["replaced_by"])
+def rejoin_refusal(conn, worker: dict | None) -> Unauthorized | None:
+    """Why this registration's secret may not register again, or None.
+
+    A live or lost registration may. A replaced one may only while none of its
+    replacements was ever used (each still has last_seen_at == registered_at):
+    then the successor's secret never reached the worker (an answer lost to a
+    killed proxy or a cut link). Once a successor has made a call, the old
+    secret is a retired one; and the latest registration must not have been
+    ended by an admin.
+    """
+    live = (WorkerState.LOST.value, *LIVE_WORKER_STATES)
+    if worker is not None and worker["state"] in live:
+        return None
+    if worker is None or worker["state"] != WorkerState.GONE.value or not worker["replaced_by"]:
+        return refusal(worker)
+    row = worker
+    for _ in range(1000):   # a chain is as long as the lost answers of one worker
+        following = row["replaced_by"] and get_worker(conn, row["replaced_by"])
         if not following:
-            return worker
-        worker = following
-    return worker
+            break
+        if following["last_seen_at"] != following["registered_at"]:
+            return refusal({**worker, "replaced_by": None})   # retired: its successor is in use
+        row = following
+    if row["state"] in live or row["replaced_by"]:
+        return None
+    return refusal(row)
 
 
 def get_worker(conn, worker_id: str) -> dict | None:
@@ -240,7 +266,11 @@ def set_worker_state(conn, worker_id: str, state: WorkerState, *, lease_timeout_
     now = time.time() if now is None else now
     with conn.transaction(lock=PG_DISPATCH_LOCK):
         worker = get_worker(conn, worker_id)
-        if worker is None or worker["state"] not in LIVE_WORKER_STATES:
+        # A lost worker can be retired or revoked too (its secret could rejoin);
+        # only a live one can be drained or resumed.
+        states = LIVE_WORKER_STATES if state in (WorkerState.ACTIVE, WorkerState.DRAINING) \
+            else (*LIVE_WORKER_STATES, WorkerState.LOST.value)
+        if worker is None or worker["state"] not in states:
             raise NotFound(f"no live worker {worker_id!r}", code="worker_not_found")
         if state in (WorkerState.ACTIVE, WorkerState.DRAINING):
             conn.execute("UPDATE workers SET state = ? WHERE id = ?", (state.value, worker_id))

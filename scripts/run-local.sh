@@ -42,17 +42,17 @@ shutdown() {
     local seen=$interrupts
     if alive "$worker"; then
         echo "the worker finishes or hands back its jobs (Ctrl-C again: stop them now)"
-        kill -TERM "$worker"
+        kill -TERM "$worker" 2>/dev/null || true   # (it may have just exited)
         while alive "$worker"; do
             pause_on "$worker"
             if ((interrupts > seen)) && alive "$worker"; then
                 seen=$interrupts
-                kill -TERM "$worker"   # its second signal: containers stopped, jobs handed back
+                kill -TERM "$worker" 2>/dev/null || true   # its second signal: containers stopped, jobs handed back
             fi
         done
     fi
     if alive "$proxy"; then
-        kill -TERM "$proxy"
+        kill -TERM "$proxy" 2>/dev/null || true
         while alive "$proxy"; do
             pause_on "$proxy"
             if ((interrupts > seen)); then

@@ -83,3 +83,22 @@ def test_kill_9_leftovers_are_removed_on_restart(fresh):
     # runs again (attempt 2) instead of waiting for the lease to expire.
     wait_until(lambda: fresh.job(job_id)["attempt"] == 2, timeout=30, what="the job to run again")
     assert Path(fresh.data_dir, "worker-secret").exists()
+
+
+def test_a_worker_killed_after_its_enrollment_expired_rejoins_with_its_saved_secret(fresh):
+    """Enrollment tokens expire (make run's after an hour, the scaler's sooner):
+    a worker that crashed or was killed later must still come back, with the
+    secret it saved, not end with 'register refused' at every restart."""
+    import sqlite3
+    assert fresh.run("print('before')")["state"] == "succeeded"
+    with sqlite3.connect(fresh.server.data_dir / "jobcloud.db") as db:
+        db.execute("UPDATE enrollment_tokens SET expires_at = 1")   # long expired
+    fresh.worker.kill()
+    fresh.worker.wait()
+    worker, _ = start_worker(fresh.server.url, fresh.enrollment, fresh.data_dir, fresh.worker_log,
+                             slots=2, name=fresh.worker_env["JOBCLOUD_WORKER_NAME"])
+    fresh.worker = worker
+    wait_until(lambda: fresh.log_tail().count("registered as") >= 2, timeout=30,
+               what="the restarted worker to register")
+    assert worker.poll() is None, fresh.log_tail()
+    assert fresh.run("print('after')")["state"] == "succeeded"

@@ -98,21 +98,53 @@ def test_a_worker_that_reaps_itself_is_told_lost_and_rejoins_with_its_secret(hub
     back = Worker(hub, "a", r.get_json()["worker_id"], r.get_json()["secret"])
     assert back.row()["enrollment_id"] == a.row()["enrollment_id"]
     assert [(j["id"], j["attempt"]) for j in back.claim()] == [(job_id, 2)]
-    # The old secret now names a replaced registration: told so (not "retired",
-    # which would end the worker), and it may rejoin again, since the answer
-    # carrying the new secret may never have reached the worker.
+    # Its successor is in use: the old secret is a retired one, and cannot
+    # take the name (and the running job) back.
+    r = register_with(hub, a.secret, "a")
+    assert (r.status_code, r.get_json()["error"]) == (401, "worker_retired")
+    assert back.row()["state"] == "active"
+
+
+def test_a_secret_whose_rejoin_answer_was_lost_rejoins_until_the_successor_is_used(hub):
+    a = hub.register("a")
+    # Rejoins whose answers never reached the worker (a proxy killed after the
+    # commit): the successors' secrets were never used, so the old one is told
+    # "replaced" (not "retired", which would end the worker) and rejoins again.
+    for _ in range(2):
+        r = register_with(hub, a.secret, "a")
+        assert r.status_code == 201, r.get_json()
     with pytest.raises(Unauthorized) as e:
         hub.heartbeat_at(a, [], time.time())
     assert e.value.code == "worker_replaced"
     r = register_with(hub, a.secret, "a")
     assert r.status_code == 201, r.get_json()
     latest = Worker(hub, "a", r.get_json()["worker_id"], r.get_json()["secret"])
-    assert back.row()["state"] == WorkerState.GONE.value and latest.row()["state"] == "active"
-    # Once an admin retires the latest registration, no secret of its chain rejoins.
+    assert latest.row()["state"] == "active"
+    # Once an admin retires the latest registration, the chain's secrets are refused.
     assert hub.admin_action(latest, "retire").status_code == 200
-    for secret in (a.secret, back.secret):
-        r = register_with(hub, secret, "a")
-        assert (r.status_code, r.get_json()["error"]) == (401, "worker_retired")
+    r = register_with(hub, a.secret, "a")
+    assert (r.status_code, r.get_json()["error"]) == (401, "worker_retired")
+
+
+def test_a_used_successor_retires_every_earlier_secret_of_its_worker(hub):
+    a = hub.register("a")
+    r = register_with(hub, a.secret, "a")
+    b = Worker(hub, "a", r.get_json()["worker_id"], r.get_json()["secret"])
+    hub.heartbeat_at(b, [], time.time())     # b's secret reached the worker
+    r = register_with(hub, a.secret, "a")
+    assert (r.status_code, r.get_json()["error"]) == (401, "worker_retired")
+    assert b.row()["state"] == "active"
+
+
+def test_an_admin_can_retire_a_lost_worker_so_its_secret_cannot_rejoin(hub):
+    T = hub.config.lease_timeout_s
+    a = hub.register("a")
+    with pytest.raises(Unauthorized):
+        hub.heartbeat_at(a, [], time.time() + T + 1)
+    assert a.row()["state"] == WorkerState.LOST.value
+    assert hub.admin_action(a, "retire").status_code == 200
+    r = register_with(hub, a.secret, "a")
+    assert (r.status_code, r.get_json()["error"]) == (401, "worker_retired")
 
 
 def test_a_revoked_worker_cannot_rejoin(hub):

@@ -73,6 +73,9 @@ class Worker:
         self._signals = 0
         self._register_lock = threading.Lock()
         self.ended_by_admin: int | None = None   # the exit code, once an admin ended this worker
+        # The earlier run's secret (worker-secret): the first registration
+        # rejoins with it, so a restart needs no enrollment token still valid.
+        self._saved_secret: str | None = None
 
     # ------------------------------------------------------------------ entry
 
@@ -118,17 +121,12 @@ class Worker:
         if gone:
             log.warning("removed %d container(s) left by an earlier run: jobs %s", len(gone), gone)
         remove_job_dirs(data / "jobs")
-        # The earlier run's leases: deregistering its worker requeues its jobs now,
-        # instead of after the proxy's lease timeout.
+        # The earlier run's registration: rejoining with its secret (register)
+        # replaces it and requeues its jobs now, instead of after the proxy's
+        # lease timeout, and works after the enrollment token has expired.
         secret_file = data / SECRET_FILE
         if secret_file.exists():
-            old = WorkerClient(self.config.proxy_url, secret_file.read_text().strip(), timeout=10)
-            try:
-                old.deregister()
-                log.info("told the proxy the earlier run's jobs were lost")
-            except ProtocolError as e:
-                log.info("earlier registration not deregistered: %s", e)
-            secret_file.unlink(missing_ok=True)
+            self._saved_secret = secret_file.read_text().strip() or None
 
     def register(self, again: bool = False) -> bool:
         """Register with the proxy; returns False when stopped or refused for good.
@@ -142,7 +140,8 @@ class Worker:
                 token is a configuration error (EXIT_REGISTER).
         """
         tries = 0
-        old_secret = self.client.secret if again else None
+        old_secret = self.client.secret if again else self._saved_secret
+        self._saved_secret = None
         while not self.stopping.is_set():
             cap = self.capacity()
             credential = old_secret or self.config.enrollment_token
@@ -157,6 +156,12 @@ class Worker:
                 if again and e.code in ENDED_BY_ADMIN:
                     self.end_by_admin(e)
                     return False
+                if not again and old_secret is not None:
+                    # The earlier run's secret is not taken (an admin retired it,
+                    # a proxy that forgot it): join anew with the enrollment token.
+                    log.info("earlier registration not taken back (%s); enrolling anew", e)
+                    old_secret = None
+                    continue
                 if not again:
                     # Refused, or an answer not understood (a proxy of another version).
                     log.error("register refused: %s", e)

@@ -257,7 +257,7 @@ class PostgresServer:
     """
 
     def __init__(self, tmp_root: str | None = None):
-        self.bin = _pg_bin()
+        self.bin = pg_bin()
         if self.bin is None:
             raise BenchError("PostgreSQL server binaries (initdb, pg_ctl) not installed:"
                              " apt-get install postgresql")
@@ -304,7 +304,8 @@ class PostgresServer:
         return f"{self.url}/{name}"
 
 
-def _pg_bin() -> Path | None:
+def pg_bin() -> Path | None:
+    """Where PostgreSQL's initdb and pg_ctl are (newest Debian version first), or None."""
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name)
     for path in reversed(candidates):
         if (path / "initdb").exists() and (path / "pg_ctl").exists():

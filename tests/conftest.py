@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.harness import pg_bin
 from proxy import accounts, create_app
 from proxy.config import load_config
 
@@ -57,15 +58,6 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------- PostgreSQL
 
-def _pg_bin() -> Path | None:
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name)
-    for path in reversed(candidates):
-        if (path / "initdb").exists() and (path / "pg_ctl").exists():
-            return path
-    found = shutil.which("pg_ctl")
-    return Path(found).parent if found else None
-
-
 @pytest.fixture(scope="session")
 def pg_server():
     """A throwaway PostgreSQL cluster on a loopback port, for the whole session."""
@@ -73,7 +65,7 @@ def pg_server():
     if existing:
         yield existing
         return
-    bin_dir = _pg_bin()
+    bin_dir = pg_bin()
     require(bin_dir is not None, "PostgreSQL server binaries (initdb, pg_ctl) not installed: "
                                  "apt-get install postgresql (make test does)")
     base = Path(tempfile.mkdtemp(prefix="jobcloud-pg-"))

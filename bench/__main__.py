@@ -22,6 +22,7 @@ from . import (
     upload,
     vm,
     wakeup,
+    warmstart,
     worker,
 )
 from .harness import machine
@@ -42,9 +43,11 @@ BENCHMARKS = {
     "load": ("200 concurrent clients (locust)", loadtest.run),
     "vm-clone": ("Worker VM clone cost by template size", vm.run_clone),
     "vm-scaleup": ("Queue to first job on a new worker VM", vm.run_scaleup),
+    "vm-warm": ("Queue to first job with one idle VM kept warm", vm.run_warm),
     "idle": ("1,000 idle workers and 1,000 live pages on one proxy", idle.run),
     "wakeup": ("A submission wakes a waiting worker", wakeup.run),
     "slowloris": ("300 slowloris connections", slowloris.run),
+    "warm-start": ("Pre-started sandboxes and crun vs cold starts", warmstart.run),
 }
 
 INTRO = """# Performance

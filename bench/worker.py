@@ -189,8 +189,7 @@ def _trivial_notes(raw: dict) -> list[str]:
         " One worker, 1 slot, claim long-poll; proxy heartbeats 1 s.",
         f"Where a job's time goes (p50 of each phase, from the job's own timestamps, which the"
         f" proxy stamps in ms): POST {ph['submit_ms']} ms; submitted → claimed (started_at:"
-        f" the waiting long-poll looks at the queue again every 200 ms, a submission does not"
-        f" wake it) {ph['to_start_ms']} ms; claimed → result stored {ph['running_ms']} ms;"
+        f" the submission wakes the waiting long-poll) {ph['to_start_ms']} ms; claimed → result stored {ph['running_ms']} ms;"
         f" result → seen final by the poller {ph['to_visible_ms']} ms."
         " After the claim, Docker's events (p50, ms): "
         + ", ".join(f"{a} {v:.0f}" for a, v in sorted(raw["engine_p50_ms"].items(),
@@ -212,13 +211,14 @@ def _stats(values: list[float]) -> dict:
 # ---------------------------------------------------------------- the cluster
 
 @contextmanager
-def cluster(opts, *, slots: int):
-    """A proxy with one user, and one worker with `slots` slots; yields (jobs, worker, proxy)."""
+def cluster(opts, *, slots: int, worker_env: dict | None = None):
+    """A proxy with one user, and one worker with `slots` slots (and `worker_env`:
+    JOBCLOUD_WORKER_* settings); yields (jobs, worker, proxy)."""
     with Proxy(opts.tmp) as proxy:
         owner = proxy.add_user("alice")
         enrollment = proxy.enrollment_token()
         proxy.start(PROXY_SETTINGS)
-        with LocalWorker(proxy, enrollment, slots) as worker:
+        with LocalWorker(proxy, enrollment, slots, env=worker_env) as worker:
             yield Jobs(proxy.port, owner.auth, worker), worker, proxy
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite needs (PostgreSQL server; Chromium,
 # which tests/test_browser.py drives through Playwright; debootstrap for the job
-# images; QEMU, libvirt and genisoimage for the worker VMs), on a fresh
+# images; QEMU, libvirt and genisoimage for the worker VMs; crun), on a fresh
 # Debian/Ubuntu machine. Idempotent: does nothing when all is present.
 set -euo pipefail
 
@@ -25,6 +25,9 @@ command -v genisoimage >/dev/null 2>&1 || need+=(genisoimage)
 # Each job's disk quota is an ext4 image the worker makes (worker/jobdisk.py).
 command -v mkfs.ext4 >/dev/null 2>&1 || [[ -x /usr/sbin/mkfs.ext4 || -x /sbin/mkfs.ext4 ]] \
     || need+=(e2fsprogs)
+# crun: an OCI runtime that starts containers faster than runc; scripts/docker-up.sh
+# registers it with dockerd, and a worker uses it for the images its `runtimes` names.
+command -v crun >/dev/null 2>&1 || need+=(crun)
 # The code editor's bundle is built with npm from the registry (scripts/build-editor.sh).
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -191,26 +192,48 @@ def our_domains(qemu, prefix: str) -> list[str]:
     return sorted(d.name() for d in qemu.listAllDomains() if domain.is_our_name(d.name(), prefix))
 
 
+def start_autoscaler(cluster: Cluster, qemu, prefix: str, **settings):
+    """The scaler daemon in a thread over the cluster's proxy, every 2 s, its VMs
+    named `prefix` + 10 hex digits with their files in run_dir/clones.
+
+    Returns:
+        The Scaler, and a function that stops the daemon and destroys and
+        undefines every domain named with `prefix` (for a finally block).
+    """
+    from vm_provisioning.config import ScalerConfig, validate
+    from vm_provisioning.scaler import Scaler
+
+    config = validate(ScalerConfig(
+        template_dir=str(TEST_TEMPLATE), state_dir=str(cluster.run_dir / "clones"),
+        proxy_url=cluster.url, admin_token=cluster.admin_token, domain_type="qemu",
+        memory_mb=1024, vcpus=1, worker_slots=1, name_prefix=prefix,
+        boot_timeout_s=BOOT_TIMEOUT_S, shutdown_timeout_s=60, interval_s=2, **settings))
+    scaler = Scaler(config)
+    stop = threading.Event()
+    daemon = threading.Thread(target=scaler.run_forever, args=(stop,), name="scaler", daemon=True)
+    daemon.start()
+
+    def stop_and_clean_up():
+        stop.set()
+        daemon.join(timeout=60)
+        for name in our_domains(qemu, prefix):
+            d = qemu.lookupByName(name)
+            if d.isActive():
+                d.destroy()
+            d.undefine()
+    return scaler, stop_and_clean_up
+
+
 def test_autoscaler_clones_on_demand_retires_idle_and_replaces_a_destroyed_vm(
         template, qemu, cluster):
     """min 0: no VM until a job queues; then a clone runs it; after idle_time the VM
     is drained and removed (no domain, no disk); a VM destroyed mid-job loses its
     worker, the job requeues and finishes on a new VM."""
-    from vm_provisioning.config import ScalerConfig, validate
-    from vm_provisioning.scaler import Scaler
-
     prefix = "jce2e-"
-    state_dir = cluster.run_dir / "clones"
-    config = validate(ScalerConfig(
-        template_dir=str(TEST_TEMPLATE), state_dir=str(state_dir), proxy_url=cluster.url,
-        admin_token=cluster.admin_token, domain_type="qemu", memory_mb=1024, vcpus=1,
-        worker_slots=1, name_prefix=prefix, queue_per_worker=1.0, min_vms=0, max_vms=1, step=1,
-        cooldown_s=0, idle_time_s=20, boot_timeout_s=BOOT_TIMEOUT_S, shutdown_timeout_s=60,
-        interval_s=2))
-    scaler = Scaler(config)
-    stop = threading.Event()
-    daemon = threading.Thread(target=scaler.run_forever, args=(stop,), name="scaler", daemon=True)
-    daemon.start()
+    scaler, stop_autoscaler = start_autoscaler(
+        cluster, qemu, prefix, queue_per_worker=1.0, min_vms=0, max_vms=1, step=1, cooldown_s=0,
+        idle_time_s=20)
+    config, state_dir = scaler.config, Path(scaler.config.state_dir)
 
     def consoles():
         return sorted(state_dir.glob("*console*.log")) if state_dir.is_dir() else []
@@ -259,10 +282,77 @@ def test_autoscaler_clones_on_demand_retires_idle_and_replaces_a_destroyed_vm(
         vm3 = our_domains(qemu, prefix)
         assert vm3 and vm2 not in vm3 and not files_of(vm2)
     finally:
-        stop.set()
-        daemon.join(timeout=60)
-        for name in our_domains(qemu, prefix):
-            d = qemu.lookupByName(name)
-            if d.isActive():
-                d.destroy()
-            d.undefine()
+        stop_autoscaler()
+
+
+# ------------------------------------------------------------- a warm VM (idle_vms)
+
+def test_an_idle_vm_kept_warm_starts_a_job_without_a_boot_and_is_replaced(template, qemu, cluster):
+    """idle_vms=1: the scaler boots one VM before any job; a job submitted then
+    starts on that VM's worker while no other VM exists, a replacement is cloned
+    once the job holds the first; once both are idle, the one beyond idle_vms is
+    retired after idle_time and the other stays."""
+    prefix = "jcwarm-"
+    scaler, stop_autoscaler = start_autoscaler(
+        cluster, qemu, prefix, min_vms=0, max_vms=2, idle_vms=1, step=1,
+        # one job for one worker is not over the threshold: only idle_vms adds the replacement
+        queue_per_worker=1.0, cooldown_s=3600, idle_time_s=20)
+    config, state_dir = scaler.config, Path(scaler.config.state_dir)
+
+    def consoles():
+        return sorted(state_dir.glob("*console*.log")) if state_dir.is_dir() else []
+
+    def records():
+        return scaler.store.load().vms
+
+    try:
+        # Nothing queued: the scaler boots one VM to wait for the first job.
+        warm = wait_until(lambda: our_domains(qemu, prefix), timeout=60,
+                          what="the scaler to clone the idle VM")[0]
+        worker = wait_or_show_console(lambda: cluster.worker(warm), consoles, BOOT_TIMEOUT_S,
+                                      f"the worker of {warm} to register")
+        wait_until(lambda: records().get(warm) and records()[warm].state == "ready", timeout=60,
+                   what=f"the scaler to see {warm} ready")
+        seen = scaler.passes
+        wait_until(lambda: scaler.passes >= seen + 2, timeout=60, what="two more passes")
+        assert our_domains(qemu, prefix) == [warm] and list(records()) == [warm]
+
+        submitted = time.time()
+        job_id = cluster.submit("import time\nprint('warm start', 6 * 7, flush=True)\n"
+                                "time.sleep(10)\n")
+        running = wait_or_show_console(lambda: state_of(cluster, job_id, "running"), consoles,
+                                       JOB_TIMEOUT_S, f"job {job_id} to start on {warm}")
+        # It started on the VM that was already up: no VM was cloned for it.
+        assert running["worker_id"] == worker["id"] and running["attempt"] == 1
+        assert all(r.created_at >= submitted for name, r in records().items() if name != warm)
+
+        # The job holds the idle VM: a replacement is cloned (cooldown or not), and boots.
+        spare = wait_until(lambda: [n for n in our_domains(qemu, prefix) if n != warm], timeout=60,
+                           what="the scaler to clone a replacement idle VM")[0]
+        assert records()[spare].created_at >= submitted
+
+        def reported_create():
+            events = requests.get(f"{cluster.url}/api/v1/admin/vms", headers=cluster.admin_headers,
+                                  timeout=10).json()["events"]
+            return next((e for e in events if e["action"] == "create" and e["vm_name"] == spare), None)
+        # The domain starts mid-pass; the pass reports its decisions when it ends.
+        create = wait_until(reported_create, timeout=60, what=f"the scaler to report creating {spare}")
+        assert "keeping 1 idle VM warm" in create["reason"]
+        done = wait_or_show_console(lambda: state_of(cluster, job_id, "succeeded", "failed"),
+                                    consoles, JOB_TIMEOUT_S, f"job {job_id} to finish")
+        assert done["state"] == "succeeded", (done["failure_reason"], console_tail(consoles()[0]))
+        assert "warm start 42" in cluster.stdout(job_id)
+        wait_or_show_console(lambda: cluster.worker(spare), consoles, BOOT_TIMEOUT_S,
+                             f"the worker of {spare} to register")
+
+        # Two idle VMs: after idle_time the one beyond idle_vms goes, the other stays.
+        left = wait_or_show_console(lambda: len(our_domains(qemu, prefix)) == 1 and len(records()) == 1
+                                    and our_domains(qemu, prefix), consoles,
+                                    config.idle_time_s + config.shutdown_timeout_s + 120,
+                                    "the idle VM beyond idle_vms to be retired")
+        seen = scaler.passes
+        wait_until(lambda: scaler.passes >= seen + 3, timeout=60, what="three more passes")
+        assert our_domains(qemu, prefix) == left and records()[left[0]].state == "ready"
+        assert cluster.worker(left[0])["state"] == "active"
+    finally:
+        stop_autoscaler()

@@ -211,6 +211,8 @@ def test_config_precedence_flags_over_env_over_file(tmp_path):
     ({"no_such": "1"}, "unknown setting"),
     ({"name_prefix": "JC_"}, "name_prefix"),
     ({"worker_slots": "0"}, "worker_slots"),
+    ({"idle_vms": "5", "max_vms": "4"}, "idle_vms"),
+    ({"idle_vms": "-1"}, "idle_vms"),
 ])
 def test_config_errors_name_the_setting(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -339,6 +341,73 @@ def test_reconcile_table():
     assert got == {"booting-old": "replace", "registered": "ready", "vanished": "lost",
                    "stopped": "lost", "worker-gone": "unregistered", "stray-domain": "cleanup",
                    "stray-files": "cleanup"}
+
+
+WARM = replace(CFG, idle_vms=1, step=1)
+
+
+@pytest.mark.parametrize("cfg, records, q, expected", [
+    # nothing queued, no VM: one is cloned to wait for the first job
+    (WARM, [], queue(0), ["create"]),
+    # one ready VM whose worker holds nothing: enough
+    (WARM, [rec("a")], queue(0, wv("a", idle_s=5)), []),
+    # its worker runs a job: a replacement, even inside the cooldown (last_up=990)
+    (WARM, [rec("a")], queue(0, wv("a", 1, idle_s=None)), ["create"]),
+    # a job reserved for it (idle_s None, nothing running yet) takes it too
+    (WARM, [rec("a")], queue(1, wv("a", 0, idle_s=None)), ["create"]),
+    # a booting VM counts as a future idle one: no second clone while it boots
+    (WARM, [rec("a"), rec("b", VMState.BOOTING)], queue(0, wv("a", 1, idle_s=None)), []),
+    (replace(WARM, idle_vms=2), [rec("a"), rec("b", VMState.BOOTING)],
+     queue(0, wv("a", 1, idle_s=None)), ["create"]),
+    # two missing, room for one under max_vms=4: one
+    (replace(WARM, idle_vms=2), [rec(n) for n in "abc"],
+     queue(0, *(wv(n, 1, idle_s=None) for n in "abc")), ["create"]),
+    # at max_vms: a hold that says why
+    (WARM, [rec(n) for n in "abcd"], queue(0, *(wv(n, 1, idle_s=None) for n in "abcd")), ["hold"]),
+    # a draining VM is going, idle or not: it is no idle VM (and counts toward max_vms)
+    (WARM, [rec("a", VMState.DRAINING)], queue(0, wv("a", 1, idle_s=None, state="draining")),
+     ["create"]),
+    # ... but one that runs nothing is resumed rather than a new one cloned
+    (WARM, [rec("a", VMState.DRAINING)], queue(0, wv("a", idle_s=9, state="draining")), ["resume"]),
+    # a ready VM whose worker an admin drained through the proxy is not idle either
+    (WARM, [rec("a")], queue(0, wv("a", idle_s=9, state="draining")), ["create"]),
+])
+def test_idle_vms_counting(cfg, records, q, expected):
+    got = policy.scale_up(cfg, records, q, now=1000, last_scale_up_at=990)
+    assert [d.action.value for d in got] == expected
+    warm = "keeping 2 idle VMs warm" if cfg.idle_vms == 2 else "keeping 1 idle VM warm"
+    assert all(warm in d.reason for d in got if "queued jobs" not in d.reason)
+
+
+def test_the_larger_want_wins_and_a_cooled_down_queue_leaves_idle_vms_theirs():
+    records, q = [rec("a")], queue(9, wv("a", 1, idle_s=None))
+    # out of the cooldown the queue's step of 3 is more than the 1 idle VM missing
+    got = policy.scale_up(replace(WARM, step=3), records, q, now=1000, last_scale_up_at=0)
+    assert [d.action for d in got] == [Action.CREATE] * 3 and "9 queued jobs" in got[0].reason
+    # inside it, the idle VM missing is still cloned
+    got = policy.scale_up(replace(WARM, step=3), records, q, now=1000, last_scale_up_at=990)
+    assert [d.action for d in got] == [Action.CREATE]
+    assert got[0].reason == "0 idle and 0 booting VMs: keeping 1 idle VM warm (idle_vms=1)"
+    # below min_vms and idle_vms at once: the larger deficit, not their sum
+    got = policy.scale_up(replace(WARM, min_vms=2), [], queue(0), now=1000, last_scale_up_at=990)
+    assert [d.action for d in got] == [Action.CREATE] * 2 and "min_vms=2" in got[0].reason
+
+
+@pytest.mark.parametrize("records, q, idle_vms, expected", [
+    # two idle long enough, one kept warm: the idlest goes
+    ([rec("a"), rec("b")], queue(0, wv("a", idle_s=400), wv("b", idle_s=900)), 1, ["b"]),
+    # the only idle one stays, however long it has been idle
+    ([rec("a"), rec("b")], queue(0, wv("a", idle_s=9000), wv("b", 1, idle_s=None)), 1, []),
+    # a booting VM is no reason to drain the idle one: only registered idle VMs are counted
+    ([rec("a"), rec("b", VMState.BOOTING)], queue(0, wv("a", idle_s=9000)), 1, []),
+    # one idle but not for idle_time yet: it counts as the warm one, so the older goes
+    ([rec("a"), rec("b")], queue(0, wv("a", idle_s=10), wv("b", idle_s=900)), 1, ["b"]),
+    ([rec(n) for n in "abc"], queue(0, *(wv(n, idle_s=999) for n in "abc")), 2, ["c"]),
+])
+def test_scale_down_keeps_idle_vms_warm(records, q, idle_vms, expected):
+    got = policy.scale_down(replace(CFG, idle_vms=idle_vms), records, q)
+    assert [d.vm for d in got] == expected and all(d.action is Action.DRAIN for d in got)
+    assert all(f"keeping {idle_vms} idle VM" in d.reason for d in got)
 
 
 def test_pick_for_removal_prefers_booting_then_least_busy():
@@ -627,6 +696,39 @@ def test_a_create_that_fails_does_not_hold_up_retirements(scaler, proxy, templat
     with pytest.raises(TemplateMissing):
         scaler.run_once()
     assert only_vm(scaler).state == "stopping"
+
+
+def test_idle_vms_keeps_one_warm_and_replaces_it_when_a_job_takes_it(config, host, proxy):
+    """idle_vms=1: a VM before any job; a job takes its worker, a replacement is
+    cloned in the next pass; the extra idle one is drained after idle_time."""
+    scaler = Scaler(replace(config, idle_vms=1, cooldown_s=3600), hosts=[host])
+    (d,) = scaler.run_once()
+    assert d.action is Action.CREATE and "keeping 1 idle VM warm" in d.reason
+    warm = only_vm(scaler)
+    worker = proxy.hub.register(warm.name)
+    assert actions(scaler.run_once()) == [("ready", warm.name)]
+    assert scaler.run_once() == []              # one idle VM: nothing to add
+    job = proxy.hub.submit()
+    assert [j["id"] for j in worker.claim()] == [job]
+    # the job started on the warm VM; the pass that sees it busy clones a replacement,
+    # cooldown or not
+    (d,) = scaler.run_once()
+    assert d.action is Action.CREATE and d.vm != warm.name
+    assert d.reason == "0 idle and 0 booting VMs: keeping 1 idle VM warm (idle_vms=1)"
+    reported = proxy.admin_get("/api/v1/admin/vms")
+    assert reported["events"][0]["reason"] == d.reason
+    assert scaler.run_once() == []              # the replacement boots: a future idle VM
+    proxy.hub.register(d.vm)
+    assert actions(scaler.run_once()) == [("ready", d.vm)]
+    assert worker.result(job, 1).status_code == 200
+    # two idle now; after idle_time the idlest beyond idle_vms is drained, the other kept
+    scaler.config = replace(scaler.config, idle_time_s=0)
+    got = scaler.run_once()
+    assert [a for a, _ in actions(got)] == ["drain"] and "keeping 1 idle VM warm" in got[0].reason
+    assert scaler.run_once()[0].action is Action.STOP
+    assert all(a != "drain" for a, _ in actions(scaler.run_once()))
+    staying = policy.staying(scaler.store.load().vms.values())
+    assert len(staying) == 1 and staying[0].state == "ready"
 
 
 def test_jobs_no_vm_can_run_add_no_vm(scaler, proxy):

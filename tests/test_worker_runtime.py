@@ -2,7 +2,7 @@
 worker's configuration, validated, and given to the job's container.
 
 The engine here has no gVisor, so scripts/docker-up.sh registers runc a second
-time under its own name (`--add-runtime jobcloud-runc=runc`): the real run names
+time under its own name (`jobcloud-runc` in dockerd's daemon.json): the real run names
 that alias and reads it back with `docker inspect`. The engine's default is runc
 too, so only an alias shows the setting reached the engine; a name the engine
 does not know must make the create fail.
@@ -91,8 +91,8 @@ def run_job(engine, tmp_path, runtimes: dict) -> tuple[object, list]:
 
 def test_the_container_runs_under_the_configured_runtime(engine, tmp_path):
     require(ALIAS in engine.info().get("Runtimes", {}),
-            f"the Docker engine has no {ALIAS!r} runtime: it was started before"
-            " scripts/docker-up.sh registered it; restart dockerd through that script")
+            f"the Docker engine has no {ALIAS!r} runtime: run scripts/docker-up.sh as root"
+            " (it registers it and reloads dockerd)")
     outcome, seen = run_job(engine, tmp_path, {IMAGE: ALIAS})
     assert outcome.state == "succeeded", outcome
     assert seen and set(seen) == {ALIAS}, seen

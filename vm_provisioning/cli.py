@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import ScalerConfig, load_config
 from .errors import ConfigError, VMError
+from .policy import warm_reason
 from .scaler import Scaler
 from .template import DEFAULT_IMAGES, build_template
 
@@ -96,8 +97,9 @@ def cmd_autoscale(scaler: Scaler, config: ScalerConfig, args) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, first_signal)
-    logging.getLogger("vm_provisioning").info("autoscaling every %.0f s (VMs %d-%d)",
-                                              config.interval_s, config.min_vms, config.max_vms)
+    logging.getLogger("vm_provisioning").info(
+        "autoscaling every %.0f s (VMs %d-%d%s)", config.interval_s, config.min_vms,
+        config.max_vms, f", {warm_reason(config)}" if config.idle_vms else "")
     scaler.run_forever(stop)
     return EXIT_OK
 

@@ -56,6 +56,9 @@ class ScalerConfig:
     # Fleet bounds: min 0 means no VM at all while nothing is queued.
     min_vms: int = 0
     max_vms: int = 4
+    # VMs kept booted, registered and holding no job, so a job that arrives starts at once
+    # instead of after a boot (GitLab Runner's idle_count); 0: a queue waits for a boot.
+    idle_vms: int = 0
     # VMs added per scale-up decision.
     step: int = 1
     # No scale-up sooner than this after the last one: booting VMs need time to take work.
@@ -138,6 +141,8 @@ def validate(cfg: ScalerConfig) -> ScalerConfig:
         (cfg.worker_slots is None or 1 <= cfg.worker_slots <= 64,
          "worker_slots must be between 1 and 64"),
         (0 <= cfg.min_vms <= cfg.max_vms <= 1000, "min_vms and max_vms must satisfy 0 <= min_vms <= max_vms <= 1000"),
+        # More idle VMs than max_vms could never be kept: every pass would want more.
+        (0 <= cfg.idle_vms <= cfg.max_vms, "idle_vms must satisfy 0 <= idle_vms <= max_vms"),
         (1 <= cfg.step <= 1000, "step must be between 1 and 1000"),
         (cfg.interval_s > 0 and cfg.http_timeout_s > 0, "interval_s and http_timeout_s must be positive"),
         # Each VM's enrollment token expires boot_timeout_s after its creation (plus a margin).

@@ -13,9 +13,16 @@ The rules (defaults in config.py):
   a new one is cloned: it is already up. Booting VMs count as workers, so a
   queue that waits for them does not add more. Below `min_vms`, VMs are added
   whatever the queue.
+- warm: `idle_vms` VMs are kept booted, registered and holding no job (GitLab
+  Runner's `idle_count`), so a job that arrives starts on one at once; when
+  jobs take them, replacements are cloned whatever the cooldown. Booting VMs
+  count as future idle ones (so a slow boot does not clone more), draining
+  ones do not (they are going). The larger of the three wants wins: a VM
+  cloned for the queue is also a future idle one.
 - down: a VM whose worker has run nothing for `idle_time_s` is drained, then
-  stopped once it runs nothing, then removed; never below `min_vms`. A VM with a
-  running job is never stopped: draining waits for its jobs.
+  stopped once it runs nothing, then removed; never below `min_vms`, and never
+  below `idle_vms` idle ones. A VM with a running job is never stopped:
+  draining waits for its jobs.
 - hosts: a VM whose host is not reachable this pass (or no longer configured) is
   left as it is by every rule; the scaler logs it.
 - reconcile: a VM whose worker has not registered within `boot_timeout_s` is
@@ -73,20 +80,70 @@ def on_hosts(records, hosts: set[str] | None) -> list[VMRecord]:
 
 def scale_up(cfg: ScalerConfig, records: list[VMRecord], queue: QueueView, *, now: float,
              last_scale_up_at: float, hosts: set[str] | None = None) -> list[Decision]:
-    """Decisions to add VMs: RESUMEs of draining VMs first, then CREATEs, or a HOLD saying why not."""
+    """Decisions to add VMs: RESUMEs of draining VMs first, then CREATEs, or a HOLD saying why not.
+
+    Three rules may want VMs: `min_vms` and `idle_vms` whatever the cooldown (they
+    count the fleet itself, booting VMs included, so they cannot run away), and
+    the queue, `step` at a time once `cooldown_s` has passed. The one that wants
+    the most is followed; a queue held by its cooldown leaves the other two theirs.
+    """
+    wants = [w for w in (_below_min(cfg, records), _warm_deficit(cfg, records, queue)) if w]
+    free = max(wants, key=lambda w: w[0], default=None)
+    queued = _queue_want(cfg, records, queue)
+    cooldown = last_scale_up_at + cfg.cooldown_s - now
+    if queued and (free is None or (queued[0] > free[0] and cooldown <= 0)):
+        return _add(cfg, records, queue, queued[0], queued[1], hosts, cooldown=cooldown)
+    if free is None:
+        return []
+    return _add(cfg, records, queue, free[0], free[1], hosts, cooldown=0.0)
+
+
+def _below_min(cfg: ScalerConfig, records: list[VMRecord]) -> tuple[int, str] | None:
     count = len(staying(records))
-    if count < cfg.min_vms:
-        return _add(cfg, records, queue, cfg.min_vms - count,
-                    f"{count} VMs, below min_vms={cfg.min_vms}", hosts, cooldown=0.0)
+    if count >= cfg.min_vms:
+        return None
+    return cfg.min_vms - count, f"{count} VMs, below min_vms={cfg.min_vms}"
+
+
+def _queue_want(cfg: ScalerConfig, records: list[VMRecord], queue: QueueView) -> tuple[int, str] | None:
     booting = sum(1 for r in records if r.state == VMState.BOOTING.value)
     workers = sum(1 for w in queue.workers.values() if w.state == "active") + booting
     demand = queue.demand
     if demand == 0 or (workers and demand / workers <= cfg.queue_per_worker):
-        return []
-    why = (f"{demand} queued jobs for {workers} workers"
-           + (f" (over {cfg.queue_per_worker:g} per worker)" if workers else ""))
-    return _add(cfg, records, queue, cfg.step, why, hosts,
-                cooldown=last_scale_up_at + cfg.cooldown_s - now)
+        return None
+    return cfg.step, (f"{demand} queued jobs for {workers} workers"
+                      + (f" (over {cfg.queue_per_worker:g} per worker)" if workers else ""))
+
+
+def _warm_deficit(cfg: ScalerConfig, records: list[VMRecord], queue: QueueView) -> tuple[int, str] | None:
+    if cfg.idle_vms == 0:
+        return None
+    idle = len(idle_vms(records, queue))
+    booting = sum(1 for r in records if r.state == VMState.BOOTING.value)
+    missing = cfg.idle_vms - idle - booting
+    if missing <= 0:
+        return None
+    return missing, f"{idle} idle and {booting} booting VMs: {warm_reason(cfg)}"
+
+
+def warm_reason(cfg: ScalerConfig) -> str:
+    """How the decisions and logs say what idle_vms asks for."""
+    return f"keeping {cfg.idle_vms} idle VM{'s' if cfg.idle_vms != 1 else ''} warm (idle_vms={cfg.idle_vms})"
+
+
+def idle_vms(records, queue: QueueView) -> list[str]:
+    """Ready VMs whose worker is active and holds no job, running or reserved: spare
+    capacity a job starts on at once. A worker's `idle_s` is None while it holds one.
+
+    Whatever their host's reachability: a live worker takes jobs without libvirt.
+    """
+    out = []
+    for r in records:
+        w = queue.workers.get(r.name)
+        if r.state == VMState.READY.value and w is not None and w.state == "active" \
+                and w.idle_s is not None:
+            out.append(r.name)
+    return sorted(out)
 
 
 def _add(cfg: ScalerConfig, records: list[VMRecord], queue: QueueView, wanted: int, why: str,
@@ -125,9 +182,13 @@ def scale_down(cfg: ScalerConfig, records: list[VMRecord], queue: QueueView,
         if (r.state == VMState.READY.value and w is not None and w.state == "active"
                 and w.running == 0 and w.idle_s is not None and w.idle_s >= cfg.idle_time_s):
             idle.append((w.idle_s, r.name))
-    spare = max(0, len(staying(records)) - cfg.min_vms)
+    # Booting VMs are not counted here as they are for scale_up: a VM is drained
+    # only while idle_vms others are idle already, never on a boot's promise.
+    spare = max(0, min(len(staying(records)) - cfg.min_vms,
+                       len(idle_vms(records, queue)) - cfg.idle_vms))
+    kept = f"; {warm_reason(cfg)}" if cfg.idle_vms else ""
     return [Decision(Action.DRAIN, name, f"its worker has been idle for {idle_s:.0f} s "
-                                         f"(idle_time={cfg.idle_time_s:g} s)")
+                                         f"(idle_time={cfg.idle_time_s:g} s){kept}")
             for idle_s, name in sorted(idle, reverse=True)[:spare]]
 
 

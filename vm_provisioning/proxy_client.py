@@ -74,8 +74,13 @@ class ProxyClient:
         """drain, resume or revoke; a worker that is no longer live is fine (nothing to do)."""
         self._call("POST", f"/api/v1/admin/workers/{worker_id}/{action}", missing_ok=True)
 
-    def report(self, vms: list[dict], events: list[dict]) -> None:
-        self._call("PUT", "/api/v1/admin/scaler/report", json={"vms": vms, "events": events})
+    def report(self, vms: list[dict], events: list[dict], shapes: list[dict] | None = None) -> None:
+        """Our VMs, our decisions, and the worker shapes we can create: the proxy
+        refuses jobs no live worker and no shape can run (proxy/capacity.py)."""
+        body = {"vms": vms, "events": events}
+        if shapes is not None:
+            body["shapes"] = shapes
+        self._call("PUT", "/api/v1/admin/scaler/report", json=body)
 
     def _call(self, method: str, path: str, *, json=None, params=None, missing_ok: bool = False) -> dict:
         try:

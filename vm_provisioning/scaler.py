@@ -483,13 +483,17 @@ class Scaler:
 
     def _queue(self) -> QueueView:
         """The proxy's queue, with `runnable` counting the jobs a VM of ours could run."""
+        return self.proxy.queue(self._shape())
+
+    def _shape(self) -> dict | None:
+        """The worker a VM of ours is: its cpus, memory_mb, gpus and the template's images."""
         cfg = self.config
         try:
             images = sorted(load_manifest(Path(cfg.template_dir)).get("contents", {}).get("images", {}))
         except TemplateMissing:
             images = []     # creating a VM fails with the clear error anyway
-        shape = {"cpus": cfg.vcpus, "memory_mb": cfg.memory_mb, "gpus": 0, "images": images}
-        return self.proxy.queue(shape if images else None)
+        return {"cpus": cfg.vcpus, "memory_mb": cfg.memory_mb, "gpus": 0, "images": images} \
+            if images else None
 
     def _our_files(self) -> dict[str, list[str]]:
         files: dict[str, list[str]] = {}
@@ -530,7 +534,8 @@ class Scaler:
                 "created_at": r.created_at} for r in state.vms.values()]
         events = [d.to_json() for d in decisions if d.action is not Action.HOLD]
         try:
-            self.proxy.report(vms, events)
+            shape = self._shape()
+            self.proxy.report(vms, events, [shape] if shape else [])
         except VMError as e:
             log.warning("could not report to the proxy: %s", e)
 

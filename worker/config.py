@@ -78,6 +78,10 @@ class WorkerConfig:
     # second kernel between a job and the host's, per image. None by default:
     # the engine's own runtime (runc), which every Docker install has.
     runtimes: dict[str, str] = field(default_factory=dict)
+    # Keep one locked-down container started per free slot, waiting for its job
+    # (worker/prestart.py): a claim skips Docker's create and start. Off by
+    # default: each free slot then holds a container, a job dir and its disk.
+    prestart: bool = False
     log_level: str = "INFO"
 
     @property

@@ -7,7 +7,8 @@ Shutdown order (first SIGTERM/SIGINT, or `request_stop()`):
 3. wait up to `grace_s` for running jobs, which post their results;
 4. stop what is still running (no result: the proxy requeues it), deregister.
 A second signal skips the wait: containers are stopped at once, and the
-deregistration hands their jobs back.
+deregistration hands their jobs back. Waiting containers (`prestart`) are
+removed at step 1, and while the proxy says drain.
 
 Nothing but a signal or an admin ends a registered worker. The proxy being
 unreachable is retried with capped backoff; a refused secret (marked lost
@@ -39,6 +40,7 @@ from .config import WorkerConfig
 from .errors import (EXIT_FORCED, EXIT_OK, EXIT_REGISTER, EXIT_RETIRED, EXIT_REVOKED, MalformedAnswer,
                      ProtocolError, ProxyUnreachable)
 from .inputs import DatasetCache
+from .prestart import Prestarter
 from .protocol import ClaimAnswer
 from .runner import JobRunner, Successors, remove_job_dirs
 from .sandbox import Sandbox
@@ -76,6 +78,10 @@ class Worker:
         # The earlier run's secret (worker-secret): the first registration
         # rejoins with it, so a restart needs no enrollment token still valid.
         self._saved_secret: str | None = None
+        self.prestarter = Prestarter(
+            sandbox, jobs_dir=config.data_path / "jobs", slots=config.slots, image=config.images[0],
+            disk_mb=config.default_disk_mb if config.disk_quota else None,
+            job_uid=config.job_uid) if config.prestart else None
 
     # ------------------------------------------------------------------ entry
 
@@ -88,7 +94,11 @@ class Worker:
         heartbeat.start()
         claimer = threading.Thread(target=self.claim_loop, name="claim", daemon=True)
         claimer.start()
+        if self.prestarter is not None and not self.draining:
+            self.prestarter.open()
         self.stopping.wait()
+        if self.prestarter is not None:
+            self.prestarter.close()
         self.finish_running_jobs()
         if self.ended_by_admin is not None:
             return self.ended_by_admin   # nothing to deregister: the proxy retired us
@@ -174,13 +184,15 @@ class Worker:
                 self.stopping.wait(self.backoff(tries))
                 continue
             self.heartbeat_interval = answer.heartbeat_interval_s
+            log.info("registered as %s (%s): %s; heartbeat every %gs, lost after %gs of silence",
+                     self.config.name, answer.worker_id, cap, answer.heartbeat_interval_s,
+                     answer.lease_timeout_s)
+            # After the line above: `make run` waits for this file to print the
+            # first start's password last (scripts/run-local.sh).
             secret_file = self.config.data_path / SECRET_FILE
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.client.secret)
-            log.info("registered as %s (%s): %s; heartbeat every %gs, lost after %gs of silence",
-                     self.config.name, answer.worker_id, cap, answer.heartbeat_interval_s,
-                     answer.lease_timeout_s)
             return True
         return False
 
@@ -225,7 +237,13 @@ class Worker:
         # The last answer wins. Heartbeat and claim answers can cross on the
         # way, so a stale one may undo a drain for a moment; harmless, because
         # the proxy gives a draining worker no jobs and its next answer says so.
-        self.draining = drain
+        was, self.draining = self.draining, drain
+        if self.prestarter is not None and was != drain:
+            # A drained worker holds no waiting containers; lifted, it fills its free slots again.
+            if drain:
+                self.prestarter.close()
+            elif not self.stopping.is_set():
+                self.prestarter.open()
 
     def apply_claim(self, answer: ClaimAnswer) -> None:
         """Start the jobs a claim answer leased, then apply its orders.
@@ -272,7 +290,8 @@ class Worker:
         runner = JobRunner(job, client=self.client, sandbox=self.sandbox, cache=self.cache,
                            config=self.config, backoff=self.backoff, giving_up=self.giving_up,
                            on_done=self._job_done,
-                           successors=Successors(want=self._claim_with_result, take=self.apply_claim))
+                           successors=Successors(want=self._claim_with_result, take=self.apply_claim),
+                           prestarter=self.prestarter)
         with self._lock:
             self._runners[runner.job_id] = runner
         if self.stopping.is_set():

@@ -104,6 +104,41 @@ class JobDisk:
         self.image.unlink(missing_ok=True)
 
 
+def make_job_dir(job_dir: Path, *, owner: tuple[int, int],
+                 disk_mb: int | None) -> tuple[Path, Path, JobDisk | None]:
+    """A job directory: input/ (read-only to the job) and the job's writable
+    directory, on a disk of its own of `disk_mb` MiB (None: no quota).
+
+    Returns:
+        (input directory, writable directory, the disk or None).
+
+    Raises:
+        SandboxError: the disk could not be made (nothing of it is left mounted).
+    """
+    input_dir = job_dir / "input"
+    for d in (job_dir, input_dir):
+        d.mkdir(parents=True, mode=0o755)
+        os.chmod(d, 0o755)  # whatever the umask: the job's uid must read the inputs
+    if disk_mb is not None:
+        disk = JobDisk(job_dir, disk_mb, owner)
+        try:
+            return input_dir, disk.create(), disk
+        except SandboxError:
+            try:
+                disk.remove()
+            except SandboxError as e:
+                log.error("%s", e)
+            raise
+    output_dir = job_dir / WRITABLE_NAME
+    output_dir.mkdir(mode=0o755)
+    try:
+        os.chown(output_dir, *owner)
+    except PermissionError:
+        # Not root: the job's user can still write when the directory is open to all.
+        os.chmod(output_dir, 0o777)
+    return input_dir, output_dir, None
+
+
 def unmount(mountpoint: Path) -> None:
     """Unmount, lazily when something still holds it open (the loop device
     is freed once it is let go).

@@ -16,11 +16,12 @@ from .client import WorkerClient
 from .config import WorkerConfig
 from .errors import InputError, LeaseLost, MalformedAnswer, ProtocolError, ProxyUnreachable, SandboxError
 from .inputs import DatasetCache, extract_dataset, sha256_of
-from .jobdisk import JobDisk, mounts_under, unmount
+from .jobdisk import JobDisk, make_job_dir, mounts_under, unmount
 from .logs import LogShipper, LogStream
 from .outputs import Collected, collect_outputs
+from .prestart import Prestarter, shape_of
 from .protocol import ClaimAnswer
-from .sandbox import JobSpec, Outcome, Sandbox
+from .sandbox import JobSpec, Outcome, Sandbox, Waiting
 from .trees import remove_tree
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ class JobRunner(threading.Thread):
         giving_up: an Event set when the worker must stop now (second signal).
         successors: claim the next jobs along with the result; None to post
             results alone.
+        prestarter: where a waiting container for the job may be; None: always cold.
     """
 
     def __init__(self, claimed: dict, *, client: WorkerClient, sandbox: Sandbox, cache: DatasetCache,
                  config: WorkerConfig, backoff, giving_up: threading.Event, on_done,
-                 successors: Successors | None = None):
+                 successors: Successors | None = None, prestarter: Prestarter | None = None):
         super().__init__(name=f"job-{claimed['id']}", daemon=True)
         self.job = claimed
         self.client = client
@@ -69,6 +71,9 @@ class JobRunner(threading.Thread):
         self._stop_reason: str | None = None
         self._shipper: LogShipper | None = None
         self._disk: JobDisk | None = None
+        self.prestarter = prestarter
+        self._waiting: Waiting | None = None   # taken, not yet handed to the sandbox
+        self._slot_held = prestarter is not None
 
     @property
     def job_id(self) -> str:
@@ -95,10 +100,21 @@ class JobRunner(threading.Thread):
             try:
                 self._clean_up()
             finally:
+                self._container_gone()
                 self.on_done(self)
+
+    def _container_gone(self) -> None:
+        """Tell the prestarter once: the slot's container is gone, prepare the next."""
+        if self._slot_held:
+            self._slot_held = False
+            self.prestarter.ended(shape_of(self._spec(), self._quota_mb()))
 
     def _clean_up(self) -> None:
         try:
+            if self._waiting is not None:
+                # Taken, never run (its inputs failed): it runs nothing else.
+                self.sandbox.discard(self._waiting)
+                self._waiting = None
             if self._disk is not None:
                 self._disk.remove()
             remove_tree(self.job_dir)
@@ -135,18 +151,22 @@ class JobRunner(threading.Thread):
                              self.config.log_flush_s)
         shipper.start()
         self._shipper = shipper
+        waiting, self._waiting = self._waiting, None
         try:
             outcome = self.sandbox.run(
                 self._spec(), input_dir, output_dir,
                 on_output=lambda name, data: streams[name].feed(data),
                 stop_reason=lambda: self._stop_reason,
-                on_poll=self._disk.sample if self._disk is not None else None)
+                on_poll=self._disk.sample if self._disk is not None else None,
+                waiting=waiting)
         except SandboxError as e:
             log.warning("job %s: %s", self.job_id, e)
             outcome = Outcome(state="failed", exit_code=None, failure_reason=str(e), cpu_seconds=None,
                               peak_memory_bytes=None, wall_seconds=None)
         finally:
             shipper.finish()
+            # Before outputs and the result: the next container is made meanwhile.
+            self._container_gone()
         if outcome.state == "abandoned" or shipper.lease_lost:
             log.info("job %s: stopped (%s), no result sent", self.job_id, self._stop_reason)
             return None, None
@@ -166,30 +186,25 @@ class JobRunner(threading.Thread):
 
     def _make_job_dir(self) -> tuple[Path, Path]:
         """The job directory: input/ (read-only to the job) and the job's writable
-        directory, on a disk of its own when the worker has quotas.
+        directory, on a disk of its own when the worker has quotas; a waiting
+        container's, when one fits the job.
 
         Raises:
             SandboxError: the job's disk could not be made.
         """
+        prepared = self.prestarter.take(self._spec(), self._quota_mb()) if self.prestarter else None
+        if prepared is not None:
+            self.job_dir, self._disk, self._waiting = prepared.job_dir, prepared.disk, prepared.waiting
+            return self._waiting.input_dir, self._waiting.output_dir
         remove_tree(self.job_dir)
-        input_dir = self.job_dir / "input"
-        for d in (self.job_dir, input_dir):
-            d.mkdir(parents=True, mode=0o755)
-            os.chmod(d, 0o755)  # whatever the umask: the job's uid must read the inputs
-        uid = gid = self.config.job_uid
-        if self.config.disk_quota:
-            self._disk = JobDisk(self.job_dir, self._disk_mb(), (uid, gid))
-            return input_dir, self._disk.create()
-        output_dir = self.job_dir / "output"
-        output_dir.mkdir(mode=0o755)
-        try:
-            os.chown(output_dir, uid, gid)
-        except PermissionError:
-            # Not root: the job's user can still write when the directory is open to all.
-            os.chmod(output_dir, 0o777)
+        input_dir, output_dir, self._disk = make_job_dir(
+            self.job_dir, owner=(self.config.job_uid, self.config.job_uid), disk_mb=self._quota_mb())
         return input_dir, output_dir
 
-    def _disk_mb(self) -> int:
+    def _quota_mb(self) -> int | None:
+        """The job's disk in MiB; None when the worker has no quotas."""
+        if not self.config.disk_quota:
+            return None
         value = self.job.get("disk_mb")
         return int(value) if value else self.config.default_disk_mb
 

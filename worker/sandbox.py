@@ -16,16 +16,27 @@ What the container gets, and why:
   (e.g. gVisor's runsc: a kernel exploit then meets a user-space kernel);
 - never the Docker socket, never the worker's own environment.
 
+A container may also be started before its job is known (`prestart`, used by
+worker/prestart.py): the same lockdown, its own job directory mounted, and a
+launcher as its process that blocks on a pipe in /job/input. `run(...,
+waiting=...)` then places the job's limits (`docker update`), hands the
+launcher the job's argv and environment through the pipe, removes the pipe,
+and the launcher execs the script as the same process 1 a cold container
+runs: same argv, environment, uid, cwd and streams. Usage counts from that
+release, not from the container's start.
+
 Docker errors are translated here into `SandboxError`.
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -46,8 +57,30 @@ DATA_PATH = f"{INPUT_MOUNT}/data"
 LABEL_WORKER = "jobcloud.worker"
 LABEL_JOB = "jobcloud.job"
 LABEL_ATTEMPT = "jobcloud.attempt"
+# On containers started before their job: the start-up sweep removes them with the rest.
+LABEL_PRESTART = "jobcloud.prestart"
+COMMAND = ["python3", "-u", SCRIPT_PATH]
+# The pipe a waiting container's launcher reads its job from; removed before
+# the script starts, so the job never sees it.
+LAUNCH_PIPE = ".jobcloud-launch"
+# Process 1 of a waiting container: blocks opening the pipe until the worker
+# opens it to write, reads the job's argv and environment, and becomes the job.
+LAUNCHER = (
+    "import json, os\n"
+    f"with open('{INPUT_MOUNT}/{LAUNCH_PIPE}', 'rb') as f:\n"
+    "    order = json.loads(f.read())\n"
+    "env = dict(os.environ)\n"
+    "env.update(order['env'])\n"
+    "os.execvpe(order['argv'][0], order['argv'], env)\n")
+# How long a release waits for a launcher that has not opened its pipe yet
+# (one started a moment ago); past it the container is given up for a cold one.
+RELEASE_WAIT_S = 10.0
 # How often the run loop looks at the clock, the stop flag and the cgroup counters.
 POLL_S = 0.1
+# More often in a job's first moments: a job of a few tens of ms ends, its
+# cgroup with it, between two looks POLL_S apart, and its CPU time is lost.
+EARLY_S = 0.5
+EARLY_POLL_S = 0.01
 OOM_REASON = "memory limit exceeded"
 
 
@@ -73,6 +106,22 @@ class JobSpec:
     memory_mb: int
     gpus: int
     timeout_s: float
+
+
+@dataclass
+class Waiting:
+    """A container started before its job, blocked in its launcher.
+
+    The job directory it mounts (input_dir, output_dir) is where its job's
+    inputs go; `stream` is its attach stream, opened before it started.
+    """
+    container: object
+    stream: object
+    image: str
+    cpus: float
+    memory_mb: int
+    input_dir: Path
+    output_dir: Path
 
 
 @dataclass
@@ -116,21 +165,62 @@ class Sandbox:
         return present
 
     def remove_leftovers(self) -> list[str]:
-        """Remove containers of an earlier run of this worker; returns their job ids."""
+        """Remove containers of an earlier run of this worker, waiting ones
+        included; returns their job ids ("waiting" for a container that had none)."""
         try:
             found = self.docker.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={self.owner}"})
             for c in found:
                 c.remove(force=True)
         except docker.errors.DockerException as e:
             raise SandboxError(f"cannot remove leftover containers: {e}") from e
-        return [c.labels.get(LABEL_JOB, "?") for c in found]
+        return [c.labels.get(LABEL_JOB, "waiting" if LABEL_PRESTART in c.labels else "?") for c in found]
+
+    # ------------------------------------------------------ a waiting container
+
+    def prestart(self, shape: JobSpec, input_dir: Path, output_dir: Path) -> Waiting:
+        """Create and start a container of `shape` (its image, CPUs, memory)
+        that waits for a job; it mounts `input_dir` and `output_dir`.
+
+        Raises:
+            SandboxError: the engine could not create, attach to or start it.
+        """
+        kwargs = self._lockdown(shape, input_dir, output_dir)
+        # Nothing of a job yet: its environment comes through the pipe.
+        kwargs.update(name=f"jobcloud-waiting-{shape.job_id}", environment={},
+                      labels={LABEL_WORKER: self.owner, LABEL_PRESTART: "1"})
+        pipe = input_dir / LAUNCH_PIPE
+        os.mkfifo(pipe, 0o644)
+        os.chmod(pipe, 0o644)  # the job's uid reads it; only the worker writes
+        try:
+            # -I -S: no site, no user paths, no PYTHON* variables: the launcher is the
+            # image's interpreter alone, and starts in a few ms less.
+            container = self.docker.containers.create(shape.image, ["python3", "-I", "-S", "-c", LAUNCHER],
+                                                      **kwargs)
+        except docker.errors.ImageNotFound as e:
+            raise SandboxError(f"image {shape.image} is not available on this worker") from e
+        except docker.errors.DockerException as e:
+            raise SandboxError(f"cannot create a waiting container: {e}") from e
+        try:
+            stream = self._attach(container)
+            self._start(container)
+        except SandboxError:
+            self._remove(container)
+            raise
+        return Waiting(container=container, stream=stream, image=shape.image, cpus=shape.cpus,
+                       memory_mb=shape.memory_mb, input_dir=input_dir, output_dir=output_dir)
+
+    def discard(self, waiting: Waiting) -> None:
+        """Remove a waiting container that will run no job."""
+        _close(waiting.stream)
+        self._remove(waiting.container)
 
     # ----------------------------------------------------------------- a run
 
     def run(self, spec: JobSpec, input_dir: Path, output_dir: Path, *,
             on_output: Callable[[str, bytes], None],
             stop_reason: Callable[[], str | None],
-            on_poll: Callable[[], None] | None = None) -> Outcome:
+            on_poll: Callable[[], None] | None = None,
+            waiting: Waiting | None = None) -> Outcome:
         """Run the job's script to its end, its timeout, or a stop request.
 
         Args:
@@ -139,20 +229,104 @@ class Sandbox:
                 ends the job cancelled; anything else ends it "abandoned".
             on_poll: called at each poll while the container runs, and once
                 after (the job's disk looks whether it is full).
+            waiting: a container started for this job's directories (its
+                input_dir and output_dir are these); released instead of
+                creating one. One whose limits cannot be set or whose launcher
+                is gone is removed, and the job runs in a new container.
 
         Raises:
             SandboxError: the engine could not create or start the container.
         """
-        container = self._create(spec, input_dir, output_dir)
+        released = self._release(waiting, spec) if waiting is not None else None
+        if released is not None:
+            container, stream, usage, since = released
+        else:
+            container = self._create(spec, input_dir, output_dir)
         try:
-            return self._run_created(container, spec, on_output, stop_reason, on_poll or _nothing)
+            if released is None:
+                stream = self._attach(container)
+                reader, reader_done = _start_reader(stream, on_output, spec.job_id)
+                self._start(container)
+                usage, since = CgroupUsage(container.id), None
+            else:
+                reader, reader_done = _start_reader(stream, on_output, spec.job_id)
+            return self._watch(container, spec, usage, since, reader, reader_done, stop_reason,
+                               on_poll or _nothing)
         finally:
             self._remove(container)
+
+    def _release(self, waiting: Waiting, spec: JobSpec):
+        """Give a waiting container its job: limits, then the launcher's order.
+
+        Returns:
+            (container, stream, usage, release time as epoch seconds), or None
+            when it cannot run this job (it is removed then).
+        """
+        container = waiting.container
+        try:
+            self._fit_limits(waiting, spec)
+            usage = CgroupUsage(container.id)
+            # What the launcher used while it waited is not the job's.
+            usage.exclude_so_far()
+            since = time.time()
+            self._send_order(waiting, {"argv": COMMAND, "env": job_environment(spec)})
+        except SandboxError as e:
+            log.warning("job %s: the waiting container cannot take it (%s); starting a new one",
+                        spec.job_id, e)
+            self.discard(waiting)
+            # The job's own container mounts the same directories: nothing of this one stays.
+            (waiting.input_dir / LAUNCH_PIPE).unlink(missing_ok=True)
+            return None
+        return container, waiting.stream, usage, since
+
+    def _fit_limits(self, waiting: Waiting, spec: JobSpec) -> None:
+        """`docker update` memory and CPUs when the job's differ from the container's."""
+        if (spec.memory_mb, spec.cpus) == (waiting.memory_mb, waiting.cpus):
+            return
+        memory = spec.memory_mb * 1024 * 1024
+        # docker-py's Container.update has no NanoCpus (and a CPU quota is refused
+        # on a container created with --cpus): the engine's own update call.
+        api = self.docker.api
+        try:
+            api._result(api._post_json(api._url("/containers/{0}/update", waiting.container.id), data={
+                "Memory": memory, "MemorySwap": memory, "NanoCpus": _nano_cpus(spec.cpus)}), True)
+        except docker.errors.DockerException as e:
+            raise SandboxError(f"cannot change its limits: {e}") from e
+
+    def _send_order(self, waiting: Waiting, order: dict) -> None:
+        """Write the launcher's order into its pipe, removing the pipe's name first."""
+        pipe = waiting.input_dir / LAUNCH_PIPE
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while True:
+            try:
+                # Non-blocking: ENXIO while no reader has the pipe open yet.
+                fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:
+                if e.errno != errno.ENXIO or time.monotonic() > deadline or not self._running(waiting):
+                    raise SandboxError(f"its launcher is not waiting ({e.strerror})") from e
+                time.sleep(0.005)
+        try:
+            # Unlinked while both ends are open: the launcher reads on, the job never sees it.
+            pipe.unlink()
+            os.set_blocking(fd, True)
+            os.write(fd, json.dumps(order).encode())
+        except OSError as e:
+            raise SandboxError(f"cannot hand the job to its launcher ({e.strerror})") from e
+        finally:
+            os.close(fd)
+
+    def _running(self, waiting: Waiting) -> bool:
+        try:
+            waiting.container.reload()
+            return waiting.container.status == "running"
+        except docker.errors.DockerException:
+            return False
 
     def _create(self, spec: JobSpec, input_dir: Path, output_dir: Path):
         try:
             return self.docker.containers.create(
-                spec.image, ["python3", "-u", SCRIPT_PATH], **self._lockdown(spec, input_dir, output_dir))
+                spec.image, COMMAND, **self._lockdown(spec, input_dir, output_dir))
         except docker.errors.ImageNotFound as e:
             raise SandboxError(f"image {spec.image} is not available on this worker") from e
         except docker.errors.DockerException as e:
@@ -161,8 +335,6 @@ class Sandbox:
     def _lockdown(self, spec: JobSpec, input_dir: Path, output_dir: Path) -> dict:
         p = self.policy
         memory = f"{spec.memory_mb}m"
-        # Docker refuses a CPU quota above the host's CPU count.
-        cpus = min(spec.cpus, float(os.cpu_count() or 1))
         kwargs = dict(
             name=f"jobcloud-{spec.job_id}-{spec.attempt}",
             labels={LABEL_WORKER: self.owner, LABEL_JOB: spec.job_id, LABEL_ATTEMPT: str(spec.attempt)},
@@ -180,7 +352,7 @@ class Sandbox:
             pids_limit=p.pids_limit,
             mem_limit=memory,
             memswap_limit=memory,
-            nano_cpus=int(cpus * 1e9),
+            nano_cpus=_nano_cpus(spec.cpus),
             ulimits=[Ulimit(name="nofile", soft=p.nofile, hard=p.nofile),
                      Ulimit(name="fsize", soft=p.fsize_bytes, hard=p.fsize_bytes)],
             # The worker reads the streams itself (attach); nothing needs Docker's log files,
@@ -195,28 +367,30 @@ class Sandbox:
             kwargs["device_requests"] = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
         return kwargs
 
-    def _run_created(self, container, spec: JobSpec, on_output, stop_reason, on_poll) -> Outcome:
-        # Attach before start, so not a byte of early output is missed.
+    def _attach(self, container):
+        # Before start, so not a byte of early output is missed.
         try:
-            stream = self.docker.api.attach(container.id, stdout=True, stderr=True, stream=True,
-                                            demux=True)
+            return self.docker.api.attach(container.id, stdout=True, stderr=True, stream=True,
+                                          demux=True)
         except docker.errors.DockerException as e:
             raise SandboxError(f"cannot attach to the job container: {e}") from e
-        reader_done = threading.Event()
-        reader = threading.Thread(target=_read_streams, args=(stream, on_output, reader_done),
-                                  name=f"out-{spec.job_id}", daemon=True)
-        reader.start()
+
+    def _start(self, container) -> None:
         try:
             container.start()
         except docker.errors.DockerException as e:
             raise SandboxError(f"cannot start the job container: {e}") from e
+
+    def _watch(self, container, spec: JobSpec, usage: CgroupUsage, since: float | None, reader,
+               reader_done: threading.Event, stop_reason, on_poll) -> Outcome:
+        """Poll a started job to its end; `since`: when a waiting container was
+        released (epoch s), None for one started for the job."""
         started = time.monotonic()
-        usage = CgroupUsage(container.id)
         # At once, before the first poll: a job shorter than POLL_S would
         # otherwise end, taking its cgroup with it, before any look.
         usage.sample()
         ended_by = None
-        while not reader_done.wait(POLL_S):
+        while not reader_done.wait(POLL_S if time.monotonic() - started > EARLY_S else EARLY_POLL_S):
             usage.sample()
             on_poll()
             if time.monotonic() - started > spec.timeout_s:
@@ -232,7 +406,7 @@ class Sandbox:
         exit_code = self._wait(container)
         on_poll()
         reader.join(timeout=5)
-        return self._outcome(container, ended_by, exit_code, usage, time.monotonic() - started)
+        return self._outcome(container, ended_by, exit_code, usage, time.monotonic() - started, since)
 
     def _kill(self, container) -> None:
         try:
@@ -250,12 +424,15 @@ class Sandbox:
             self._kill(container)
             return None
 
-    def _outcome(self, container, ended_by, exit_code, usage, elapsed) -> Outcome:
+    def _outcome(self, container, ended_by, exit_code, usage, elapsed, since) -> Outcome:
         try:
             container.reload()
             st = container.attrs["State"]
         except docker.errors.DockerException:
             st = {}
+        if since is not None:
+            # A waiting container started before its job: the job's time begins at its release.
+            st = dict(st, StartedAt=datetime.fromtimestamp(since, timezone.utc).isoformat(timespec="microseconds")[:26])
         wall = _wall_seconds(st) or elapsed
         common = dict(exit_code=exit_code, cpu_seconds=usage.cpu_seconds,
                       peak_memory_bytes=usage.peak_memory_bytes, wall_seconds=round(wall, 3))
@@ -280,6 +457,26 @@ class Sandbox:
 
 def _nothing() -> None:
     pass
+
+
+def _nano_cpus(cpus: float) -> int:
+    # Docker refuses a CPU quota above the host's CPU count.
+    return int(min(cpus, float(os.cpu_count() or 1)) * 1e9)
+
+
+def _start_reader(stream, on_output, job_id: str) -> tuple[threading.Thread, threading.Event]:
+    reader_done = threading.Event()
+    reader = threading.Thread(target=_read_streams, args=(stream, on_output, reader_done),
+                              name=f"out-{job_id}", daemon=True)
+    reader.start()
+    return reader, reader_done
+
+
+def _close(stream) -> None:
+    try:
+        stream.close()
+    except (OSError, RuntimeError) as e:   # a stream already broken: nothing left to release
+        log.debug("closing an attach stream: %s", e)
 
 
 def job_environment(spec: JobSpec) -> dict:
@@ -329,6 +526,8 @@ class CgroupUsage:
         v2 = [root / "system.slice" / f"docker-{container_id}.scope", root / "docker" / container_id]
         self.cpu_seconds: float | None = None
         self.peak_memory_bytes: int | None = None
+        self._cpu_base = 0.0
+        self._peak_reset: Path | None = None
         self._readers = []
         if (root / "cgroup.controllers").exists():
             for d in v2:
@@ -339,17 +538,40 @@ class CgroupUsage:
         else:
             self._readers = [(root / "cpuacct" / "docker" / container_id / "cpuacct.usage", _ns_cpu),
                              (v1_mem / "memory.max_usage_in_bytes", _int_bytes)]
+            self._peak_reset = v1_mem / "memory.max_usage_in_bytes"
+
+    def exclude_so_far(self) -> None:
+        """Count from now on: a waiting container's launcher is not its job.
+
+        CPU time is counted from here. The peak is reset where the kernel
+        allows it (cgroup v1: writing 0 sets it to the memory in use now, the
+        launcher's few MiB, which the exec frees); cgroup v2 keeps the
+        container's peak, so a job smaller than its launcher reports the
+        launcher's.
+        """
+        for kind, value in self._read():
+            if kind == "cpu":
+                self._cpu_base = value
+        if self._peak_reset is not None:
+            try:
+                self._peak_reset.write_text("0")
+            except OSError as e:
+                log.debug("cannot reset %s: %s", self._peak_reset, e)
 
     def sample(self) -> None:
-        for path, parse in self._readers:
-            try:
-                kind, value = parse(path.read_text())
-            except (OSError, ValueError):
-                continue
+        for kind, value in self._read():
             if kind == "cpu":
-                self.cpu_seconds = round(max(self.cpu_seconds or 0.0, value), 3)
+                self.cpu_seconds = round(max(self.cpu_seconds or 0.0, value - self._cpu_base), 3)
             else:
                 self.peak_memory_bytes = max(self.peak_memory_bytes or 0, value)
+
+    def _read(self):
+        """(kind, value) of each counter that can be read now ("cpu" or "mem")."""
+        for path, parse in self._readers:
+            try:
+                yield parse(path.read_text())
+            except (OSError, ValueError):
+                continue
 
 
 def _ns_cpu(text: str):

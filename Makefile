@@ -26,11 +26,13 @@ help:
 	@echo "make vm-template - build the worker VM template (var-vm/template) with both job images"
 
 # The venv is rebuilt only when setup.cfg changes. The system packages come first:
-# libvirt-python is built from source against libvirt-dev.
+# libvirt-python is built from source against libvirt-dev. Quiet: the install
+# prints nothing unless it fails (setup.cfg's packaging draws no warnings), so
+# `make run`'s first start ends with the admin password, not pip's notices.
 $(VENV)/.installed: setup.cfg pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test,postgres,worker,vm]'
+	$(PIP) install --quiet --disable-pip-version-check --upgrade pip
+	$(PIP) install --quiet --disable-pip-version-check -e '.[test,postgres,worker,vm]'
 	touch $@
 
 venv: $(VENV)/.installed

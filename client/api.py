@@ -53,6 +53,10 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/api/v1/jobs/{_seg(job_id)}/cancel").json()
 
+    def pin(self, job_id: str, pinned: bool = True) -> dict:
+        """Keep the job's files past the retention time (pinned), or let them expire."""
+        return self._call("POST" if pinned else "DELETE", f"/api/v1/jobs/{_seg(job_id)}/pin").json()
+
     def submit(self, body: "MultipartBody") -> dict:
         """POST a job; `body` streams the script and dataset from disk.
 
@@ -105,7 +109,7 @@ def _api_error(response: requests.Response) -> errors.ApiError:
     if status == 401:
         return errors.NotLoggedIn(status, code, detail,
                                   "not logged in or token revoked: run jobcloud login")
-    if status == 413:
+    if status == 413 and code != "storage_quota_exceeded":   # the quota's detail says it all
         return errors.TooLarge(status, code, detail, f"upload too large: {detail}")
     if status >= 500:
         return errors.ServerError(status, code, detail, f"the proxy failed: {detail} ({status})")

@@ -1,7 +1,7 @@
 """The `jobcloud` command.
 
 User commands (run anywhere, against the proxy's API with a stored token):
-login, submit, status, logs, fetch, cancel, resubmit. Admin commands (user,
+login, submit, status, logs, fetch, cancel, pin, unpin, resubmit. Admin commands (user,
 token, enroll) run on the proxy host against its store and are handed to
 `proxy.cli.jobcloud_main`, imported only then: a user's machine needs no Flask.
 """
@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit a script as a job")
     p.add_argument("script", metavar="SCRIPT", help="the .py file to run")
-    p.add_argument("--data", metavar="ZIP|DIR", help="a .zip dataset, or a directory (zipped for you)")
+    p.add_argument("--data", metavar="ZIP|DIR",
+                   help="a .zip dataset, or a directory (zipped for you); unpacked read-only "
+                        "into /job/input/data ($JOBCLOUD_DATA)")
     _add_settings(p)
     _add_follow(p)
     p.set_defaults(run=cmd_submit)
@@ -122,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
     p.set_defaults(run=cmd_cancel)
+
+    for name, keep, text in (("pin", True, "keep a job's files and logs past the retention time"),
+                             ("unpin", False, "let a pinned job's files expire again")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job", metavar="JOB")
+        p.set_defaults(run=cmd_pin, pinned=keep)
 
     p = sub.add_parser(
         "resubmit", help="submit a job again with the same script, data and settings",
@@ -240,6 +248,13 @@ def cmd_cancel(args, path: Path) -> int:
         print(f"job {job['id']} is {job['state']}")
     else:
         print(f"cancel requested for job {job['id']} ({job['state']})")
+    return EXIT_OK
+
+
+def cmd_pin(args, path: Path) -> int:
+    job = _client(path).pin(args.job, args.pinned)
+    print(f"job {job['id']} pinned: its files are kept until you unpin it" if job["pinned"] else
+          f"job {job['id']} unpinned: its files expire with the retention time")
     return EXIT_OK
 
 
@@ -459,10 +474,14 @@ def _ask_token() -> str:
 
 def _outcome(job: dict) -> str:
     text = job["state"]
-    if job.get("exit_code") is not None and job["state"] != "succeeded":
-        text += f" (exit code {job['exit_code']})"
-    if job.get("failure_reason"):
-        text += f": {job['failure_reason']}"
+    code = job.get("exit_code")
+    if code is not None and job["state"] != "succeeded":
+        text += f" (exit code {code})"
+    # A plain non-zero exit's reason is "exit code N" (worker/sandbox.py): said once, above.
+    reasons = [r for r in (job.get("failure_reason") or "").split("; ")
+               if r and r != f"exit code {code}"]
+    if reasons:
+        text += ": " + "; ".join(reasons)
     return text
 
 
@@ -476,9 +495,29 @@ def _describe(job: dict) -> str:
         ("dataset", job["dataset"]["name"] if job.get("dataset") else "-"),
         ("attempt", job["attempt"]), ("submitted", job["submitted_at"]),
         ("started", job["started_at"] or "-"), ("finished", job["finished_at"] or "-"),
-        ("outputs", _human(job["outputs"]["size"]) if job.get("outputs") else "-"),
+        ("outputs", f"expired {job['expired_at']}" if job.get("outputs_expired") else
+         _human(job["outputs"]["size"]) if job.get("outputs") else "-"),
     ]
+    lines += _waiting_lines(job)
+    if job.get("pinned"):
+        lines.append(("pinned", "files kept until unpinned"))
     return "\n".join(f"{k + ':':<11}{v}" for k, v in lines)
+
+
+def _waiting_lines(job: dict) -> list[tuple[str, str]]:
+    """Why a queued job waits and when it may start (the proxy's `waiting`), and why it
+    was accepted without a capacity check (`capacity_note`)."""
+    lines = []
+    waiting = job.get("waiting")
+    if waiting:
+        lines.append(("waiting", f"{waiting['reason']}: {waiting['detail']}"))
+        estimate = waiting.get("estimate")
+        if estimate:
+            between = f"start between {estimate['earliest']} and {estimate['latest']}"
+            lines.append(("estimate", f"{between} (an estimate)"))
+    if job.get("capacity_note"):
+        lines.append(("capacity", job["capacity_note"]))
+    return lines
 
 
 def _table(jobs: list[dict]) -> str:

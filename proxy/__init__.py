@@ -14,7 +14,7 @@ import time
 from flask import Flask, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from . import webhooks
+from . import retention, webhooks
 from .appstate import AppState
 from .blobs import BlobStore, human_size
 from .config import Config, load_config
@@ -64,6 +64,9 @@ def create_app(config: Config | None = None) -> Flask:
         # One delivery thread per process (gunicorn forks before create_app);
         # claims are atomic in the database, so processes never send twice.
         app.extensions["jobcloud_webhooks"] = webhooks.Deliverer.from_config(db, config).start()
+    # One retention sweeper per process, like the webhook sender: the sweep is
+    # safe with any number of them (retention.py).
+    app.extensions["jobcloud_retention"] = retention.Sweeper.from_config(db, blobs, config).start()
     app.teardown_appcontext(close_conn)
     _register_error_handlers(app)
     app.after_request(_security_headers)
@@ -75,14 +78,17 @@ def begin_shutdown(app: Flask) -> None:
     from the worker's SIGTERM handler): end live streams and claim long-polls at
     their next look, since gunicorn waits for open requests up to its
     graceful_timeout (clients reconnect to another process and resume), and stop
-    the webhook sender from taking new deliveries. Only sets flags: safe in a
-    signal handler."""
+    the webhook sender from taking new deliveries and the retention sweeper
+    after its batch. Only sets flags: safe in a signal handler."""
     state = app.extensions["jobcloud"]
     state.stopping.set()
     state.wakeups.wake_all()
     deliverer = app.extensions.get("jobcloud_webhooks")
     if deliverer is not None:
         deliverer.stop(timeout=0)
+    sweeper = app.extensions.get("jobcloud_retention")
+    if sweeper is not None:
+        sweeper.stop(timeout=0)
 
 
 def _secret_key(db: Database) -> str:

@@ -1,4 +1,4 @@
-"""The user REST API (/api/v1): jobs, logs, outputs, cancel, tokens.
+"""The user REST API (/api/v1): jobs, logs, outputs, cancel, pin, tokens.
 
 Every route answers JSON; errors are {"error", "detail"} with a 4xx status.
 A user sees only their own jobs (admins see all); others' jobs are 404.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
-from . import accounts, store, webhooks
+from . import accounts, retention, store, waiting, webhooks
 from .appstate import app_state
 from .auth import api_user
 from .db import get_conn
@@ -30,9 +30,10 @@ def me():
 def create_job():
     user = api_user()
     st = app_state()
-    job = submit_job(get_conn(), st.config, st.blobs, user, request.stream,
+    conn = get_conn()
+    job = submit_job(conn, st.config, st.blobs, user, request.stream,
                      request.headers.get("Content-Type"))
-    return jsonify(store.job_json(job)), 201, {"Location": f"/api/v1/jobs/{job['id']}"}
+    return jsonify(_job_view(conn, job)), 201, {"Location": f"/api/v1/jobs/{job['id']}"}
 
 
 @bp.route("/jobs", methods=["GET"])
@@ -52,7 +53,14 @@ def list_jobs():
 
 @bp.route("/jobs/<job_id>", methods=["GET"])
 def get_job(job_id):
-    return jsonify(store.job_json(store.get_visible_job(get_conn(), job_id, api_user())))
+    conn = get_conn()
+    return jsonify(_job_view(conn, store.get_visible_job(conn, job_id, api_user())))
+
+
+def _job_view(conn, job: dict) -> dict:
+    """One job's JSON with why it waits, if it is queued."""
+    return store.job_json(job, waiting.explain(conn, job,
+                                               lease_timeout_s=app_state().config.lease_timeout_s))
 
 
 @bp.route("/jobs/<job_id>/logs", methods=["GET"])
@@ -63,6 +71,8 @@ def get_logs(job_id):
     if stream not in ("stdout", "stderr"):
         raise ValidationError("stream must be stdout or stderr", code="invalid_stream")
     offset = _int_arg("offset", 0, 0, 2**62)
+    if job.get("expired_at") is not None:
+        raise retention.gone(job, "logs")
     logs = store.read_logs(conn, job, stream, offset)
     return jsonify(dict(logs, job_id=job["id"], attempt=job["attempt"], state=job["state"]))
 
@@ -70,6 +80,15 @@ def get_logs(job_id):
 @bp.route("/jobs/<job_id>/outputs", methods=["GET"])
 def get_outputs(job_id):
     return send_outputs(store.get_visible_job(get_conn(), job_id, api_user()), app_state().blobs)
+
+
+@bp.route("/jobs/<job_id>/pin", methods=["POST", "DELETE"])
+def pin_job(job_id):
+    """POST keeps the job's files past the retention time (retention.py); DELETE lets them expire."""
+    conn = get_conn()
+    job = store.get_visible_job(conn, job_id, api_user())
+    retention.set_pinned(conn, job, request.method == "POST")
+    return jsonify(_job_view(conn, store.get_job(conn, job["id"])))
 
 
 @bp.route("/jobs/<job_id>/cancel", methods=["POST"])

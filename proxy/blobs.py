@@ -57,6 +57,21 @@ class BlobStore:
         upload.committed = True
         return StoredBlob(blob, upload.size)
 
+    def remove(self, blob: str) -> int | None:
+        """Delete a stored blob (retention.py decides when no job needs it).
+
+        Returns:
+            Its size, or None when it was already gone (a sweep that unlinked it
+            and then failed to commit, or a file removed by hand): not an error.
+        """
+        path = self.path(blob)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        return size
+
 
 class Upload:
     """A file being received: counted, hashed, written to tmp; refuses to grow past `limit`."""

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobcloud_config import SettingError, layered
+from jobcloud_config import SettingError, layered, read_toml
 
 from .errors import ConfigError
 
@@ -105,6 +105,11 @@ class Config:
     gunicorn_workers: int = 0
     # gunicorn's access log: "-" is stdout (journald), a path a file.
     access_log: str = "-"
+    # Log the worker protocol's requests too (registration, heartbeats, claims,
+    # log chunks, results: /api/v1/worker/...). Off: they are thousands of
+    # lines an hour per worker (2,793 in 33 minutes of `make run`) and bury the
+    # requests of people; on, to debug a worker's traffic (proxy/accesslog.py).
+    access_log_worker_protocol: bool = False
     # Addresses whose X-Forwarded-* headers gunicorn trusts, comma-separated: none
     # by default, loopback included; a front proxy on this host is named explicitly.
     forwarded_allow_ips: str = ""
@@ -133,6 +138,20 @@ class Config:
     # so binding to a public address never publishes queue depths and workers
     # (README, "Metrics"). 32 characters at least: `openssl rand -hex 32`.
     metrics_token: str = ""
+    # Days a finished job's files (script, dataset, outputs) and logs are kept
+    # unless its owner pins it; 0 keeps them for ever. A month covers a course
+    # assignment's grading; admins override it per user (retention_days).
+    retention_days: int = 30
+    # Bytes of stored files a user's kept jobs may hold, in MiB; 0: no quota.
+    # 20 GiB is ten of the largest datasets; admins override it per user
+    # (max_storage_mb). Submissions past it get 413 storage_quota_exceeded.
+    storage_quota_mb: int = 20 * 1024
+    # How often each proxy process runs the retention sweep (proxy/retention.py).
+    retention_sweep_s: float = 600.0
+    # Accept a job that no live worker and no VM shape the scaler reported can
+    # run (it waits until such capacity joins) instead of refusing it with 400
+    # `no_capacity`: for admins who add workers by hand after jobs arrive.
+    queue_unmet_capacity: bool = False
 
     @property
     def resolved_database_url(self) -> str:
@@ -155,6 +174,7 @@ class Config:
 
 
 ENV_PREFIX = "JOBCLOUD_"
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 
 
 def load_config(env: dict | None = None, overrides: dict | None = None) -> Config:
@@ -175,6 +195,28 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
     except SettingError as e:
         raise ConfigError(str(e)) from None
     return validate(values)
+
+
+def store_origin(env: dict | None = None) -> str:
+    """Which setting put the store where load_config found it, in words.
+
+    For messages that name where the proxy's data was looked for: the layer
+    that set database_url, when one did, else data_dir's (the environment
+    over the JOBCLOUD_CONFIG file over the default, as in load_config).
+    """
+    env = os.environ if env is None else env
+    config_file = env.get(ENV_PREFIX + "CONFIG")
+    try:
+        in_file = read_toml(config_file, "proxy", _FIELDS) if config_file else {}
+    except SettingError:
+        in_file = {}   # load_config has said so already
+    for name in ("database_url", "data_dir"):
+        variable = ENV_PREFIX + name.upper()
+        if env.get(variable):
+            return f"{name} from {variable}"
+        if in_file.get(name):
+            return f"{name} in {config_file} (JOBCLOUD_CONFIG)"
+    return f"the default data_dir {Config.data_dir}, relative to the current directory"
 
 
 def validate(values: dict) -> Config:
@@ -228,6 +270,11 @@ def validate(values: dict) -> Config:
         (0.01 <= cfg.webhook_backoff_s <= 3600, "webhook_backoff_s must be between 0.01 and 3600"),
         (0.1 <= cfg.webhook_timeout_s <= 20, "webhook_timeout_s must be between 0.1 and 20"),
         (0.01 <= cfg.webhook_poll_s <= 60, "webhook_poll_s must be between 0.01 and 60"),
+        (0 <= cfg.retention_days <= 100_000, "retention_days must be between 0 (keep for ever)"
+         " and 100000"),
+        (0 <= cfg.storage_quota_mb <= 10 ** 9, "storage_quota_mb must be between 0 (no quota)"
+         " and 1000000000"),
+        (1 <= cfg.retention_sweep_s <= 86400, "retention_sweep_s must be between 1 and 86400"),
         (cfg.metrics_token == "" or _METRICS_TOKEN.fullmatch(cfg.metrics_token) is not None,
          "metrics_token must be empty or 32 to 256 letters, digits and -._~+/ (a bearer token;"
          " e.g. openssl rand -hex 32)"),

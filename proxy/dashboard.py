@@ -1,5 +1,6 @@
 """Reports: /usage (a user's totals per day or month, HTML, JSON, CSV) and the admin
-dashboard /admin (workers, scaler VMs, queue depth by user, jobs per hour).
+dashboard /admin (workers, scaler VMs, queue depth by user, jobs per hour,
+storage per user).
 
 Pages are rendered on the server, charts included (inline SVG: no script, no
 chart library, nothing the CSP has to allow).
@@ -10,7 +11,8 @@ import time
 
 from flask import Blueprint, Response, g, jsonify, render_template, request, url_for
 
-from . import accounts, usage, vms, workers
+from . import accounts, limits, retention, usage, vms, waiting, workers
+from .appstate import app_state
 from .auth import api_admin, api_user, login_required
 from .db import get_conn
 from .errors import Forbidden
@@ -21,6 +23,8 @@ bp = Blueprint("dashboard", __name__)
 # Jobs per hour on the dashboard: the last day, hour by hour.
 DASHBOARD_HOURS = 24
 SCALER_EVENTS_SHOWN = 20
+# Queued jobs the dashboard explains, oldest first: the head of the queue is what starts next.
+QUEUED_JOBS_SHOWN = 50
 
 
 # ----------------------------------------------------------------------- usage
@@ -33,17 +37,24 @@ def usage_page():
     users = [u["name"] for u in accounts.list_users(conn)] if g.user["is_admin"] else []
     series = usage.chart_series(data)
     csv_args = {k: v for k, v in request.args.items() if k in ("period", "since", "until", "user")}
+    # Costs only where something costs: prices are set, or were when these jobs finished.
+    show_cost = (usage.billed(usage.get_prices(conn))
+                 or any(t["cost_micros"] for t in data["totals"]))
     return render_template(
-        "usage.html", data=data, shown_user=shown_user, users=users,
+        "usage.html", data=data, shown_user=shown_user, users=users, show_cost=show_cost,
+        cpu_chart=bar_chart(usage.hours_series(data, "cpu_hours")),
+        gb_chart=bar_chart(usage.hours_series(data, "gb_hours")),
         chart=bar_chart([(label, micros / usage.MICROS) for label, micros in series]),
         chart_currency=data["totals"][0]["currency"] if data["totals"] else usage.DEFAULT_CURRENCY,
-        csv_url=url_for("dashboard.usage_csv", **csv_args))
+        csv_url=url_for("dashboard.usage_csv", **csv_args),
+        storage=_storage(conn, g.user, shown_user))
 
 
 @bp.route("/api/v1/usage", methods=["GET"])
 def usage_json():
-    data, shown_user = _usage_report(api_user())
-    return jsonify(dict(data, user=shown_user))
+    viewer = api_user()
+    data, shown_user = _usage_report(viewer)
+    return jsonify(dict(data, user=shown_user, storage=_storage(get_conn(), viewer, shown_user)))
 
 
 @bp.route("/api/v1/usage.csv", methods=["GET"])
@@ -71,6 +82,21 @@ def _usage_report(viewer: dict) -> tuple[dict, str | None]:
     return data, owner["name"] if owner else None
 
 
+def _storage(conn, viewer: dict, shown_user: str | None) -> list[dict]:
+    """Stored bytes against the quota (retention.py): the shown user's, or
+    every user's for an admin's view of all users."""
+    defaults = _storage_defaults()
+    if shown_user is None and viewer["is_admin"]:
+        return retention.storage_report(conn, **defaults)
+    user = accounts.get_user_by_name(conn, shown_user) if shown_user else viewer
+    return [retention.storage_of_user(conn, user, limits.get_limits(conn, user["id"]), **defaults)]
+
+
+def _storage_defaults() -> dict:
+    cfg = app_state().config
+    return {"default_days": cfg.retention_days, "default_quota_mb": cfg.storage_quota_mb}
+
+
 # ------------------------------------------------------------------- dashboard
 
 @bp.route("/admin", methods=["GET"])
@@ -78,7 +104,7 @@ def _usage_report(viewer: dict) -> tuple[dict, str | None]:
 def admin_page():
     if not g.user["is_admin"]:
         raise Forbidden("the dashboard is for admins", code="admin_only")
-    data = dashboard_data(get_conn())
+    data = dashboard_data(get_conn(), lease_timeout_s=app_state().config.lease_timeout_s)
     hours = data["jobs_per_hour"]
     return render_template(
         "admin.html", data=data,
@@ -89,10 +115,10 @@ def admin_page():
 @bp.route("/api/v1/admin/dashboard", methods=["GET"])
 def admin_json():
     api_admin()
-    return jsonify(dashboard_data(get_conn()))
+    return jsonify(dashboard_data(get_conn(), lease_timeout_s=app_state().config.lease_timeout_s))
 
 
-def dashboard_data(conn, now: float | None = None) -> dict:
+def dashboard_data(conn, now: float | None = None, *, lease_timeout_s: float) -> dict:
     """Everything the dashboard shows, as JSON-ready values."""
     now = time.time() if now is None else now
     return {
@@ -101,7 +127,14 @@ def dashboard_data(conn, now: float | None = None) -> dict:
         "vms": [vms.vm_json(v) for v in vms.list_vms(conn)],
         "scaler_events": [vms.event_json(e) for e in vms.recent_events(conn, SCALER_EVENTS_SHOWN)],
         "queue": _queue_by_user(conn),
+        # The oldest queued jobs and why each waits, in one pass (waiting.explain_queue).
+        "queued_jobs": [{"id": job["id"], "name": job["name"], "owner": job["owner"],
+                         "submitted_at": iso(job["submitted_at"]), "waiting": why}
+                        for job, why in waiting.explain_queue(conn, lease_timeout_s=lease_timeout_s,
+                                                              limit=QUEUED_JOBS_SHOWN, now=now)],
         "jobs_per_hour": _jobs_per_hour(conn, now),
+        # Stored bytes per user against their quota (retention.py).
+        "storage": retention.storage_report(conn, **_storage_defaults()),
     }
 
 

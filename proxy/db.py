@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 # (claim/dispatch, migrations) across all proxy processes on PostgreSQL.
 PG_DISPATCH_LOCK = 7_100_001
 PG_MIGRATE_LOCK = 7_100_002
+# Blob references (retention.py): transactions that make a job refer to a blob
+# hold it shared, the sweep's unlinking holds it exclusively; sweeps' expiry
+# passes serialize on the second.
+PG_BLOB_LOCK = 7_100_003
+PG_SWEEP_LOCK = 7_100_004
 SQLITE_BUSY_TIMEOUT_S = 30.0
 # Open SQLite connections kept for reuse per process: about the requests one
 # process serves at once; more are opened when needed and closed after.
@@ -60,6 +65,10 @@ class Database:
 
     def close(self):
         self.closed = True
+
+    def has_schema(self) -> bool:  # pragma: no cover - interface
+        """Whether migrations ever ran here: a proxy's database, not a new or empty one."""
+        raise NotImplementedError
 
     def migrate(self) -> list[int]:
         """Apply the numbered SQL files in proxy/migrations not applied yet.
@@ -244,6 +253,14 @@ class SQLiteDatabase(Database):
         # threading: then they are greenlet locks.
         self._locks = None
 
+    def has_schema(self) -> bool:
+        # Looked at before connecting: a connection would create the file.
+        if self.path == ":memory:" or not Path(self.path).is_file():
+            return False
+        with self.connection() as conn:
+            return conn.query_one("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                  " AND name = 'schema_migrations'") is not None
+
     def _new(self) -> sqlite3.Connection:
         # timeout=0: a busy database is waited for in SQLiteConnection._run.
         raw = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
@@ -368,6 +385,11 @@ class PostgresDatabase(Database):
                         kwargs={"autocommit": True, "row_factory": dict_row},
                     )
         return self._pool
+
+    def has_schema(self) -> bool:
+        with self.connection() as conn:
+            found = conn.query_one("SELECT to_regclass('schema_migrations') IS NOT NULL AS found")
+            return found["found"]
 
     @contextlib.contextmanager
     def connection(self):

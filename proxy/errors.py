@@ -74,6 +74,13 @@ class Conflict(ProxyError):
     status = 409
 
 
+class Gone(ProxyError):
+    """Raised when a job's files or logs were deleted by retention (proxy/retention.py)."""
+
+    code = "expired"
+    status = 410
+
+
 class StoreUnavailable(ProxyError):
     """Raised when the database cannot be reached or is locked for too long."""
 
@@ -81,11 +88,26 @@ class StoreUnavailable(ProxyError):
     status = 503
 
 
+class StoreNotFound(ProxyError):
+    """Raised when an admin command finds no proxy database where the settings point
+    (only `jobcloud-proxy serve`, `init` and `migrate` create one)."""
+
+    code = "store_not_found"
+    status = 404
+
+
 class TooManyRequests(ProxyError):
     """Raised when a user is over a rate or count limit (queued jobs, submissions per minute)."""
 
     code = "limit_exceeded"
     status = 429
+
+
+class StorageQuotaExceeded(ProxyError):
+    """Raised when a submission would take a user's stored files past their storage quota."""
+
+    code = "storage_quota_exceeded"
+    status = 413
 
 
 class TooManyAttempts(TooManyRequests):

@@ -48,6 +48,9 @@ graceful_timeout = 30
 # Also the limit on how long the head of a request may take to arrive (slowloris).
 keepalive = 5
 accesslog = _cfg.access_log
+# Workers' heartbeats, claims and log posts stay out of it unless asked for (proxy/accesslog.py).
+if not _cfg.access_log_worker_protocol:
+    logger_class = "proxy.accesslog.WithoutWorkerProtocol"
 errorlog = "-"
 # Uploads are streamed by the app; do not let gunicorn cap request lines below defaults.
 limit_request_line = 8190

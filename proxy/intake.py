@@ -10,7 +10,7 @@ import math
 import os
 import unicodedata
 
-from . import limits, scheduler, webhooks
+from . import capacity, limits, retention, scheduler, webhooks
 from .blobs import BlobStore, Upload
 from .config import Config
 from .errors import ValidationError
@@ -45,7 +45,8 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
         The stored job row, after the files and the row are durable.
 
     Raises:
-        ValidationError, TooLarge: the submission is refused; nothing was kept.
+        ValidationError, TooLarge, StorageQuotaExceeded: the submission is
+            refused; nothing was kept.
     """
     form = parse_form(stream, content_type, form_spec(cfg), blobs)
     try:
@@ -64,21 +65,30 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
         user_limits = limits.get_limits(conn, user["id"])
         limits.check_job(user_limits, fields)
         limits.check_counts(conn, user["id"], user_limits)
+        retention.check_quota(conn, user["id"], user_limits,
+                              [script, *([dataset] if dataset is not None else [])],
+                              default_quota_mb=cfg.storage_quota_mb,
+                              default_days=cfg.retention_days)
+        capacity_note = capacity.check_job(conn, fields, lease_timeout_s=cfg.lease_timeout_s,
+                                           queue_unmet=cfg.queue_unmet_capacity)
         # A job name is free text, not a path: "CNN w/ dropout" keeps its slash.
         name = _display_text(form.fields.get("name", ""), "name") or \
             os.path.splitext(script_name)[0] or "job"
         # Every check runs before the first commit: a refusal must not leave blobs behind.
         dataset_name = (_display_name(form.filenames.get("dataset", ""), "dataset file name")
                         or "dataset.zip") if dataset is not None else None
-        stored_script = blobs.commit(script)
-        stored_dataset = blobs.commit(dataset) if dataset is not None else None
         # Dispatched in the same transaction: a worker waiting on a claim is
         # woken with the job already reserved for it (scheduler.dispatch).
         with conn.transaction(lock=PG_DISPATCH_LOCK):
+            # The files are put in place under the blob lock: the retention
+            # sweep cannot unlink one this job's row is about to refer to.
+            retention.hold_blobs(conn)
+            stored_script = blobs.commit(script)
+            stored_dataset = blobs.commit(dataset) if dataset is not None else None
             job = create_job(conn, NewJob(
                 owner_id=user["id"], name=name, script_name=script_name, script=stored_script,
                 dataset_name=dataset_name, dataset=stored_dataset, webhook_url=webhook_url,
-                **fields))
+                capacity_note=capacity_note, **fields))
             scheduler.dispatch(conn, job["submitted_at"], cfg.lease_timeout_s)
         return get_job(conn, job["id"])
     finally:

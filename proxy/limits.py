@@ -24,6 +24,10 @@ FIELDS = {
     "max_timeout_s": (int, 1),
     "max_disk_mb": (int, 1),
     "weight": (float, 0.01),
+    # Retention and storage (retention.py): overrides of retention_days and
+    # storage_quota_mb in the configuration.
+    "retention_days": (int, 1),
+    "max_storage_mb": (int, 0),
 }
 # Which job field each per-job limit bounds.
 PER_JOB = {"max_cpus": "cpus", "max_memory_mb": "memory_mb", "max_gpus": "gpus",

@@ -33,6 +33,7 @@ time of the read it comes from.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -41,12 +42,12 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, request
 
-from . import accounts, store, wakeups
+from . import accounts, store, waiting, wakeups
 from .appstate import app_state
 from .auth import api_user
 from .db import get_conn
 from .errors import StoreUnavailable, ValidationError
-from .models import FINAL_VALUES
+from .models import FINAL_VALUES, JobState
 from .wakeups import Listener
 
 bp = Blueprint("live", __name__)
@@ -73,6 +74,10 @@ CLOCK_MARGIN_S = 5.0
 # fewer): it bounds each poll's work for a deep queue. Running jobs are always
 # all followed (the cluster's slots bound them).
 USER_STREAM_JOBS = 500
+# A queued job's reason and estimate change with the rest of the cluster (a
+# worker joins, another job ends), which wakes no topic of this job: its
+# stream reads them again this often while it is queued (waiting.py).
+WAITING_REFRESH_S = 5.0
 STREAMS = ("stdout", "stderr")
 
 _POSITION = re.compile(r"^(\d{1,9})-(\d{1,15})-(\d{1,15})$")
@@ -118,7 +123,8 @@ def job_events(job_id):
     """One job's state and output (browser session or API token)."""
     job = store.get_visible_job(get_conn(), job_id, api_user())
     position = parse_position(_resume_from())
-    return _sse(job_stream(_db(), job["id"], position, _timing(), _slots()))
+    explain = functools.partial(waiting.explain, lease_timeout_s=app_state().config.lease_timeout_s)
+    return _sse(job_stream(_db(), job["id"], position, _timing(), _slots(), explain=explain))
 
 
 @bp.route("/job-status/<user>/events", methods=["GET"])
@@ -207,7 +213,7 @@ def _match_event_id(raw: str | None, pattern: re.Pattern, shape: str) -> re.Matc
 
 # ---------------------------------------------------------------- pacing
 
-def _paced(step, timing: Timing, slots: Slots | None, topic: str):
+def _paced(step, timing: Timing, slots: Slots | None, topic: str, refresh=None):
     """Yield `step()`'s events each time `topic` fires, until it says done or
     the stream's time is up.
 
@@ -223,6 +229,8 @@ def _paced(step, timing: Timing, slots: Slots | None, topic: str):
             sends what is new once and ends, and the client comes back after
             BUSY_RETRY_MS. None (tests driving a stream directly): no limit,
             and the store is read every `timing.poll_s` instead of waiting.
+        refresh: returns True while `step` should also run every
+            WAITING_REFRESH_S without a wake-up (a queued job's `waiting`).
     """
     stopping = threading.Event() if slots is None else slots.stopping
     # Taken here, not in the view: a generator that never starts (the client
@@ -258,8 +266,10 @@ def _paced(step, timing: Timing, slots: Slots | None, topic: str):
                     return
                 continue
             now = time.monotonic()
+            again = refresh is not None and refresh()
             woken = wake.wait(min(timing.keepalive_s - (now - last_sent),
-                                  timing.max_s - (now - started)))
+                                  timing.max_s - (now - started),
+                                  WAITING_REFRESH_S if again else timing.max_s)) or again
             if stopping.is_set():
                 return
     finally:
@@ -272,49 +282,54 @@ def _paced(step, timing: Timing, slots: Slots | None, topic: str):
 # ------------------------------------------------------------------ job stream
 
 def job_stream(db, job_id: str, position: Position | None, timing: Timing,
-               slots: Slots | None = None):
+               slots: Slots | None = None, explain=None):
     """Yield the SSE text of one job's stream until it ends (final job) or times out.
 
     Args:
         position: what the client already has; None for everything.
         slots: the process's long streams (see _paced); None: no limit.
+        explain: (conn, job) -> the job's `waiting` (waiting.explain); None: not sent.
     """
     last_state = None
+    queued = False
 
     def step():
-        nonlocal position, last_state
+        nonlocal position, last_state, queued
         with db.connection() as conn:
-            job, position, events = _job_changes(conn, job_id, position, last_state)
-        last_state = _job_state(job)
+            job, position, events, last_state = _job_changes(conn, job_id, position, last_state,
+                                                             explain)
+        queued = explain is not None and job["state"] == JobState.QUEUED.value
         final = job["state"] in FINAL_VALUES
         if final:
             events.append(_event("end", last_state, position.event_id()))
         return events, final
 
-    return _paced(step, timing, slots, wakeups.job_topic(job_id))
+    return _paced(step, timing, slots, wakeups.job_topic(job_id), refresh=lambda: queued)
 
 
-def _job_changes(conn, job_id: str, position: Position | None, last_state: dict | None):
-    """What happened to the job since `position`: (job, new position, SSE events)."""
+def _job_changes(conn, job_id: str, position: Position | None, last_state: dict | None,
+                 explain=None):
+    """What happened to the job since `position`: (job, new position, SSE events, its state)."""
     # The state is read before the output: a job seen final here had all
     # its output stored already (the worker flushes it before the result,
     # and the proxy refuses chunks of a job that is no longer running).
     job = store.get_job(conn, job_id)
+    why = explain(conn, job) if explain is not None else None
     events = []
     if position is None or position.attempt != job["attempt"]:
         if position is not None:
             events.append(_event("attempt", {"attempt": job["attempt"]},
                                  Position(job["attempt"]).event_id()))
         position = Position(job["attempt"])
-    state = _job_state(job)
+    state = _job_state(job, why)
     if state != last_state:
         events.append(_event("state", state, position.event_id()))
     events.extend(_new_output(conn, job, position))
-    return job, position, events
+    return job, position, events, state
 
 
-def _job_state(job: dict) -> dict:
-    return {**store.job_json(job),
+def _job_state(job: dict, why: dict | None = None) -> dict:
+    return {**store.job_json(job, why),
             "truncated": {stream: bool(job[f"{stream}_truncated"]) for stream in STREAMS}}
 
 

@@ -3,7 +3,7 @@
 Metrics are computed from the database at scrape time, not counted in process
 memory, so every gunicorn process and proxy instance reports the same truth.
 
-/metrics tells queue depth per state, workers and VMs: with `metrics_token`
+/metrics tells queue depth per state, workers, VMs and storage per user: with `metrics_token`
 set it asks every client for that bearer token; without one it answers
 loopback clients only (README, "Metrics").
 """
@@ -16,7 +16,7 @@ from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from . import vms
+from . import retention, vms
 from .appstate import app_state
 from .db import get_conn
 from .errors import Forbidden, StoreUnavailable, Unauthorized
@@ -41,6 +41,9 @@ def metrics():
     check_metrics_access(app_state().config.metrics_token)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(get_conn()))
+    cfg = app_state().config
+    registry.register(StorageCollector(get_conn(), default_days=cfg.retention_days,
+                                       default_quota_mb=cfg.storage_quota_mb))
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")
 
 
@@ -124,3 +127,27 @@ class StoreCollector:
         return HistogramMetricFamily("jobcloud_job_duration_seconds",
                                      "Run time of finished jobs (start to finish)",
                                      buckets=buckets, sum_value=row["total"])
+
+
+class StorageCollector:
+    """Stored bytes per user and their quotas (retention.py): one gauge each, labelled by user."""
+
+    def __init__(self, conn, *, default_days: int, default_quota_mb: int):
+        self.conn = conn
+        self.defaults = {"default_days": default_days, "default_quota_mb": default_quota_mb}
+
+    def collect(self):
+        stored = GaugeMetricFamily("jobcloud_storage_bytes",
+                                   "Bytes of files kept for each user's unexpired jobs",
+                                   labels=["user"])
+        quota = GaugeMetricFamily("jobcloud_storage_quota_bytes",
+                                  "Each user's storage quota (users with a quota)", labels=["user"])
+        for s in retention.storage_report(self.conn, **self.defaults):
+            stored.add_metric([s["user"]], s["bytes"])
+            if s["quota_bytes"] is not None:
+                quota.add_metric([s["user"]], s["quota_bytes"])
+        yield stored
+        yield quota
+        pending = self.conn.query_one("SELECT COUNT(*) AS n FROM blob_deletions")["n"]
+        yield GaugeMetricFamily("jobcloud_blob_deletions_pending",
+                                "Files the retention sweep has yet to delete", value=pending)

@@ -44,6 +44,8 @@ class NewJob:
     dataset: StoredBlob | None = None
     webhook_url: str | None = None
     disk_mb: int | None = None
+    # Why the job was accepted without a capacity check (capacity.check_job).
+    capacity_note: str | None = None
 
 
 def create_job(conn, job: NewJob, now: float | None = None) -> dict:
@@ -54,11 +56,11 @@ def create_job(conn, job: NewJob, now: float | None = None) -> dict:
     conn.execute(
         "INSERT INTO jobs (id, owner_id, name, script_name, script_blob, script_sha256, script_size,"
         " dataset_name, dataset_blob, dataset_sha256, dataset_size, image, cpus, memory_mb,"
-        " timeout_s, gpus, state, attempt, submitted_at, webhook_url, disk_mb)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        " timeout_s, gpus, state, attempt, submitted_at, webhook_url, disk_mb, capacity_note)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
         (job_id, job.owner_id, job.name, job.script_name, *_blob_columns(job.script),
          job.dataset_name, *_blob_columns(dataset), job.image, job.cpus, job.memory_mb, job.timeout_s, job.gpus, JobState.QUEUED.value, now,
-         job.webhook_url, job.disk_mb))
+         job.webhook_url, job.disk_mb, job.capacity_note))
     wakeups.notify_jobs(conn, [job_id])
     return get_job(conn, job_id)
 
@@ -260,14 +262,22 @@ def job_warnings(job: dict) -> list[str]:
                           for reason, n in sorted((report["left_out_reasons"] or {}).items()))
         warnings.append(f"{report['left_out']} output file(s) left out of the archive ({parts}); "
                         f"the archive lists them in {OUTPUTS_MANIFEST}.")
+    if job.get("expired_at") is not None:
+        warnings.append(f"Outputs expired: this job's files and logs were deleted on "
+                        f"{iso(job['expired_at'])} (retention).")
     if job.get("disk_full"):
         warnings.append(f"The job filled its disk quota of {job.get('disk_mb') or '?'} MB: "
                         "writes past it failed (no space left on device).")
     return warnings
 
 
-def job_json(job: dict) -> dict:
-    """The public JSON shape of a job (no internal paths, leases or worker secrets)."""
+def job_json(job: dict, waiting: dict | None = None) -> dict:
+    """The public JSON shape of a job (no internal paths, leases or worker secrets).
+
+    Args:
+        waiting: why a queued job waits (waiting.explain): computed only where
+            one job is read (its JSON, page and stream), null in lists.
+    """
     return {
         "id": job["id"],
         "owner": job.get("owner"),
@@ -289,10 +299,19 @@ def job_json(job: dict) -> dict:
         "finished_at": iso(job["finished_at"]),
         "exit_code": job["exit_code"],
         "failure_reason": job["failure_reason"],
+        "waiting": waiting,
+        # Why it was accepted without a capacity check (capacity.check_job), if it was.
+        "capacity_note": job.get("capacity_note"),
         "outputs": ({"sha256": job["output_sha256"], "size": job["output_size"],
-                     **outputs_report(job)} if job["output_blob"] else None),
+                     **outputs_report(job)}
+                    if job["output_blob"] and job.get("expired_at") is None else None),
         # The job filled its disk quota (resources.disk_mb): it got ENOSPC.
         "disk_full": bool(job.get("disk_full")),
+        # Retention (retention.py): a pinned job's files are kept; an expired
+        # job's files and logs were deleted (its downloads answer 410).
+        "pinned": bool(job.get("pinned")),
+        "outputs_expired": job.get("expired_at") is not None,
+        "expired_at": iso(job.get("expired_at")),
         # What the owner should know of the outputs, as the page and the CLI show it.
         "warnings": job_warnings(job),
         "usage": {"cpu_seconds": job["cpu_seconds"], "peak_memory_bytes": job["peak_memory_bytes"],

@@ -362,6 +362,28 @@ def chart_series(data: dict) -> list[tuple[str, int]]:
     return list(cost.items())
 
 
+def hours_series(data: dict, measure: str) -> list[tuple[str, float]]:
+    """(period label, `measure` summed over users and currencies) for every period of the range.
+
+    Args:
+        measure: "cpu_hours", "gb_hours" or "gpu_hours".
+    """
+    hours = dict.fromkeys(_labels(data), 0.0)
+    for row in data["rows"]:
+        hours[row["period"]] += row[measure]
+    return [(label, round(value, 6)) for label, value in hours.items()]
+
+
+def billed(prices: Prices) -> bool:
+    """Whether jobs are billed: an admin has set some price above zero.
+
+    Until then every job costs 0 in the default currency, and the pages show
+    usage only instead of "0.000000 USD" everywhere; the API still answers
+    its cost objects (zero), as its contract says.
+    """
+    return any((prices.cpu_hour_micros, prices.gb_hour_micros, prices.gpu_hour_micros))
+
+
 def _labels(data: dict) -> list[str]:
     since, until = date.fromisoformat(data["since"]), date.fromisoformat(data["until"])
     if data["period"] == "day":

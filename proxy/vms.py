@@ -13,6 +13,7 @@ import re
 import time
 from collections import Counter
 
+from . import capacity
 from .errors import ValidationError
 from .jsonbody import is_number
 from .models import LIVE_WORKER_STATES, JobState, iso, new_id
@@ -21,6 +22,9 @@ VM_STATES = ("booting", "ready", "draining", "stopping")
 # One report carries every VM and the decisions of one pass: far below these.
 MAX_REPORT_VMS = 1000
 MAX_REPORT_EVENTS = 1000
+MAX_REPORT_SHAPES = 20
+# Boot durations kept for the typical boot time a queued job shows (waiting.py).
+KEEP_BOOTS = 50
 # The decision log the dashboard shows is kept to the newest 1000 of the last week: a
 # scaler reports every pass, and an unpruned log grew without bound.
 KEEP_EVENTS = 1000
@@ -112,10 +116,13 @@ def _runnable(conn, shape: dict | None) -> int:
 
 
 def record_report(conn, body: dict, now: float | None = None) -> dict:
-    """Replace the VM list with the scaler's and append its decisions.
+    """Replace the VM list (and, when given, the worker shapes) with the scaler's
+    and append its decisions.
 
     The scaler sends its whole list each time, so a VM it no longer reports is
-    gone; one writer (the scaler) means no merge is needed.
+    gone; one writer (the scaler) means no merge is needed. Its `shapes` are
+    what intake checks an impossible job against (capacity.py); a VM past
+    `booting` since the last report adds its boot time (waiting.py).
 
     Raises:
         ValidationError: the report is malformed (nothing is stored then).
@@ -123,10 +130,16 @@ def record_report(conn, body: dict, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     vms = [_vm(v) for v in _list(body, "vms", MAX_REPORT_VMS)]
     events = [_event(e) for e in _list(body, "events", MAX_REPORT_EVENTS)]
+    # Absent (a scaler from before issue 14): the stored shapes age out (capacity.SHAPE_FRESH_S).
+    shapes = ([_shape(s) for s in _list(body, "shapes", MAX_REPORT_SHAPES)]
+              if "shapes" in body else None)
     if len({v["name"] for v in vms}) != len(vms):
         raise ValidationError("vms must not name a VM twice", code="invalid_report")
     with conn.transaction():
-        old = {r["name"]: r for r in conn.query("SELECT name, created_at FROM vms")}
+        old = {r["name"]: r for r in conn.query("SELECT name, state, created_at FROM vms")}
+        _record_boots(conn, old, vms, now)
+        if shapes is not None:
+            capacity.store_shapes(conn, shapes, now)
         conn.execute("DELETE FROM vms")
         for v in vms:
             conn.execute("INSERT INTO vms (name, host_uri, state, worker_name, created_at, updated_at)"
@@ -144,6 +157,21 @@ def record_report(conn, body: dict, now: float | None = None) -> dict:
         if events:
             _prune_events(conn, now)
     return {"vms": len(vms), "events": len(events)}
+
+
+def _record_boots(conn, old: dict, vms: list[dict], now: float) -> None:
+    """A VM reported `booting` last time and past it now booted: keep how long it took
+    (waiting.py's typical boot time), the newest KEEP_BOOTS only."""
+    booted = [(v["name"], now - old[v["name"]]["created_at"]) for v in vms
+              if v["name"] in old and old[v["name"]]["state"] == "booting" and v["state"] != "booting"]
+    for name, seconds in booted:
+        conn.execute("INSERT INTO vm_boots (id, vm_name, ready_at, boot_s) VALUES (?, ?, ?, ?)",
+                     (new_id("vb"), name, now, max(0.0, seconds)))
+    if booted:
+        last = conn.query_one("SELECT ready_at FROM vm_boots ORDER BY ready_at DESC LIMIT 1 OFFSET ?",
+                              (KEEP_BOOTS - 1,))
+        if last:
+            conn.execute("DELETE FROM vm_boots WHERE ready_at < ?", (last["ready_at"],))
 
 
 def _prune_events(conn, now: float) -> None:
@@ -218,6 +246,20 @@ def _vm(v: dict) -> dict:
                               "created_at (seconds since the epoch)", code="invalid_report")
     return {"name": v["name"], "host_uri": v["host_uri"], "state": v["state"],
             "worker_name": v.get("worker_name"), "created_at": created}
+
+
+def _shape(s: dict) -> dict:
+    """A worker shape the scaler can create: cpus, memory_mb, gpus, images (a list)."""
+    images = s.get("images")
+    if not (is_number(s.get("cpus")) and 0 < s["cpus"] <= 4096
+            and is_number(s.get("memory_mb"), integer=True) and 0 < s["memory_mb"] <= 2**26
+            and is_number(s.get("gpus"), integer=True) and 0 <= s["gpus"] <= 1024
+            and isinstance(images, list) and 0 < len(images) <= 100
+            and all(_text(i, 200) for i in images)):
+        raise ValidationError("each shape needs cpus (0-4096), memory_mb (1-67108864), gpus "
+                              "(0-1024) and images (a list of 1-100 names)", code="invalid_report")
+    return {"cpus": float(s["cpus"]), "memory_mb": int(s["memory_mb"]), "gpus": int(s["gpus"]),
+            "images": list(images)}
 
 
 def _event(e: dict) -> dict:

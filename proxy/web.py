@@ -7,7 +7,7 @@ import time
 from flask import (Blueprint, current_app, flash, g, jsonify, redirect, render_template, request,
                    url_for)
 
-from . import accounts, job_templates, store, webhooks
+from . import accounts, job_templates, limits, retention, store, usage, waiting, webhooks
 from .appstate import app_state
 from .auth import check_csrf, load_user, login_required, password_change_pending
 from .db import get_conn
@@ -79,9 +79,35 @@ def job_page(job_id):
     # from this position.
     position = Position(job["attempt"], logs["stdout"]["next_offset"], logs["stderr"]["next_offset"])
     active = job["state"] in ACTIVE_VALUES
-    return render_template("job.html", job=job, job_view=store.job_json(job), logs=logs,
-                           position=position.event_id(),
+    why = waiting.explain(conn, job, lease_timeout_s=app_state().config.lease_timeout_s)
+    return render_template("job.html", job=job, job_view=store.job_json(job, why), logs=logs,
+                           position=position.event_id(), kept_until=_kept_until(conn, job),
+                           billed=usage.billed(usage.get_prices(conn)),
                            refresh=app_state().config.status_refresh_s if active else None)
+
+
+def _kept_until(conn, job: dict) -> float | None:
+    """When the job's files expire (retention.py); None when kept (pinned, unfinished, for ever)."""
+    days = retention.retention_days(app_state().config.retention_days,
+                                    limits.get_limits(conn, job["owner_id"]))
+    return retention.expires_at(job, days)
+
+
+@bp.route("/jobs/<job_id>/pin", methods=["POST"])
+@login_required
+def pin(job_id):
+    """The job page's Keep / Let expire button (retention.set_pinned)."""
+    check_csrf(request.form.get("csrf_token"))
+    conn = get_conn()
+    job = store.get_visible_job(conn, job_id, g.user)
+    keep = request.form.get("pinned") == "1"
+    try:
+        retention.set_pinned(conn, job, keep)
+        flash("Pinned: this job's files are kept until you unpin it." if keep else
+              "Unpinned: this job's files expire with the retention time.")
+    except ProxyError as e:
+        flash(e.detail)
+    return redirect(url_for("web.job_page", job_id=job_id))
 
 
 @bp.route("/new", methods=["GET"])

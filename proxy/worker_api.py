@@ -21,7 +21,7 @@ import zipfile
 
 from flask import Blueprint, g, jsonify, request
 
-from . import accounts, leases, wakeups, workers
+from . import accounts, leases, retention, wakeups, workers
 from .appstate import app_state
 from .auth import bearer_token
 from .db import close_conn, get_conn
@@ -216,12 +216,15 @@ def post_result(job_id):
             # again, instead of racing the rerun the requeue would start.
             workers.reap_now(conn, **_lease_args())
             leases.check_lease(conn, worker, job_id, parsed.attempt)
-        output = None
-        if upload is not None:
-            if not zipfile.is_zipfile(upload.path):
-                raise ValidationError("outputs must be a zip archive", code="invalid_outputs")
-            output = st.blobs.commit(upload)
-        job, applied = leases.record_result(conn, worker, job_id, parsed, output)
+        if upload is not None and not zipfile.is_zipfile(upload.path):
+            raise ValidationError("outputs must be a zip archive", code="invalid_outputs")
+        with conn.transaction():
+            # The archive is put in place under the blob lock, in the
+            # transaction that refers to it: the retention sweep cannot unlink
+            # an identical archive an expired job left between the two.
+            retention.hold_blobs(conn)
+            output = st.blobs.commit(upload) if upload is not None else None
+            job, applied = leases.record_result(conn, worker, job_id, parsed, output)
     finally:
         if form is not None:
             form.discard()

@@ -62,6 +62,12 @@ shutdown() {
     fi
 }
 
+# The database and the first admin account are made before the proxy starts,
+# so that the one-time password can be printed last, once the worker has
+# joined, instead of scrolling away among the start-up lines (empty when
+# there are users already).
+first_start=$(jobcloud-proxy init --bind "$HOST:$PORT")
+
 setsid jobcloud-proxy serve --bind "$HOST:$PORT" &
 proxy=$!
 
@@ -82,13 +88,26 @@ fi
 # The local worker enrolls itself with a token made for it now (valid one hour;
 # it rejoins with its own secret after that).
 token=$(jobcloud enroll create --label "local worker" --expires 3600)
+started=$(mktemp)
 JOBCLOUD_WORKER_PROXY_URL=$URL JOBCLOUD_WORKER_ENROLLMENT_TOKEN=$token \
 JOBCLOUD_WORKER_NAME=${WORKER_NAME:-local} JOBCLOUD_WORKER_DATA_DIR=$DATA_DIR/worker \
     setsid jobcloud-worker &
 worker=$!
 
+# The worker writes its secret just after it says "registered as": a secret
+# newer than the worker means the start-up lines are all out.
+secret=$DATA_DIR/worker/worker-secret
+while ((interrupts == 0)) && alive "$worker" && ! [[ $secret -nt $started ]]; do
+    sleep 0.1 || true   # (a Ctrl-C ends it: then the password is still printed)
+done
+rm -f "$started"
+
 echo
 echo "jobcloud is running at $URL (proxy + 1 local worker). Ctrl-C stops it."
+if [[ -n $first_start ]]; then
+    echo
+    printf '%s\n' "$first_start"
+fi
 echo
 # Until Ctrl-C, or until either exits on its own (then the other is stopped).
 while ((interrupts == 0)) && alive "$proxy" && alive "$worker"; do

@@ -86,3 +86,77 @@ def test_first_login_password_change_upload_and_job_list(page, console_errors, l
     expect(row.locator(".badge")).to_have_text("queued")
     expect(row.get_by_role("link", name="browser-job")).to_have_attribute("href", f"/jobs/{job_id}")
     assert console_errors == []
+
+
+LOCAL_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
+
+
+def _log_stream_look(page, stream: str) -> dict:
+    """What the page draws for a log stream: its background and the text it shows when empty."""
+    return page.eval_on_selector(f"#{stream}", """el => ({
+        background: getComputedStyle(el).backgroundColor,
+        placeholder: getComputedStyle(el, "::before").content,
+        text: el.textContent})""")
+
+
+@pytest.mark.live
+def test_empty_streams_say_so_and_the_dashboard_shows_times_as_job_pages_do(page, console_errors,
+                                                                           live_server):
+    """A queued job's page: both streams "(empty)", no black bar; a chunk of stdout posted
+    by a worker turns stdout into the log box, stderr stays "(empty)". The dashboard's
+    times are shown as the job page's are, in the browser's time zone, not raw ISO."""
+    import requests
+    from playwright.sync_api import expect
+
+    from tests.test_cli import register_worker
+
+    url = live_server.url
+    one_time = re.search(r"one-time password: (\S+)",
+                         live_server.admin("user", "add", "root", "--admin")).group(1)
+    api = {"Authorization": "Bearer " + live_server.admin("token", "create", "--user", "root")}
+    worker = register_worker(url, live_server.admin("enroll", "create"))
+    r = requests.post(f"{url}/api/v1/jobs", headers=api, files={"code": (None, "print(1)")},
+                      timeout=30)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+
+    page.goto(url + "/login")
+    page.get_by_label("User name").fill("root")
+    page.get_by_label("Password").fill(one_time)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_label("Current password").fill(one_time)
+    page.get_by_label("New password (at least 10 characters)").fill("root-own-pass-1")
+    page.get_by_label("New password again").fill("root-own-pass-1")
+    page.get_by_role("button", name="Change password").click()
+    expect(page).to_have_url(url + "/")
+
+    page.goto(f"{url}/jobs/{job_id}")
+    expect(page.locator("#state")).to_have_text("queued")
+    for stream in ("stdout", "stderr"):
+        look = _log_stream_look(page, stream)
+        assert look == {"background": "rgba(0, 0, 0, 0)", "placeholder": '"(empty)"',
+                        "text": ""}, look
+    expect(page.locator("#submitted")).to_have_text(LOCAL_TIME)
+
+    r = requests.post(f"{url}/api/v1/worker/claim", headers=worker,
+                      json={"max_jobs": 1, "wait_s": 0}, timeout=30)
+    [claimed] = r.json()["jobs"]
+    r = requests.post(f"{url}/api/v1/worker/jobs/{job_id}/logs", headers=worker, timeout=30,
+                      json={"attempt": claimed["attempt"], "stream": "stdout", "offset": 0,
+                            "data": "hello\n"})
+    assert r.status_code == 200, r.text
+    expect(page.locator("#stdout")).to_have_text("hello\n")
+    assert _log_stream_look(page, "stdout")["background"] == "rgb(17, 17, 17)"
+    assert _log_stream_look(page, "stderr")["placeholder"] == '"(empty)"'
+
+    page.goto(url + "/admin")
+    last_seen = page.locator("#workers time")
+    expect(last_seen).to_have_count(1)
+    expect(last_seen).to_have_text(LOCAL_TIME)
+    iso = last_seen.get_attribute("datetime")
+    assert re.match(r"^\d{4}-\d\d-\d\dT", iso), iso   # the ISO time stays in the markup
+    times = page.locator("main time[datetime]:not([datetime=''])")
+    assert times.count() >= 2   # "As of" and the worker's last heartbeat, at least
+    for i in range(times.count()):
+        expect(times.nth(i)).to_have_text(LOCAL_TIME)
+    assert console_errors == []

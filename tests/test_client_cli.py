@@ -229,12 +229,17 @@ def test_follow_exits_with_the_jobs_exit_code(user_cli, tmp_path):
     r = user_cli("submit", str(script), "--image", IMAGE, "--follow")
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert r.stdout == "about to fail\n" and "oops\n" in r.stderr
-    assert "failed (exit code 3)" in r.stderr
+    # The exit code is said once (the worker's reason is "exit code 3" too).
+    assert re.search(r"^job j[0-9a-f]+ failed \(exit code 3\)$", r.stderr, re.MULTILINE), r.stderr
+    assert r.stderr.count("exit code 3") == 1
 
     r = user_cli("submit", str(script), "--image", IMAGE, "--follow", "--json")
     assert r.returncode == 3
     job = json.loads(r.stdout)  # the output went to stderr: stdout is the final job only
     assert job["state"] == "failed" and job["exit_code"] == 3
+    assert job["failure_reason"] == "exit code 3"
+    status = user_cli("status", job["id"]).stdout
+    assert re.search(r"^state: +failed \(exit code 3\)$", status, re.MULTILINE), status
     r = user_cli("logs", job["id"], "-f")
     assert r.returncode == 3 and r.stdout == "about to fail\n"
     r = user_cli("logs", job["id"], "--stderr")

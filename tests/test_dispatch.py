@@ -229,7 +229,9 @@ def test_jobs_go_round_robin_whatever_order_the_workers_poll_in(hub):
     assert [holder2[j] for j in sorted(second)] == rotation[:3] * 3
 
 
-def test_a_job_only_goes_to_a_worker_that_can_run_it(hub):
+def test_a_job_only_goes_to_a_worker_that_can_run_it(make_hub):
+    # Jobs no live worker can run yet must be accepted to queue (issue 14 refuses them).
+    hub = make_hub(queue_unmet_capacity=True)
     small = hub.register("small", cpus=2, memory_mb=2048, gpus=0, slots=8,
                          images=["jobcloud/python"])
     # The head of the queue: jobs `small` cannot run, each for another reason.
@@ -255,7 +257,9 @@ def test_a_job_only_goes_to_a_worker_that_can_run_it(hub):
     assert small.claim(max_jobs=8) == [] and gpu.claim(max_jobs=8) == []
 
 
-def test_an_unrunnable_head_longer_than_one_dispatch_batch_does_not_block_the_queue(hub):
+def test_an_unrunnable_head_longer_than_one_dispatch_batch_does_not_block_the_queue(make_hub):
+    # Jobs no live worker can run yet must be accepted to queue (issue 14 refuses them).
+    hub = make_hub(queue_unmet_capacity=True)
     # Each job fits the free workers' combined limits (one has the GPU, the
     # other the memory) but neither worker alone.
     gpu_small = hub.register("gpu-small", gpus=1, memory_mb=2048)
@@ -272,7 +276,9 @@ def test_an_unrunnable_head_longer_than_one_dispatch_batch_does_not_block_the_qu
     assert ids(gpu_small.claim(max_jobs=4) + big.claim(max_jobs=4)) == [runnable]
 
 
-def test_a_worker_without_images_gets_nothing_and_breaks_nothing(hub):
+def test_a_worker_without_images_gets_nothing_and_breaks_nothing(make_hub):
+    # Jobs no live worker can run yet must be accepted to queue (issue 14 refuses them).
+    hub = make_hub(queue_unmet_capacity=True)
     bare = hub.register("bare", images=[])
     hub.submit()
     assert bare.claim(max_jobs=4) == []

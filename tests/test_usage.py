@@ -263,6 +263,36 @@ def test_usage_page_shows_totals_a_chart_and_a_csv_link(hub):
     assert bad.mimetype == "text/html"
 
 
+def test_without_prices_the_pages_show_usage_only_and_chart_hours(hub):
+    """No "0.000000 USD" on any page until an admin sets prices; the usage charts are
+    CPU-hours and GB-hours, with the cost chart and columns once something costs."""
+    from tests.conftest import login
+
+    worker = hub.register("w1")
+    job = finish(hub, worker, cpu_seconds=1800.0, wall_seconds=1800.0, memory_mb=2048)
+    assert job["cost"]["amount"] == "0.000000"   # the API keeps its cost object
+    day = job["finished_at"][:10]
+    login(hub.client, "alice", hub.alice["password"])
+    pages = {"usage": hub.client.get(f"/usage?until={day}").get_data(as_text=True),
+             "job": hub.client.get(f"/jobs/{job['id']}").get_data(as_text=True),
+             "jobs": hub.client.get("/job-status/alice").get_data(as_text=True)}
+    for name, page in pages.items():
+        assert "USD" not in page and "0.000000" not in page and "Cost" not in page, name
+    usage_page = pages["usage"]
+    assert 'aria-label="CPU-hours per day"' in usage_page
+    assert f"<title>{day}: 0.5 CPU-hours</title>" in usage_page
+    assert 'aria-label="GB-hours (reserved memory) per day"' in usage_page
+    assert f"<title>{day}: 1 GB-hours</title>" in usage_page
+    assert "No prices are set: usage only." in usage_page
+
+    assert set_prices(hub, PRICES).status_code == 200
+    priced = finish(hub, worker, cpu_seconds=1800.0, wall_seconds=1800.0, memory_mb=2048)
+    usage_page = hub.client.get(f"/usage?until={priced['finished_at'][:10]}").get_data(as_text=True)
+    assert "Cost per day (EUR)" in usage_page and 'aria-label="CPU-hours per day"' in usage_page
+    assert f"{priced['cost']['amount']} EUR" in hub.client.get(f"/jobs/{priced['id']}").get_data(
+        as_text=True)
+
+
 def test_the_admin_cli_shows_and_sets_prices_in_the_shared_store(hub, database_url, tmp_path):
     env = dict(os.environ, JOBCLOUD_DATABASE_URL=database_url,
                JOBCLOUD_DATA_DIR=str(tmp_path / "cli"))

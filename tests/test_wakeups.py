@@ -33,7 +33,8 @@ PROMPT_S = 5         # an answer this soon came from a wake-up, not the deadline
 @pytest.fixture
 def wapp(make_app):
     # A watcher that looks once a minute: anything faster than that was pushed.
-    return make_app(wakeup_poll_s=60)
+    # Jobs no worker here can run must queue (issue 14 refuses them otherwise).
+    return make_app(wakeup_poll_s=60, queue_unmet_capacity=True)
 
 
 @pytest.fixture
@@ -264,7 +265,8 @@ def test_hundreds_of_idle_long_polls_and_live_pages_leave_pages_answering(tmp_pa
     (the gthread model: 2 processes x 8 threads) not one more request would be
     served; here a person's page and the API answer as usual."""
     url_db = pg_or_sqlite_url
-    server = _server(tmp_path, "a", url_db)
+    # The idle workers run no image the job asks: it must queue (issue 14 refuses it otherwise).
+    server = _server(tmp_path, "a", url_db, queue_unmet_capacity="true")
     held: list[socket.socket] = []
     try:
         _, token, enrollment = _accounts(url_db)

@@ -197,3 +197,22 @@ def test_job_status_without_login(app):
     assert r.status_code == 302 and r.headers["Location"] == "/login?next=/job-status/alice"
     r = anonymous.get("/job-status/alice", headers=JSON)
     assert r.status_code == 401 and set(r.json) == {"error", "detail"}
+
+
+def test_the_form_the_editor_the_job_page_and_the_readme_place_the_dataset_alike(client, alice):
+    """One sentence for where the unzipped dataset appears in the job: the place
+    worker/sandbox.py mounts it."""
+    import html
+    import io
+    from pathlib import Path
+
+    from worker.sandbox import DATA_PATH
+
+    place = f"unpacked read-only into {DATA_PATH} ($JOBCLOUD_DATA)"
+    job = submit(client, alice["headers"],
+                 dataset=(io.BytesIO(make_zip({"a.csv": b"x,y\n1,2\n"})), "data.zip"))
+    for path in ("/", "/new", f"/jobs/{job['id']}"):
+        page = html.unescape(client.get(path).get_data(as_text=True))
+        assert place in " ".join(page.split()), path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert place in " ".join(readme.split())

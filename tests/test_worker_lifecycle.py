@@ -199,6 +199,48 @@ def _kill_sessions_left(sid: int) -> None:
                 pass
 
 
+def _final_block(text: str) -> list[str] | None:
+    """The framed block the output ends with (between two rules of '='), if it does."""
+    lines = text.rstrip().splitlines()
+    rules = [i for i, line in enumerate(lines) if len(line) >= 72 and set(line) == {"="}]
+    if len(rules) < 2 or rules[-1] != len(lines) - 1:
+        return None
+    return lines[rules[-2]:]
+
+
+def test_make_runs_first_start_ends_with_the_admin_password(make_run, tmp_path):
+    block = make_run.wait_until(lambda: _final_block(make_run.log_text()), timeout=30,
+                                what="make run to print the first start's password last")
+    text = "\n".join(block)
+    assert f"Log in at:          {make_run.url}/login" in text
+    assert re.search(r"^  user: +admin$", text, re.MULTILINE)
+    password = re.search(r"one-time password: +(\S+)", text).group(1)
+    hint = block[-2].strip()
+    assert hint.endswith("jobcloud-proxy user passwd admin") and "JOBCLOUD_DATA_DIR=" in hint
+    output = make_run.log_text()
+    assert output.count("one-time password:") == 1
+    # The worker protocol stays out of the access log (its register, heartbeats, claims).
+    assert "/api/v1/worker" not in output
+
+    s = requests.Session()
+    page = s.get(make_run.url + "/login", timeout=10).text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    r = s.post(make_run.url + "/login", data={"username": "admin", "password": password,
+                                              "csrf_token": csrf}, allow_redirects=False, timeout=10)
+    assert r.status_code == 302
+    r = s.get(make_run.url + "/", allow_redirects=False, timeout=10)
+    assert r.status_code == 302 and r.headers["Location"].endswith("/account/password")
+    # How to change it, as printed, from another directory and a shell without the settings.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCLOUD_")}
+    out = subprocess.run(["bash", "-c", hint], cwd=elsewhere, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "new one-time password for 'admin'" in out.stdout
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_ctrl_c_on_make_run_drains_the_worker_while_the_proxy_answers(make_run):
     job_id = make_run.submit("import time\nprint('started', flush=True)\ntime.sleep(3)")
     wait_until(lambda: make_run.started(job_id), timeout=30, what="the job to start")

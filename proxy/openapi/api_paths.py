@@ -6,8 +6,8 @@ builders.py holds what they all share.
 """
 from __future__ import annotations
 
-from .builders import (EVENT_STREAM, JOB_ID, RESUME, SUBMIT_FORM, USAGE_PARAMS, USER, USER_NAME,
-                       USER_PARAM, answer, errors, json_body, op)
+from .builders import (ERROR, EVENT_STREAM, JOB_ID, RESUME, SUBMIT_FORM, USAGE_PARAMS, USER,
+                       USER_NAME, USER_PARAM, answer, errors, json_body, op)
 
 JOB_EVENTS = ("A job's state and output as Server-Sent Events: `state` (the Job, when it changes, "
               "with truncated: {stdout, stderr}), `attempt` (requeued: output starts again), "
@@ -33,21 +33,36 @@ def api_paths() -> dict:
                               {"name": "state", "in": "query", "schema": {"type": "string"}}]),
             "post": op("Submit a job", USER,
                        {"201": answer({"$ref": "#/components/schemas/Job"}, "Accepted, durable"),
-                        **errors(400, 401, 413, 415, 429)}, body=SUBMIT_FORM),
+                        **errors(400, 401, 413, 415, 429),
+                        # A job no live worker and no scaler VM shape could run (proxy/capacity.py).
+                        "400": answer(ERROR, "A field is invalid, or `no_capacity`: no live worker "
+                                      "and no VM shape the scaler reported has the image, CPUs, "
+                                      "memory or GPUs it asks (the detail names the resource and "
+                                      "what exists; the queue_unmet_capacity setting accepts "
+                                      "such jobs instead)")}, body=SUBMIT_FORM),
         },
         "/api/v1/jobs/{job_id}": {"get": op(
             "One job", USER, {"200": answer({"$ref": "#/components/schemas/Job"}), **errors(401, 404)},
             params=[JOB_ID])},
         "/api/v1/jobs/{job_id}/logs": {"get": op(
             "A job's stdout or stderr from a byte offset", USER,
-            {"200": answer({"$ref": "#/components/schemas/Logs"}), **errors(400, 401, 404)},
+            {"200": answer({"$ref": "#/components/schemas/Logs"}), **errors(400, 401, 404, 410)},
             params=[JOB_ID, {"name": "stream", "in": "query",
                              "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
                     {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}])},
         "/api/v1/jobs/{job_id}/outputs": {"get": op(
             "Download the output archive (zip attachment)", USER,
-            {"200": {"description": "zip", "content": {"application/zip": {}}}, **errors(401, 404)},
+            {"200": {"description": "zip", "content": {"application/zip": {}}},
+             **errors(401, 404, 410)},
             params=[JOB_ID])},
+        # Retention (proxy/retention.py): a pinned job's files are kept until unpinned.
+        "/api/v1/jobs/{job_id}/pin": {
+            "post": op("Pin a job: keep its files and logs past the retention time", USER,
+                       {"200": answer({"$ref": "#/components/schemas/Job"}),
+                        **errors(401, 404, 410)}, params=[JOB_ID]),
+            "delete": op("Unpin a job: its files expire with the retention time", USER,
+                         {"200": answer({"$ref": "#/components/schemas/Job"}), **errors(401, 404)},
+                         params=[JOB_ID])},
         "/api/v1/jobs/{job_id}/cancel": {"post": op(
             "Cancel a job", USER,
             {"200": answer({"$ref": "#/components/schemas/Job"}), **errors(401, 404, 409)},
@@ -159,8 +174,15 @@ def api_paths() -> dict:
                       body=json_body({"$ref": "#/components/schemas/PriceChanges"}), tag="admin"),
         },
         "/api/v1/admin/dashboard": {"get": op(
-            "Workers, scaler VMs, queue by user, jobs per hour (admin)", USER,
-            {"200": answer({"type": "object"}), **errors(401, 403)}, tag="admin")},
+            "Workers, scaler VMs, queue by user, the oldest queued jobs and why each waits, jobs "
+            "per hour (admin)", USER,
+            {"200": answer({"type": "object", "properties": {
+                "queued_jobs": {"type": "array", "description": "the 50 oldest queued jobs",
+                                "items": {"type": "object", "properties": {
+                                    "id": {"type": "string"}, "name": {"type": "string"},
+                                    "owner": {"type": "string"}, "submitted_at": {"type": "string"},
+                                    "waiting": {"$ref": "#/components/schemas/Waiting"}}}}}}),
+             **errors(401, 403)}, tag="admin")},
         "/api/v1/webhook-secret": {
             "get": op("My webhook signing secret (made on first use)", USER,
                       {"200": answer({"$ref": "#/components/schemas/WebhookSecret"}),

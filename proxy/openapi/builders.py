@@ -20,7 +20,9 @@ JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "
 
 ERROR_TEXT = {400: "Invalid request", 401: "Missing or invalid credentials", 403: "Not allowed",
               404: "Not found (or not yours)", 409: "Conflict with the current state",
-              413: "Upload too large", 415: "Wrong content type",
+              410: "Deleted by retention (`expired`)",
+              413: "Upload too large, or past the storage quota (`storage_quota_exceeded`)",
+              415: "Wrong content type",
               429: "Over a per-user count or rate limit", 503: "Store unavailable"}
 
 # The browser pages are part of the served surface too: documented so the

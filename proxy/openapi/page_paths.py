@@ -47,10 +47,13 @@ def page_paths() -> dict:
                                        errors=[404])},
         "/jobs/{job_id}/cancel": {"post": page("Cancel a job", ok="302", form={},
                                                params=[JOB_ID], errors=[404])},
+        "/jobs/{job_id}/pin": {"post": page("Pin (pinned=1) or unpin (pinned=0) a job",
+                                            ok="302", form={"pinned": {"type": "string"}},
+                                            params=[JOB_ID], errors=[404])},
         "/jobs/{job_id}/outputs": {"get": {**page("Download the output archive", params=[JOB_ID]),
                                            "responses": {"200": {"description": "zip attachment",
                                                                  "content": {"application/zip": {}}},
-                                                         "302": REDIRECT, **page_errors(404)}}},
+                                                         "302": REDIRECT, **page_errors(404, 410)}}},
         "/job-status/{user}": {"get": op(
             "A user's jobs (HTML, or JSON with Accept: application/json)", USER,
             {"200": {"description": "OK", "content": {

@@ -25,6 +25,18 @@ ORDER_DRAIN = {"type": "boolean",
 CLAIMED_JOBS = {"type": "array", "items": {"$ref": "#/components/schemas/ClaimedJob"},
                 "description": "jobs now leased to this worker (state running, this attempt)"}
 
+# Why a queued job waits (proxy/waiting.py), in its order of precedence.
+WAITING_REASONS = {
+    "starting": "reserved for a worker, which takes it at its next claim",
+    "vm_booting": "no live worker can take it; the scaler is booting a VM that can",
+    "no_workers": "the cluster has no live worker",
+    "no_capable_worker": "no live worker has its image, CPUs, memory or GPUs",
+    "draining": "the only workers that can run it are draining",
+    "max_running": "its owner's running jobs are at their max_running limit",
+    "fair_share": "other users' jobs get the next slots by fair share",
+    "free_slot": "next in its owner's turn, waiting for a slot to free",
+}
+
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error", "detail"],
               "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
@@ -41,18 +53,50 @@ SCHEMAS = {
                 "finished_at": {"type": ["string", "null"]},
                 "exit_code": {"type": ["integer", "null"]},
                 "failure_reason": {"type": ["string", "null"]},
+                "waiting": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Waiting"}],
+                            "description": "why a queued job waits and when it may start; "
+                                           "given where one job is read (GET /api/v1/jobs/{id}, "
+                                           "its submission, its event stream), null in lists "
+                                           "and once the job runs"},
+                "capacity_note": {"type": ["string", "null"],
+                                  "description": "why the job was accepted although no live "
+                                                 "worker or scaler VM shape was known to run it: "
+                                                 "no capacity was known at all (a fresh "
+                                                 "cluster), or queue_unmet_capacity is on"},
                 "outputs": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/JobOutputs"}]},
                 "usage": {"type": "object", "description": "cpu_seconds, peak_memory_bytes, "
                           "wall_seconds, gpu_seconds as the worker reported them, bounded by what "
                           "the lease allowed; clamped: the fields that were over and were bounded"},
                 "disk_full": {"type": "boolean",
                               "description": "the job filled its disk quota (resources.disk_mb)"},
+                "pinned": {"type": "boolean", "description": "its owner pinned it: its files and "
+                           "logs are kept past the retention time"},
+                "outputs_expired": {"type": "boolean", "description": "its script, dataset, "
+                                    "outputs and logs were deleted by retention (downloads: 410)"},
+                "expired_at": {"type": ["string", "null"]},
                 "warnings": {"type": "array", "items": {"type": "string"},
                              "description": "what the outputs lack (files left out, a full "
                                             "disk), as the job page and `jobcloud fetch` show it"},
                 "cost": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Cost"}]},
                 "webhook": {"type": ["object", "null"], "description": "URL and delivery state"},
                 "links": {"type": "object"}}},
+    "Waiting": {"type": "object", "required": ["reason", "detail", "position", "estimate"],
+                "properties": {
+        "reason": {"type": "string", "enum": list(WAITING_REASONS), "description": "; ".join(
+            f"{code}: {text}" for code, text in WAITING_REASONS.items())},
+        "detail": {"type": "string", "description": "the reason as a sentence"},
+        "position": {"type": ["object", "null"], "description": "its place in the queue in the "
+                     "order slots are handed out (fair share), and among its owner's queued jobs",
+                     "properties": {"overall": {"type": "integer"}, "yours": {"type": "integer"}}},
+        "estimate": {"type": ["object", "null"], "description": "an estimated start, from the "
+                     "running jobs' time limits and recent runtimes (or VM boot times); null "
+                     "when nothing can be said (no worker can run it yet)", "properties": {
+                         "earliest": {"type": "string"}, "latest": {"type": "string"},
+                         "is_estimate": {"type": "boolean"}, "basis": {"type": "string"}}},
+        "resource": {"type": "string", "description": "no_capable_worker: what no live worker has "
+                     "(image, cpus, memory_mb, gpus, or combination)"},
+        "worker": {"type": ["string", "null"], "description": "starting: the worker's name"},
+        "vm": {"type": "object", "description": "vm_booting: name, booting_since, typical_boot_s"}}},
     "JobOutputs": {"type": "object", "required": ["sha256", "size"], "properties": {
         "sha256": {"type": "string"}, "size": {"type": "integer"},
         "files": {"type": ["integer", "null"], "description": "files in the archive"},
@@ -150,13 +194,15 @@ SCHEMAS = {
         "user": {"type": "string"}, "weight": {"type": "number"},
         **{name: {"type": ["number", "null"]} for name in (
             "max_running", "max_queued", "max_submissions_per_minute", "max_cpus",
-            "max_memory_mb", "max_gpus", "max_timeout_s", "max_disk_mb")}}},
+            "max_memory_mb", "max_gpus", "max_timeout_s", "max_disk_mb", "retention_days",
+            "max_storage_mb")}}},
     "LimitChanges": {"type": "object", "additionalProperties": False, "properties": {
         "weight": {"type": ["number", "null"], "minimum": 0.01, "maximum": 1e9},
         "max_cpus": {"type": ["number", "null"], "minimum": 0.1, "maximum": 1e9},
         **{name: {"type": ["integer", "null"], "minimum": low, "maximum": 1e9} for name, low in (
             ("max_running", 0), ("max_queued", 0), ("max_submissions_per_minute", 0),
-            ("max_memory_mb", 6), ("max_gpus", 0), ("max_timeout_s", 1), ("max_disk_mb", 1))}}},
+            ("max_memory_mb", 6), ("max_gpus", 0), ("max_timeout_s", 1), ("max_disk_mb", 1),
+            ("retention_days", 1), ("max_storage_mb", 0))}}},
     "Worker": {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
         "slots": {"type": "integer"}, "running": {"type": ["integer", "null"]},
@@ -184,7 +230,17 @@ SCHEMAS = {
             "type": "object", "required": ["action", "reason"], "properties": {
                 "action": {"type": "string", "pattern": "^[a-z_]{1,32}$"},
                 "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
-                "vm_name": {"type": ["string", "null"], "maxLength": 64}}}}}},
+                "vm_name": {"type": ["string", "null"], "maxLength": 64}}}},
+        "shapes": {"type": "array", "maxItems": 20, "description": "the worker shapes the scaler "
+                   "can create (replacing the last list; a shape not reported for 10 minutes is "
+                   "gone): the proxy refuses jobs no live worker and no shape can run", "items": {
+                       "type": "object", "required": ["cpus", "memory_mb", "gpus", "images"],
+                       "properties": {
+                           "cpus": {"type": "number", "exclusiveMinimum": 0, "maximum": 4096},
+                           "memory_mb": {"type": "integer", "minimum": 1, "maximum": 2**26},
+                           "gpus": {"type": "integer", "minimum": 0, "maximum": 1024},
+                           "images": {"type": "array", "minItems": 1, "maxItems": 100,
+                                      "items": {"type": "string"}}}}}}},
 
     # Usage, cost, prices and webhooks (issue #5).
     "Cost": {"type": "object", "required": ["amount", "amount_micros", "currency", "breakdown"],

@@ -157,6 +157,19 @@
       list.hidden = warnings.length === 0;
     }
 
+    // Why a queued job waits and its estimated start (proxy/waiting.py); empty once it runs.
+    function showWaiting(waiting) {
+      const box = document.getElementById("waiting");
+      if (!box) return;
+      box.dataset.reason = waiting ? waiting.reason : "";
+      setText("waiting-detail", waiting ? waiting.detail : "");
+      const estimate = waiting && waiting.estimate;
+      document.getElementById("waiting-estimate").hidden = !estimate;
+      setTime("waiting-earliest", estimate ? estimate.earliest : "");
+      setTime("waiting-latest", estimate ? estimate.latest : "");
+      setText("waiting-basis", estimate ? "(" + estimate.basis + ")" : "");
+    }
+
     function showJob(job) {
       const badge = document.getElementById("state");
       badge.textContent = job.state;
@@ -166,6 +179,7 @@
       setTime("finished", job.finished_at);
       setText("exit-code", job.exit_code == null ? "" : String(job.exit_code));
       setText("reason", job.failure_reason || "");
+      showWaiting(job.waiting);
       setText("usage", usageText(job.usage));
       setText("cost", costText(job.cost));
       showTruncated(job.truncated);

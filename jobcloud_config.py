@@ -105,7 +105,7 @@ def coerce(name: str, value, kind: type):
     """`value` (from a file, the environment or a flag) as a `kind`.
 
     Tuples come from a list or a comma-separated string; booleans from
-    1/true/yes/on. A bool is not taken for a number, nor 2.5 for an integer:
+    1/true/yes/on or 0/false/no/off (anything else is refused). A bool is not taken for a number, nor 2.5 for an integer:
     TOML and JSON would let both through silently.
 
     Raises:
@@ -117,9 +117,18 @@ def coerce(name: str, value, kind: type):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             return tuple(str(v) for v in value)
         if kind is bool:
+            # A typo ("ture", "2") is refused, not read as false: a switch that
+            # silently stays off is worse than a proxy that will not start.
             if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
+                word = value.strip().lower()
+                if word in ("1", "true", "yes", "on"):
+                    return True
+                if word in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError
         if kind is int:

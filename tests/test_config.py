@@ -152,14 +152,24 @@ class Sample:
     names: tuple[str, ...] = ("a",)
     label: str = "x"
     slots: int | None = None
+    enabled: bool = False
 
 
 @pytest.mark.parametrize("field, value", [
     ("count", True), ("count", 2.5), ("count", "2.5"), ("ratio", True), ("ratio", "half"),
+    ("enabled", "ture"), ("enabled", "2"), ("enabled", ""), ("enabled", 2),
 ])
 def test_the_shared_loader_refuses_what_toml_would_let_through(field, value):
     with pytest.raises(SettingError, match=f"setting {field}: .* is not a valid"):
         layered(Sample, env={}, prefix="T_", overrides={field: value})
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("on", True), ("Yes", True), ("1", True), (True, True), (1, True),
+    ("off", False), ("NO", False), ("0", False), (False, False), (0, False),
+])
+def test_the_shared_loader_reads_switches_in_words_or_numbers(value, expected):
+    assert layered(Sample, env={}, prefix="T_", overrides={"enabled": value})["enabled"] is expected
 
 
 def test_the_shared_loader_layers_file_environment_and_overrides(tmp_path):

@@ -13,6 +13,7 @@ import traceback
 
 from . import (
     archive,
+    arrays,
     claim,
     idle,
     loadtest,
@@ -48,6 +49,7 @@ BENCHMARKS = {
     "wakeup": ("A submission wakes a waiting worker", wakeup.run),
     "slowloris": ("300 slowloris connections", slowloris.run),
     "warm-start": ("Pre-started sandboxes and crun vs cold starts", warmstart.run),
+    "arrays": ("A 10,000-job array: submission and claims with it queued", arrays.run),
 }
 
 INTRO = """# Performance

@@ -105,23 +105,29 @@ class Feeder:
                                   ("running", "succeeded"))["n"]
 
 
+def register_workers(proxy: Proxy, count: int) -> list[str]:
+    """Register `count` simulated workers (slots=1, no GPU, every image); their secrets."""
+    enrollment = proxy.enrollment_token()
+    secrets = []
+    for i in range(count):
+        w = WorkerClient(proxy.url)
+        w.register(enrollment, f"sim-{i}", cpus=16, memory_mb=65536, gpus=0, slots=1,
+                   images=list(proxy.config.images))
+        secrets.append(w.secret)
+    return secrets
+
+
 def measure(opts, scenario: Scenario) -> tuple[LoadResult, dict]:
     """One round of one scenario on a fresh proxy; returns the load and what the feeder saw."""
     workers = opts.processes * opts.threads
     with Proxy(opts.tmp) as proxy:
         owner = proxy.add_user("alice")
-        enrollment = proxy.enrollment_token()
         feeder = Feeder(proxy, owner, scenario.depth)
         if scenario.blocked:
             proxy.seed_jobs(owner, scenario.blocked, gpus=1)
         feeder.fill()
         proxy.start()
-        secrets = []
-        for i in range(workers):
-            w = WorkerClient(proxy.url)
-            w.register(enrollment, f"sim-{i}", cpus=16, memory_mb=65536, gpus=0, slots=1,
-                       images=list(proxy.config.images))
-            secrets.append(w.secret)
+        secrets = register_workers(proxy, workers)
         result = run_load(cycle_op(proxy, secrets, opts.threads, scenario.combined),
                           processes=opts.processes,
                           threads=opts.threads, duration_s=opts.claim_duration,

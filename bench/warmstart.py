@@ -12,8 +12,9 @@ Three parts, each side by side on the same machine at the same time:
    (the proxy's claim stamp; one clock, one machine).
 
 Before each measured job of a pre-starting worker the benchmark waits until
-its replacement container is up again, so no container is being made in the
-background of the next measurement (bare runs included).
+its waiting container is up, so no container of an earlier measurement is
+being made in the background of the next one (bare runs included); the
+job's own slot replacement is made while it runs, as on any worker.
 """
 from __future__ import annotations
 
@@ -141,8 +142,10 @@ class EngineEvents:
 
 
 def _waiting(worker) -> list[str]:
+    # Named jobcloud-waiting-*: one released to its job is renamed for it.
     return subprocess.run(["docker", "ps", "-q", "--filter", f"label=jobcloud.worker={worker.name}",
-                           "--filter", "label=jobcloud.prestart", "--filter", "status=running"],
+                           "--filter", "label=jobcloud.prestart", "--filter", "status=running",
+                           "--filter", "name=jobcloud-waiting-"],
                           capture_output=True, text=True, timeout=30).stdout.split()
 
 
@@ -276,8 +279,9 @@ def _notes(raw: dict) -> list[str]:
         f" job with prestart on): bare is `{' '.join(BARE)}` timed around the CLI; a job is the"
         f" script `pass` on {IMAGE} (1 CPU, 256 MB), POST /api/v1/jobs then GET /api/v1/jobs/<id>"
         " every 10 ms until final. Two proxies and two 1-slot workers, one per mode, up side by"
-        " side; before each measurement the pre-starting worker's replacement container is up,"
-        " so nothing is made in the background of a measurement.",
+        " side; before each measurement the pre-starting worker's waiting container is up, so"
+        " nothing of an earlier measurement is made in its background (the job's own slot"
+        " replacement is, from the job's start on).",
         f"Phases, p50: prestart off: {phases('cold')}; prestart on: {phases('warm')}. Docker's"
         f" events after the claim, prestart off (ms): {events(t['cold_engine_p50_ms'])}; bare runs,"
         f" after their create: {events(t['bare_engine_p50_ms'])}.",

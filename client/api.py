@@ -53,6 +53,14 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/api/v1/jobs/{_seg(job_id)}/cancel").json()
 
+    def array(self, array_id: str, after: int | None = None, limit: int = 1000) -> dict:
+        """A job array: counts per state and a page of its jobs by index."""
+        params = {"limit": limit, **({"after": after} if after is not None else {})}
+        return self._call("GET", f"/api/v1/arrays/{_seg(array_id)}", params=params).json()
+
+    def cancel_array(self, array_id: str) -> dict:
+        return self._call("POST", f"/api/v1/arrays/{_seg(array_id)}/cancel").json()
+
     def pin(self, job_id: str, pinned: bool = True) -> dict:
         """Keep the job's files past the retention time (pinned), or let them expire."""
         return self._call("POST" if pinned else "DELETE", f"/api/v1/jobs/{_seg(job_id)}/pin").json()
@@ -69,7 +77,14 @@ class Client:
 
     def download_outputs(self, job_id: str, dest) -> int:
         """Write the job's output zip to the binary file `dest`; returns its size."""
-        response = self._call("GET", f"/api/v1/jobs/{_seg(job_id)}/outputs", stream=True)
+        return self._download(f"/api/v1/jobs/{_seg(job_id)}/outputs", dest)
+
+    def download_array_outputs(self, array_id: str, dest) -> int:
+        """Write every job's outputs of the array, one zip by index, to `dest`; returns its size."""
+        return self._download(f"/api/v1/arrays/{_seg(array_id)}/outputs", dest)
+
+    def _download(self, path: str, dest) -> int:
+        response = self._call("GET", path, stream=True)
         size = 0
         with response:
             try:

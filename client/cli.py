@@ -98,12 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="ZIP|DIR",
                    help="a .zip dataset, or a directory (zipped for you); unpacked read-only "
                         "into /job/input/data ($JOBCLOUD_DATA)")
+    p.add_argument("--requirements", metavar="FILE",
+                   help="a requirements.txt: packages installed (wheels only, from the proxy's "
+                        "package index) before the script runs, cached on the worker")
+    p.add_argument("--array", metavar="A-B[%K]",
+                   help="a job array: one job per index A..B ($JOBCLOUD_ARRAY_INDEX), at most K "
+                        "running at once; with --params, %%K alone")
+    p.add_argument("--params", metavar="FILE",
+                   help="a job array with one job per row of a CSV (with a header) or JSON lines "
+                        "file: the row is $JOBCLOUD_PARAMS (JSON) and /job/input/params.json")
     _add_settings(p)
     _add_follow(p)
     p.set_defaults(run=cmd_submit)
 
-    p = sub.add_parser("status", help="one job, or a table of your jobs")
-    p.add_argument("job", nargs="?", metavar="JOB")
+    p = sub.add_parser("status", help="one job or array, or a table of your jobs")
+    p.add_argument("job", nargs="?", metavar="JOB|ARRAY")
     p.add_argument("--limit", type=int, default=50, help="jobs listed (default 50, newest first)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_status)
@@ -115,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
     p.set_defaults(run=cmd_logs)
 
-    p = sub.add_parser("fetch", help="download and unpack a job's outputs")
-    p.add_argument("job", metavar="JOB")
+    p = sub.add_parser("fetch", help="download and unpack a job's outputs (an array's: by index)")
+    p.add_argument("job", metavar="JOB|ARRAY")
     p.add_argument("-o", "--output", metavar="DIR", help="where to unpack (default: ./JOB)")
     p.set_defaults(run=cmd_fetch)
 
-    p = sub.add_parser("cancel", help="cancel a job")
-    p.add_argument("job", metavar="JOB")
+    p = sub.add_parser("cancel", help="cancel a job, or every unfinished job of an array")
+    p.add_argument("job", metavar="JOB|ARRAY")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
     p.set_defaults(run=cmd_cancel)
 
@@ -158,6 +167,20 @@ def _add_settings(p) -> None:
     p.add_argument("--name", help="a display name (default: the script's)")
     p.add_argument("--webhook", metavar="URL",
                    help="POST a signed notice to URL when the job finishes (allow-listed hosts only)")
+    p.add_argument("--after", metavar="ID[,ID...]",
+                   help="start only once these jobs (or arrays) of yours succeeded; their outputs "
+                        "are read-only in /job/input/after/<name or id>/")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="run a failed try again, up to N times (default 0)")
+    p.add_argument("--retry-on", dest="retry_on", metavar="CODE[,CODE...]",
+                   help="only these exit codes are retried (default: any non-zero exit but an "
+                        "OOM kill; never a timeout)")
+    p.add_argument("--retry-backoff", dest="retry_backoff", type=int, metavar="S",
+                   help="seconds before the first retry, doubling for each next one (default 10)")
+    p.add_argument("-e", "--env", action="append", metavar="NAME[=VALUE]",
+                   help="an environment variable for the job (repeatable); NAME alone takes "
+                        "its value from your environment, read again at each resubmit and "
+                        "never written to disk")
 
 
 def _add_follow(p) -> None:
@@ -183,8 +206,12 @@ def cmd_login(args, path: Path) -> int:
 def cmd_submit(args, path: Path) -> int:
     record = {"script": os.path.abspath(args.script),
               "data": os.path.abspath(args.data) if args.data else None,
+              "requirements": os.path.abspath(args.requirements) if args.requirements else None,
+              "params": os.path.abspath(args.params) if getattr(args, "params", None) else None,
               "settings": {k: getattr(args, k) for k in ("image", "cpus", "memory", "timeout",
-                                                         "gpus", "disk", "name", "webhook")}}
+                                                         "gpus", "disk", "name", "webhook",
+                                                         "after", "retries", "retry_on",
+                                                         "retry_backoff", "array", "env")}}
     return _submit_and_report(args, path, record)
 
 
@@ -198,6 +225,10 @@ def cmd_resubmit(args, path: Path) -> int:
 
 def cmd_status(args, path: Path) -> int:
     client = _client(path)
+    if args.job and is_array_id(args.job):
+        array = client.array(args.job)
+        print(json.dumps(array, indent=2) if args.json else _describe_array(array))
+        return EXIT_OK
     if args.job:
         job = client.job(args.job)
         print(json.dumps(job, indent=2) if args.json else _describe(job))
@@ -229,11 +260,16 @@ def cmd_logs(args, path: Path) -> int:
 def cmd_fetch(args, path: Path) -> int:
     client = _client(path)
     dest = Path(args.output or args.job)
+    array = is_array_id(args.job)
     with tempfile.TemporaryFile() as tmp:
-        size = client.download_outputs(args.job, tmp)
+        size = (client.download_array_outputs if array else client.download_outputs)(args.job, tmp)
         tmp.seek(0)
         names = extract_safely(tmp, dest)
     print(f"{len(names)} file(s), {_human(size)} zipped, into {dest}/")
+    if array:
+        if "MISSING.txt" in names:
+            print(f"warning: some jobs have no outputs: see {dest}/MISSING.txt", file=sys.stderr)
+        return EXIT_OK
     # Files the worker left out, a disk quota filled: said, never silent.
     for warning in client.job(args.job).get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
@@ -241,6 +277,12 @@ def cmd_fetch(args, path: Path) -> int:
 
 
 def cmd_cancel(args, path: Path) -> int:
+    if is_array_id(args.job):
+        array = _client(path).cancel_array(args.job)
+        print(json.dumps(array, indent=2) if args.json else
+              f"array {array['id']}: {array['cancelled']} queued job(s) cancelled, "
+              f"{array['stopping']} running job(s) told to stop")
+        return EXIT_OK
     job = _client(path).cancel(args.job)
     if args.json:
         print(json.dumps(job, indent=2))
@@ -264,6 +306,8 @@ def _submit_and_report(args, path: Path, record: dict) -> int:
     client = _client(path)
     job = submit(client, record)
     cfgmod.record_submission(path, job["id"], record)
+    if "counts" in job:   # a job array's answer
+        return _report_array(args, client, job)
     if not args.follow:
         print(json.dumps(job, indent=2) if args.json else
               f"submitted job {job['id']} ({job['name']}, {job['state']})")
@@ -291,9 +335,26 @@ def submit(client: Client, record: dict) -> dict:
     fields = {key: str(s[opt]) for key, opt in (("name", "name"), ("image", "image"),
                                                   ("cpus", "cpus"), ("memory_mb", "memory"),
                                                   ("timeout_s", "timeout"), ("gpus", "gpus"),
-                                                  ("disk_mb", "disk"), ("webhook_url", "webhook"))
+                                                  ("disk_mb", "disk"), ("webhook_url", "webhook"),
+                                                  ("after", "after"), ("retries", "retries"),
+                                                  ("retry_exit_codes", "retry_on"),
+                                                  ("retry_backoff_s", "retry_backoff"),
+                                                  ("array", "array"))
               if s.get(opt) is not None}
+    env = job_env(s.get("env") or [])
+    if env:
+        fields["env"] = json.dumps(env)
     files = {"script": (os.path.basename(script), script, "text/x-python")}
+    params = record.get("params")
+    if params:
+        if not os.path.isfile(params):
+            raise ClientError(f"no such parameters file: {params}")
+        files["params"] = (os.path.basename(params), params, "text/plain")
+    requirements = record.get("requirements")
+    if requirements:
+        if not os.path.isfile(requirements):
+            raise ClientError(f"no such requirements file: {requirements}")
+        files["requirements"] = ("requirements.txt", requirements, "text/plain")
     with _dataset(record["data"]) as data:
         if data:
             files["dataset"] = (data[0], data[1], "application/zip")
@@ -304,6 +365,66 @@ def submit(client: Client, record: dict) -> dict:
         finally:
             if progress:
                 progress.done()
+
+
+def is_array_id(ref: str) -> bool:
+    """Array ids start with "a", job ids with "j" (the proxy's models.new_id)."""
+    return ref.startswith("a")
+
+
+def _report_array(args, client: Client, array: dict) -> int:
+    """A submitted array: printed; with --follow, its counts until none is queued or running
+    (exit 0 when every job succeeded, else 1)."""
+    if not args.follow:
+        print(json.dumps(array, indent=2) if args.json else
+              f"submitted array {array['id']} ({array['name']}, {array['size']} jobs)")
+        return EXIT_OK
+    print(f"submitted array {array['id']} ({array['size']} jobs); following", file=sys.stderr)
+    shown = None
+    while not array["done"]:
+        if _counts_line(array) != shown:
+            shown = _counts_line(array)
+            print(shown, file=sys.stderr)
+        time.sleep(POLL_MAX_S)
+        array = client.array(array["id"], limit=1)
+    print(json.dumps(array, indent=2) if args.json else _counts_line(array))
+    return EXIT_OK if array["counts"]["succeeded"] == array["size"] else EXIT_ERROR
+
+
+def _counts_line(array: dict) -> str:
+    return ", ".join(f"{n} {state}" for state, n in array["counts"].items() if n) or "no jobs"
+
+
+def _describe_array(array: dict) -> str:
+    cap = array["max_running"]
+    lines = [f"array {array['id']} ({array['name']}): {array['size']} jobs, {array['spec']}"
+             + ("" if cap is None else f", at most {cap} running"),
+             f"  {_counts_line(array)}{' (done)' if array['done'] else ''}"]
+    for j in array["jobs"][:20]:
+        code = "" if j["exit_code"] is None else f" (exit {j['exit_code']})"
+        lines.append(f"  [{j['index']}] {j['id']} {j['state']}{code}")
+    if len(array["jobs"]) > 20:
+        lines.append(f"  ... and {array['size'] - 20} more")
+    return "\n".join(lines)
+
+
+def job_env(options: list[str]) -> dict[str, str]:
+    """The job's variables from `-e` options: NAME=VALUE, or NAME for the
+    value this shell has (so a secret need not be typed on the command line).
+
+    Raises:
+        ClientError: NAME alone for a variable this environment lacks.
+    """
+    env = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if not sep:
+            if name not in os.environ:
+                raise ClientError(f"-e {name}: no variable {name} in your environment "
+                                  f"(give -e {name}=VALUE)")
+            value = os.environ[name]
+        env[name] = value
+    return env
 
 
 class _dataset:
@@ -498,10 +619,46 @@ def _describe(job: dict) -> str:
         ("outputs", f"expired {job['expired_at']}" if job.get("outputs_expired") else
          _human(job["outputs"]["size"]) if job.get("outputs") else "-"),
     ]
+    if job.get("requirements"):
+        usage = job.get("usage") or {}
+        how = ("cached on the worker" if usage.get("env_cached") else
+               f"built in {usage['env_build_s']:.1f} s" if usage.get("env_build_s") is not None
+               else "not built yet")
+        lines.append(("packages", f"requirements.txt ({_human(job['requirements']['size'])}), {how}"))
+    if job.get("env_names"):
+        # Names only: the values may be secrets (GET /api/v1/jobs/JOB/env has them).
+        lines.append(("env", ", ".join(job["env_names"])))
     lines += _waiting_lines(job)
+    # The jobs it runs after and before (given where one job is read).
+    for key, label in (("parents", "after"), ("children", "before")):
+        if job.get(key):
+            lines.append((label, ", ".join(f"{p['id']} ({p['state']})" for p in job[key])))
     if job.get("pinned"):
         lines.append(("pinned", "files kept until unpinned"))
+    lines += _try_lines(job)
     return "\n".join(f"{k + ':':<11}{v}" for k, v in lines)
+
+
+# How `status` names a try's outcome (the proxy's retries.py).
+TRY_OUTCOMES = {"retried": "retried", "worker_lost": "worker lost, rerun", "running": "running"}
+
+
+def _try_lines(job: dict) -> list[tuple[str, str]]:
+    """The job's retry policy and one line per try (given where one job is read)."""
+    policy, tries = job.get("retry_policy"), job.get("tries") or []
+    lines = []
+    if policy:
+        codes = ",".join(map(str, policy["exit_codes"])) if policy["exit_codes"] else "any non-zero"
+        used = (f"{policy['used']} of {policy['retries']} used, on exit codes {codes}, "
+                f"back-off {policy['backoff_s']} s doubling")
+        lines.append(("retries", used))
+    if policy or len(tries) > 1:
+        for t in tries:
+            outcome = TRY_OUTCOMES.get(t["outcome"], t["state"])
+            code = f", exit code {t['exit_code']}" if t.get("exit_code") is not None else ""
+            when = f"{t['started_at'] or '-'} to {t['ended_at'] or '-'}"
+            lines.append((f"try {t['try']}", f"attempt {t['attempt']}: {outcome}{code}, {when}"))
+    return lines
 
 
 def _waiting_lines(job: dict) -> list[tuple[str, str]]:

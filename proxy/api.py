@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
-from . import accounts, retention, store, waiting, webhooks
+from . import (accounts, arrays, dependencies, jobenv, retention, retries, store, waiting,
+               webhooks)
 from .appstate import app_state
 from .auth import api_user
 from .db import get_conn
@@ -33,6 +34,11 @@ def create_job():
     conn = get_conn()
     job = submit_job(conn, st.config, st.blobs, user, request.stream,
                      request.headers.get("Content-Type"))
+    if job.get("array_id"):
+        # An array submission (arrays.py) answers with the array it made.
+        array = arrays.get_visible_array(conn, job["array_id"], user)
+        return (jsonify(arrays.array_json(conn, array, limit=st.config.page_size)), 201,
+                {"Location": f"/api/v1/arrays/{array['id']}"})
     return jsonify(_job_view(conn, job)), 201, {"Location": f"/api/v1/jobs/{job['id']}"}
 
 
@@ -57,10 +63,21 @@ def get_job(job_id):
     return jsonify(_job_view(conn, store.get_visible_job(conn, job_id, api_user())))
 
 
+@bp.route("/jobs/<job_id>/env", methods=["GET"])
+def get_job_env(job_id):
+    """The job's environment variables with their values: its owner's only (jobenv.py)."""
+    conn = get_conn()
+    user = api_user()
+    return jsonify(jobenv.owner_values(store.get_visible_job(conn, job_id, user), user))
+
+
 def _job_view(conn, job: dict) -> dict:
-    """One job's JSON with why it waits, if it is queued."""
-    return store.job_json(job, waiting.explain(conn, job,
-                                               lease_timeout_s=app_state().config.lease_timeout_s))
+    """One job's JSON with why it waits, if it is queued, and the jobs it runs
+    after and before (dependencies.relations)."""
+    return {**store.job_json(job, waiting.explain(conn, job,
+                                                  lease_timeout_s=app_state().config.lease_timeout_s),
+                             tries=retries.tries_json(conn, job)),
+            **dependencies.relations(conn, job)}
 
 
 @bp.route("/jobs/<job_id>/logs", methods=["GET"])
@@ -71,10 +88,13 @@ def get_logs(job_id):
     if stream not in ("stdout", "stderr"):
         raise ValidationError("stream must be stdout or stderr", code="invalid_stream")
     offset = _int_arg("offset", 0, 0, 2**62)
+    # One try's logs (its `tries` entry links here); default: the latest.
+    attempt = _int_arg("attempt", job["attempt"], 0, 2**31 - 1)
     if job.get("expired_at") is not None:
         raise retention.gone(job, "logs")
-    logs = store.read_logs(conn, job, stream, offset)
-    return jsonify(dict(logs, job_id=job["id"], attempt=job["attempt"], state=job["state"]))
+    view = retries.logs_view(conn, job, attempt)
+    logs = store.read_logs(conn, view, stream, offset)
+    return jsonify(dict(logs, job_id=job["id"], attempt=view["attempt"], state=job["state"]))
 
 
 @bp.route("/jobs/<job_id>/outputs", methods=["GET"])
@@ -96,6 +116,31 @@ def cancel_job(job_id):
     conn = get_conn()
     job = store.get_visible_job(conn, job_id, api_user())
     return jsonify(store.job_json(store.cancel_job(conn, job)))
+
+
+@bp.route("/arrays/<array_id>", methods=["GET"])
+def get_array(array_id):
+    """A job array: counts per state and its jobs by index, a page at a time (?after=INDEX)."""
+    conn = get_conn()
+    array = arrays.get_visible_array(conn, array_id, api_user())
+    after = _int_arg("after", -1, -1, 2**31 - 1)
+    return jsonify(arrays.array_json(conn, array, after=None if after < 0 else after,
+                                     limit=_int_arg("limit", 1000, 1, 10_000)))
+
+
+@bp.route("/arrays/<array_id>/cancel", methods=["POST"])
+def cancel_array(array_id):
+    conn = get_conn()
+    array = arrays.get_visible_array(conn, array_id, api_user())
+    done = arrays.cancel(conn, array)
+    return jsonify(dict(arrays.array_json(conn, array, limit=0), **done))
+
+
+@bp.route("/arrays/<array_id>/outputs", methods=["GET"])
+def get_array_outputs(array_id):
+    conn = get_conn()
+    return arrays.send_archive(conn, arrays.get_visible_array(conn, array_id, api_user()),
+                               app_state().blobs)
 
 
 @bp.route("/tokens", methods=["GET"])

@@ -49,6 +49,16 @@ class Config:
     zip_max_ratio: int = 200
     # The job form has ~10 fields; anything far above that is an attack.
     max_form_parts: int = 64
+    # A job's own environment variables (proxy/jobenv.py): how many, and how
+    # long one value may be in bytes. Enough for a few API keys and options;
+    # every claim of the job carries them. 0 variables: env is refused.
+    job_env_max_vars: int = 32
+    job_env_max_value_bytes: int = 4096
+    # Jobs one array submission may make (a range, or a parameters file's
+    # rows; proxy/arrays.py): a 10,000-point sweep submits in one request.
+    max_array_size: int = 10_000
+    # A parameters file (CSV or JSON lines): 10,000 rows of a few hundred bytes.
+    max_params_bytes: int = 8 * MiB
     # Images the form offers and the API accepts (admin allow-list).
     images: tuple[str, ...] = ("jobcloud/python", "jobcloud/ml")
     default_image: str = "jobcloud/python"
@@ -70,6 +80,12 @@ class Config:
     lease_timeout_s: float = 45.0
     # A job is retried this many times when its worker is lost, then failed.
     max_attempts: int = 3
+    # Policy retries a job may ask for (issue 15, proxy/retries.py): each is a
+    # whole new run, so the bound is on how often one submission can rerun.
+    max_retries: int = 10
+    # Cap on a retry's exponential back-off (base x 2^(k-1)): an hour, like
+    # the webhooks' cap, so a long retry chain still ends within a day.
+    retry_backoff_max_s: int = 3600
     # Longest a claim request may long-poll.
     claim_wait_max_s: float = 30.0
     # Bounded logs per stream per job; the tail kept with the result.
@@ -152,6 +168,14 @@ class Config:
     # run (it waits until such capacity joins) instead of refusing it with 400
     # `no_capacity`: for admins who add workers by hand after jobs arrive.
     queue_unmet_capacity: bool = False
+    # Where jobs' requirements.txt packages come from (PEP 691 simple index):
+    # PyPI, or a mirror the admin trusts. Submissions ask it whether each
+    # requirement has a wheel; claims tell workers to download from it.
+    package_index_url: str = "https://pypi.org/simple"
+    # Ask the index at submission (a clear 400 for an sdist-only package, 503
+    # when it cannot be reached). Off: requirements are checked for syntax
+    # only, and an sdist-only package fails at the worker's build instead.
+    package_index_check: bool = True
 
     @property
     def resolved_database_url(self) -> str:
@@ -228,6 +252,11 @@ def validate(values: dict) -> Config:
         (cfg.zip_max_entries >= 1, "zip_max_entries must be at least 1"),
         (cfg.zip_max_ratio >= 1, "zip_max_ratio must be at least 1"),
         (16 <= cfg.max_form_parts <= 10_000, "max_form_parts must be between 16 and 10000"),
+        (0 <= cfg.job_env_max_vars <= 1000, "job_env_max_vars must be between 0 and 1000"),
+        (1 <= cfg.job_env_max_value_bytes <= 1024 * 1024,
+         "job_env_max_value_bytes must be between 1 and 1048576"),
+        (1 <= cfg.max_array_size <= 1_000_000, "max_array_size must be between 1 and 1000000"),
+        (cfg.max_params_bytes >= 1, "max_params_bytes must be at least 1"),
         (len(cfg.images) >= 1, "images must list at least one image"),
         (cfg.default_image in cfg.images, "default_image must be one of images"),
         (0 < cfg.default_cpus <= cfg.max_cpus, "default_cpus must be in (0, max_cpus]"),
@@ -243,6 +272,9 @@ def validate(values: dict) -> Config:
         (cfg.lease_timeout_s > cfg.heartbeat_interval_s,
          "lease_timeout_s must be longer than heartbeat_interval_s"),
         (cfg.max_attempts >= 1, "max_attempts must be at least 1"),
+        (0 <= cfg.max_retries <= 100, "max_retries must be between 0 and 100"),
+        (1 <= cfg.retry_backoff_max_s <= 7 * 24 * 3600,
+         "retry_backoff_max_s must be between 1 and 604800 (a week)"),
         (0 <= cfg.claim_wait_max_s <= 300, "claim_wait_max_s must be between 0 and 300"),
         (cfg.log_max_bytes >= 1024, "log_max_bytes must be at least 1024"),
         (1024 <= cfg.log_tail_bytes <= cfg.log_max_bytes,
@@ -275,6 +307,8 @@ def validate(values: dict) -> Config:
         (0 <= cfg.storage_quota_mb <= 10 ** 9, "storage_quota_mb must be between 0 (no quota)"
          " and 1000000000"),
         (1 <= cfg.retention_sweep_s <= 86400, "retention_sweep_s must be between 1 and 86400"),
+        (re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", cfg.package_index_url) is not None,
+         "package_index_url must be an http(s) URL without query or fragment"),
         (cfg.metrics_token == "" or _METRICS_TOKEN.fullmatch(cfg.metrics_token) is not None,
          "metrics_token must be empty or 32 to 256 letters, digits and -._~+/ (a bearer token;"
          " e.g. openssl rand -hex 32)"),

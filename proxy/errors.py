@@ -118,3 +118,11 @@ class TooManyAttempts(TooManyRequests):
     def __init__(self, detail: str, *, retry_after_s: int):
         super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
         self.retry_after_s = retry_after_s
+
+
+class PackageIndexUnreachable(ProxyError):
+    """Raised when the package index (package_index_url) cannot be asked whether a
+    job's requirements have wheels: the submission is refused, never accepted unchecked."""
+
+    code = "package_index_unreachable"
+    status = 503

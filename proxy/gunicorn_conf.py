@@ -19,7 +19,10 @@ construction, and a mistyped value stops the start with one line naming the
 setting instead of a traceback. gunicorn's own flags (--bind, --workers) still
 win over what is read here, as they win over any config file.
 """
+import json
 import signal
+
+from gunicorn import util as _gunicorn_util
 
 from jobcloud_datadir import PRIVATE_UMASK
 from proxy import datadir
@@ -36,6 +39,25 @@ def _settings():
         raise SystemExit(f"jobcloud-proxy: invalid configuration: {e.detail}") from None
 
 
+_ERROR_CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long",
+                431: "headers_too_large", 417: "expectation_failed",
+                500: "internal_error", 501: "not_implemented"}
+
+
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's answer to a request it cannot parse (a malformed header or
+    request line, limits), as the API's `{"error", "detail"}` JSON instead of
+    its HTML page: a client sees one error shape whether the app or the HTTP
+    parser refused it. Installed over gunicorn.util.write_error, the one
+    function its workers answer such requests with (workers/base.py)."""
+    body = json.dumps({"error": _ERROR_CODES.get(status_int, "bad_request"),
+                       "detail": mesg or reason}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    _gunicorn_util.write_nonblock(sock, head.encode("latin1") + body)
+
+
+_gunicorn_util.write_error = _write_json_error
 _cfg = _settings()
 bind = _cfg.bind
 workers = _cfg.resolved_gunicorn_workers

@@ -10,7 +10,8 @@ import math
 import os
 import unicodedata
 
-from . import capacity, limits, retention, scheduler, webhooks
+from . import (arrays, capacity, dependencies, jobenv, limits, requirements, retention, retries,
+               scheduler, webhooks)
 from .blobs import BlobStore, Upload
 from .config import Config
 from .errors import ValidationError
@@ -27,10 +28,16 @@ def form_spec(cfg: Config) -> FormSpec:
     texts = {name: 256 for name in TEXT_FIELDS}
     texts["code"] = cfg.max_script_bytes
     texts["webhook_url"] = 4 * webhooks.MAX_URL_LENGTH
+    texts["after"] = dependencies.AFTER_MAX_CHARS
+    texts["array"] = 64
+    texts.update(dict.fromkeys(retries.FORM_FIELDS, 256))
+    texts[jobenv.FIELD] = jobenv.field_limit(cfg.job_env_max_vars, cfg.job_env_max_value_bytes)
     return FormSpec(
         files={"script": (cfg.max_script_bytes, "the script"),
-               "dataset": (cfg.max_dataset_bytes, "the dataset")},
-        texts=texts, max_parts=cfg.max_form_parts)
+               "dataset": (cfg.max_dataset_bytes, "the dataset"),
+               "requirements": (requirements.MAX_BYTES, "the requirements file"),
+               "params": (cfg.max_params_bytes, "the parameters file")},
+        texts=texts, max_parts=cfg.max_form_parts, repeatable=frozenset({jobenv.FIELD}))
 
 
 def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_type: str | None,
@@ -59,16 +66,29 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
             check_zip(dataset.path, ArchiveLimits(cfg.zip_max_total_bytes, cfg.zip_max_entries,
                                                   cfg.zip_max_ratio))
         fields = _resources(form.fields, cfg)
+        env = jobenv.parse(form.repeated.get(jobenv.FIELD, []), max_vars=cfg.job_env_max_vars,
+                           max_value_bytes=cfg.job_env_max_value_bytes)
+        retry_policy = retries.parse_policy(form.fields, max_retries=cfg.max_retries,
+                                            backoff_max_s=cfg.retry_backoff_max_s)
         webhook_url = form.fields.get("webhook_url", "").strip() or None
         if webhook_url is not None:
             webhook_url = webhooks.check_url(webhook_url, cfg.webhook_allowed_hosts)
         user_limits = limits.get_limits(conn, user["id"])
         limits.check_job(user_limits, fields)
         limits.check_counts(conn, user["id"], user_limits)
+        # After the cheap checks: it may ask the package index (requirements.py).
+        reqs = _requirements(form, cfg, blobs)
         retention.check_quota(conn, user["id"], user_limits,
-                              [script, *([dataset] if dataset is not None else [])],
+                              [script, *(f for f in (dataset, reqs) if f is not None)],
                               default_quota_mb=cfg.storage_quota_mb,
                               default_days=cfg.retention_days)
+        # The parents (dependencies.py): the submitter's own jobs, checked now.
+        parents = dependencies.resolve(conn, user["id"], form.fields.get("after"))
+        # A job array (arrays.py): N jobs of this one submission, all checked now.
+        array_plan = arrays.plan(form.fields, form.files.get("params"),
+                                 form.filenames.get("params"), max_size=cfg.max_array_size)
+        if array_plan is not None:
+            arrays.check_queued(conn, user["id"], user_limits, array_plan.size)
         capacity_note = capacity.check_job(conn, fields, lease_timeout_s=cfg.lease_timeout_s,
                                            queue_unmet=cfg.queue_unmet_capacity)
         # A job name is free text, not a path: "CNN w/ dropout" keeps its slash.
@@ -85,14 +105,36 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
             retention.hold_blobs(conn)
             stored_script = blobs.commit(script)
             stored_dataset = blobs.commit(dataset) if dataset is not None else None
+            stored_reqs = blobs.commit(reqs) if reqs is not None else None
             job = create_job(conn, NewJob(
                 owner_id=user["id"], name=name, script_name=script_name, script=stored_script,
                 dataset_name=dataset_name, dataset=stored_dataset, webhook_url=webhook_url,
-                capacity_note=capacity_note, **fields))
+                capacity_note=capacity_note, requirements=stored_reqs, **fields))
+            dependencies.attach(conn, job["id"], parents, job["submitted_at"])
+            retries.store_policy(conn, job["id"], retry_policy)
+            jobenv.store(conn, job["id"], env)
+            if array_plan is not None:
+                # Last of the hooks: the array's other jobs are copies of this row.
+                job = arrays.expand(conn, array_plan, job, job["submitted_at"])
             scheduler.dispatch(conn, job["submitted_at"], cfg.lease_timeout_s)
         return get_job(conn, job["id"])
     finally:
         form.discard()
+
+
+def _requirements(form, cfg: Config, blobs: BlobStore) -> Upload | None:
+    """The job's requirements.txt, normalised (requirements.py); it replaces the
+    upload in the form, so a refusal discards it with the rest."""
+    upload = form.files.pop("requirements", None)
+    if upload is None:
+        return None
+    try:
+        normalised = requirements.check_upload(upload, cfg, blobs)
+    finally:
+        upload.discard()
+    if normalised is not None:
+        form.files["requirements"] = normalised
+    return normalised
 
 
 def _script(form, cfg: Config, blobs: BlobStore) -> tuple[Upload, str]:

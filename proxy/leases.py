@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from . import store, wakeups
+from . import retries, store, wakeups
 from .blobs import StoredBlob
 from .errors import Conflict, NotFound, ValidationError
 from .models import FINAL_VALUES, JobState, is_lookup_key
@@ -56,6 +56,10 @@ class Result:
     disk_full: bool = False
     # What output collection kept and left out, by reason (parse_outputs_report).
     outputs_report: dict | None = None
+    # The job's requirements environment (worker/pyenv.py): seconds its build
+    # took, and whether the worker had it cached; None without requirements.
+    env_build_s: float | None = None
+    env_cached: bool | None = None
 
 
 # ----------------------------------------------------------------- holding a job
@@ -183,6 +187,10 @@ def record_result(conn, worker: dict, job_id: str, result: Result, output: Store
         if held is not None and (held["worker_id"], held["attempt"]) == (worker["id"], result.attempt):
             result, clamped = bound_usage(result, held, now)
         gpu_s = result.gpu_seconds
+        # A retryable failure with retries left requeues the job (retries.py):
+        # no final state, no webhook, the try kept in the job's history.
+        if retries.retry(conn, job_id, (worker["id"], result.attempt), result, now):
+            return conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,)), True
         applied = store.finish_job(
             conn, job_id, result.state, now, expect=JobState.RUNNING,
             holder=(worker["id"], result.attempt),
@@ -195,7 +203,9 @@ def record_result(conn, worker: dict, job_id: str, result: Result, output: Store
             peak_memory_bytes=result.peak_memory_bytes, wall_seconds=result.wall_seconds,
             gpu_seconds=gpu_s, usage_clamped=",".join(clamped) or None,
             disk_full=int(result.disk_full),
-            outputs_report=json.dumps(result.outputs_report) if result.outputs_report else None)
+            outputs_report=json.dumps(result.outputs_report) if result.outputs_report else None,
+            env_build_s=result.env_build_s,
+            env_cached=None if result.env_cached is None else int(result.env_cached))
         job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
     if job is None:
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
@@ -264,13 +274,15 @@ def requeue(conn, job_id: str, now: float, max_attempts: int) -> None:
     It ends `cancelled` when its owner asked to cancel it, `failed` (worker
     lost) after `max_attempts` attempts.
     """
-    job = conn.query_one("SELECT attempt, cancel_requested FROM jobs WHERE id = ? AND state = ?",
-                         (job_id, JobState.RUNNING.value))
+    job = conn.query_one("SELECT attempt, retries_used, cancel_requested FROM jobs"
+                         " WHERE id = ? AND state = ?", (job_id, JobState.RUNNING.value))
     if job is None:
         return
+    # Kept in the job's history as a lost-worker try, apart from policy retries.
+    retries.worker_lost(conn, job_id, now)
     if job["cancel_requested"]:
         final, reason = JobState.CANCELLED, "cancelled by user (worker lost)"
-    elif job["attempt"] >= max_attempts:
+    elif retries.lost_attempts(job) >= max_attempts:
         final, reason = JobState.FAILED, WORKER_LOST_REASON
     else:
         conn.execute(

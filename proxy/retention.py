@@ -10,7 +10,8 @@ answer 410 `expired`.
 Blobs are content-addressed (blobs.py), so one file may serve many jobs (the
 same dataset submitted again, by its owner or anyone else). A blob is deleted
 only when no unexpired job refers to it: queued and running jobs are never
-expired, so a blob a live job needs is never deleted.
+expired, so a blob a live job needs is never deleted. Nor is a finished job
+expired while a queued or running child (dependencies.py) still needs its outputs.
 
 The sweep (`sweep`, run by a `Sweeper` thread in every proxy process and by
 `jobcloud-proxy sweep`) is safe with any number of processes and instances on
@@ -41,6 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from . import dependencies
 from .blobs import BlobStore, human_size
 from .db import PG_BLOB_LOCK, PG_SWEEP_LOCK
 from .errors import Gone, StorageQuotaExceeded
@@ -55,7 +57,8 @@ MiB = 1024 * 1024
 BATCH = 200
 # "Keep for ever" (retention_days = 0) as a number of days the SQL can subtract.
 FOREVER_DAYS = 10 ** 7
-BLOB_COLUMNS = ("script", "dataset", "output")
+# A job's stored files; a requirements.txt (requirements.py) is kept like its script.
+BLOB_COLUMNS = ("script", "dataset", "output", "requirements")
 
 
 # ------------------------------------------------------------ per-user settings
@@ -111,7 +114,7 @@ def storage_by_user(conn, user_id: str | None = None) -> dict[str, dict]:
     Returns:
         {user_id: {"bytes": n, "blobs": n}}
     """
-    where, params = ("", ()) if user_id is None else (" AND owner_id = ?", (user_id,) * 3)
+    where, params = ("", ()) if user_id is None else (" AND owner_id = ?", (user_id,) * len(BLOB_COLUMNS))
     rows = conn.query(f"SELECT owner_id, SUM(size) AS bytes, COUNT(*) AS blobs"
                       f" FROM ({_blobs_sql(where)}) b GROUP BY owner_id", params)
     # PostgreSQL sums BIGINT as NUMERIC (a Decimal here).
@@ -189,7 +192,8 @@ def _storage_bound(conn, user_id: str) -> int:
     """The user's stored bytes counting a blob once per job that uses it: at least `storage_of`."""
     row = conn.query_one(
         "SELECT COALESCE(SUM(script_size), 0) + COALESCE(SUM(dataset_size), 0)"
-        " + COALESCE(SUM(output_size), 0) AS n FROM jobs WHERE owner_id = ? AND expired_at IS NULL",
+        " + COALESCE(SUM(output_size), 0) + COALESCE(SUM(requirements_size), 0) AS n"
+        " FROM jobs WHERE owner_id = ? AND expired_at IS NULL",
         (user_id,))
     return int(row["n"])
 
@@ -197,7 +201,7 @@ def _storage_bound(conn, user_id: str) -> int:
 def _user_has(conn, user_id: str, blob: str) -> bool:
     return conn.query_one(" UNION ALL ".join(
         f"SELECT 1 AS x FROM jobs WHERE {c}_blob = ? AND expired_at IS NULL AND owner_id = ?"
-        for c in BLOB_COLUMNS), (blob, user_id) * 3) is not None
+        for c in BLOB_COLUMNS), (blob, user_id) * len(BLOB_COLUMNS)) is not None
 
 
 # ------------------------------------------------------------------- the sweep
@@ -219,7 +223,7 @@ def is_referenced(conn, blob: str) -> bool:
     """Whether any unexpired job (queued, running, or finished and kept) refers to `blob`."""
     return conn.query_one(" UNION ALL ".join(
         f"SELECT 1 AS x FROM jobs WHERE {c}_blob = ? AND expired_at IS NULL"
-        for c in BLOB_COLUMNS), (blob,) * 3) is not None
+        for c in BLOB_COLUMNS), (blob,) * len(BLOB_COLUMNS)) is not None
 
 
 @dataclass
@@ -272,11 +276,13 @@ def expire_due(conn, *, default_days: int, now: float, batch: int = BATCH) -> li
         shortest = conn.query_one("SELECT MIN(retention_days) AS d FROM user_limits")["d"]
         shortest = min(default, shortest) if shortest is not None else default
         due = conn.query(
-            "SELECT j.id, j.script_blob, j.dataset_blob, j.output_blob FROM jobs j"
+            "SELECT j.id, " + ", ".join(f"j.{c}_blob" for c in BLOB_COLUMNS) + " FROM jobs j"
             " LEFT JOIN user_limits l ON l.user_id = j.owner_id"
             # The first bound uses jobs_retention; the second is each user's own.
             " WHERE j.expired_at IS NULL AND j.finished_at < ? AND j.pinned = 0"
             " AND j.finished_at < ? - COALESCE(l.retention_days, ?) * 86400.0"
+            # A parent's outputs stay while a queued or running child still needs them.
+            f" AND NOT {dependencies.NEEDED_BY_CHILD_SQL}"
             " ORDER BY j.finished_at, j.id LIMIT ?",
             (now - shortest * DAY_S, now, default, batch))
         candidates: set[str] = set()
@@ -286,6 +292,9 @@ def expire_due(conn, *, default_days: int, now: float, batch: int = BATCH) -> li
                     " WHERE id = ? AND expired_at IS NULL AND pinned = 0", (now, job["id"])):
                 continue   # pinned since it was read
             conn.execute("DELETE FROM job_logs WHERE job_id = ?", (job["id"],))
+            # Earlier tries' log tails (retries.py) go with the logs; their exits stay.
+            conn.execute("UPDATE job_tries SET stdout_tail = NULL, stderr_tail = NULL"
+                         " WHERE job_id = ?", (job["id"],))
             expired.append(job["id"])
             candidates.update(job[f"{c}_blob"] for c in BLOB_COLUMNS if job[f"{c}_blob"])
         for blob in sorted(candidates):

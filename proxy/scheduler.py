@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from . import wakeups
+from . import arrays, retries, wakeups
 from .models import JobState, WorkerState
 
 # How many queued jobs one dispatch query reads at most; a pass reads further
@@ -48,8 +48,14 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
     """
     # Most passes of an idle cluster find nothing to place: one index probe
     # (jobs_queue) saves the per-worker read below, which grows with the workers.
-    if conn.query_one("SELECT 1 AS x FROM jobs WHERE worker_id IS NULL AND state = ? LIMIT 1",
-                      (JobState.QUEUED.value,)) is None:
+    # deps_pending = 0: a job whose parents have not all succeeded waits
+    # (dependencies.py), on the same index.
+    # A job in its retry back-off waits out its not_before (retries.py); the
+    # filter is empty while no job is in one.
+    due = retries.due_filter(conn, now)
+    if conn.query_one("SELECT 1 AS x FROM jobs WHERE worker_id IS NULL AND state = ?"
+                      f" AND deps_pending = 0{due[0]} LIMIT 1",
+                      (JobState.QUEUED.value, *due[1])) is None:
         return 0
     live = conn.query(
         "SELECT w.id, w.cpus, w.memory_mb, w.gpus, w.slots, w.images, w.rr_seq,"
@@ -63,9 +69,11 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
             if w["used"] < w["slots"] and w["images"]]
     if not free:
         return 0
-    owners = _queued_owners(conn)
+    owners = _queued_owners(conn, due)
     if not owners:
         return 0
+    # Job arrays' %N caps (arrays.py): an array with N reserved or running gets no more.
+    caps = arrays.Caps(conn, [w["id"] for w in live])
     load = _owner_load(conn, [w["id"] for w in live])
     next_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM workers")["m"] + 1
     user_seq = conn.query_one("SELECT COALESCE(MAX(rr_seq), 0) AS m FROM users")["m"] + 1
@@ -82,7 +90,7 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
         if cap is not None and load.get(owner, 0) >= cap:
             del owners[owner]   # at their max_running: their jobs wait
             continue
-        job, w = _next_placeable(conn, owner, free, pending, after, batch)
+        job, w = _next_placeable(conn, owner, free, pending, after, batch, due, caps)
         if job is None:
             del owners[owner]   # nothing of theirs fits a free worker now
             continue
@@ -90,6 +98,7 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
             "UPDATE jobs SET worker_id = ?, reserved_at = ? WHERE id = ? AND state = ?"
             " AND worker_id IS NULL", (w["id"], now, job["id"], JobState.QUEUED.value))
         if n:
+            caps.took(job)
             woken.add(wakeups.worker_topic(w["id"]))
             w["used"] += 1
             w["rr_seq"] = next_seq
@@ -107,13 +116,14 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
 
 
 def _next_placeable(conn, owner: str, free: list[dict], pending: dict, after: dict,
-                    batch: int) -> tuple[dict | None, dict | None]:
+                    batch: int, due: tuple,
+                    caps: arrays.Caps) -> tuple[dict | None, dict | None]:
     """The owner's oldest queued job some free worker can run now, with that worker."""
     while True:
         if not pending.get(owner):
             if after.get(owner) == "":
                 return None, None  # read to the end already
-            jobs = _queued_batch(conn, free, after.get(owner, ""), batch, owner)
+            jobs = _queued_batch(conn, free, after.get(owner, ""), batch, owner, due)
             # A whole batch can fit the free workers' combined limits and yet
             # none of them alone (a GPU on one, the memory on another): the
             # next call reads on, so such a head cannot block what is behind it.
@@ -122,12 +132,21 @@ def _next_placeable(conn, owner: str, free: list[dict], pending: dict, after: di
             if not jobs:
                 return None, None
         job = pending[owner].pop(0)
+        if not caps.allows(job):
+            # Its array is at its %N cap: the array's queued jobs follow this
+            # one in id order (arrays.Caps.last_queued), so read on after the
+            # last of them instead of through them all.
+            last = caps.last_queued(job["array_id"])
+            pending[owner] = [j for j in pending[owner] if j["id"] > last]
+            if after.get(owner) and after[owner] < last:
+                after[owner] = last
+            continue
         fits = [w for w in free if w["used"] < w["slots"] and _fits(job, w)]
         if fits:
             return job, min(fits, key=lambda w: (w["rr_seq"], w["id"]))
 
 
-def _queued_owners(conn) -> dict[str, dict]:
+def _queued_owners(conn, due: tuple) -> dict[str, dict]:
     """Users with unreserved queued jobs -> their oldest job's id ("head"), their
     place in the turn ("rr_seq"), weight and max_running.
 
@@ -137,16 +156,18 @@ def _queued_owners(conn) -> dict[str, dict]:
     q = JobState.QUEUED.value
     rows = conn.query(
         "WITH RECURSIVE owners(owner_id) AS ("
-        " SELECT MIN(owner_id) FROM jobs WHERE worker_id IS NULL AND state = ?"
+        " SELECT MIN(owner_id) FROM jobs WHERE worker_id IS NULL AND state = ? AND deps_pending = 0"
+        f"{due[0]}"
         " UNION ALL"
         " SELECT (SELECT MIN(j.owner_id) FROM jobs j WHERE j.worker_id IS NULL AND j.state = ?"
-        " AND j.owner_id > owners.owner_id) FROM owners WHERE owners.owner_id IS NOT NULL)"
+        f" AND j.deps_pending = 0{due[0]} AND j.owner_id > owners.owner_id) FROM owners"
+        " WHERE owners.owner_id IS NOT NULL)"
         " SELECT owner_id, (SELECT MIN(j.id) FROM jobs j WHERE j.worker_id IS NULL"
-        " AND j.state = ? AND j.owner_id = owners.owner_id) AS head,"
+        f" AND j.state = ? AND j.deps_pending = 0{due[0]} AND j.owner_id = owners.owner_id) AS head,"
         " (SELECT u.rr_seq FROM users u WHERE u.id = owners.owner_id) AS rr_seq,"
         " (SELECT l.weight FROM user_limits l WHERE l.user_id = owners.owner_id) AS weight,"
         " (SELECT l.max_running FROM user_limits l WHERE l.user_id = owners.owner_id) AS max_running"
-        " FROM owners WHERE owner_id IS NOT NULL", (q, q, q))
+        " FROM owners WHERE owner_id IS NOT NULL", (q, *due[1], q, *due[1], q, *due[1]))
     return {r["owner_id"]: {"head": r["head"], "rr_seq": r["rr_seq"], "weight": r["weight"] or 1.0,
                             "max_running": r["max_running"]} for r in rows}
 
@@ -166,17 +187,19 @@ def _owner_load(conn, live_worker_ids: list[str]) -> dict[str, int]:
     return load
 
 
-def _queued_batch(conn, free: list[dict], after: str, limit: int, owner: str) -> list[dict]:
+def _queued_batch(conn, free: list[dict], after: str, limit: int, owner: str,
+                  due: tuple) -> list[dict]:
     """The owner's next unreserved queued jobs after id `after` that a free worker could run."""
     # Filtering on the free workers' combined limits keeps a head of jobs no
     # one can run (say gpus=1 with no GPU worker) out of the scan altogether.
     images = sorted(set().union(*(w["images"] for w in free)))
     placeholders = ", ".join("?" for _ in images)
     return conn.query(
-        "SELECT id, cpus, memory_mb, gpus, image FROM jobs WHERE worker_id IS NULL AND state = ?"
-        f" AND owner_id = ? AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
+        "SELECT id, cpus, memory_mb, gpus, image, array_id, array_max_running FROM jobs"
+        " WHERE worker_id IS NULL AND state = ?"
+        f" AND deps_pending = 0{due[0]} AND owner_id = ? AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
         " AND id > ? ORDER BY id LIMIT ?",
-        (JobState.QUEUED.value, owner, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
+        (JobState.QUEUED.value, *due[1], owner, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
          max(w["memory_mb"] for w in free), *images, after, limit))
 
 

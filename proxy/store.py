@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from . import usage, wakeups, webhooks
+from . import arrays, dependencies, jobenv, retries, usage, wakeups, webhooks
 from .errors import Conflict, NotFound, ValidationError
 from .blobs import StoredBlob
 from .models import FINAL_STATES, JobState, id_floor, is_lookup_key, iso, new_id
@@ -26,7 +26,7 @@ FINAL_COLUMNS = frozenset({
     "exit_code", "failure_reason", "stdout_tail", "stderr_tail", "stdout_truncated",
     "stderr_truncated", "output_blob", "output_sha256", "output_size", "cpu_seconds",
     "peak_memory_bytes", "wall_seconds", "gpu_seconds", "worker_id", "reserved_at",
-    "disk_full", "outputs_report", "usage_clamped"})
+    "disk_full", "outputs_report", "usage_clamped", "env_build_s", "env_cached"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class NewJob:
     disk_mb: int | None = None
     # Why the job was accepted without a capacity check (capacity.check_job).
     capacity_note: str | None = None
+    # Its normalised requirements.txt (proxy/requirements.py), if any.
+    requirements: StoredBlob | None = None
 
 
 def create_job(conn, job: NewJob, now: float | None = None) -> dict:
@@ -61,6 +63,9 @@ def create_job(conn, job: NewJob, now: float | None = None) -> dict:
         (job_id, job.owner_id, job.name, job.script_name, *_blob_columns(job.script),
          job.dataset_name, *_blob_columns(dataset), job.image, job.cpus, job.memory_mb, job.timeout_s, job.gpus, JobState.QUEUED.value, now,
          job.webhook_url, job.disk_mb, job.capacity_note))
+    if job.requirements is not None:
+        conn.execute("UPDATE jobs SET requirements_blob = ?, requirements_sha256 = ?,"
+                     " requirements_size = ? WHERE id = ?", (*_blob_columns(job.requirements), job_id))
     wakeups.notify_jobs(conn, [job_id])
     return get_job(conn, job_id)
 
@@ -172,7 +177,8 @@ def cancel_job(conn, job: dict, now: float | None = None) -> dict:
 
 
 def finish_job(conn, job_id: str, final: JobState, now: float, *, expect: JobState,
-               holder: tuple[str, int] | None = None, **columns) -> bool:
+               holder: tuple[str, int] | None = None, dependents: bool = True,
+               **columns) -> bool:
     """Move a job to a final state: the only place where that happens.
 
     A compare-and-set: the job must still be in state `expect` (and, with
@@ -183,6 +189,8 @@ def finish_job(conn, job_id: str, final: JobState, now: float, *, expect: JobSta
 
     Args:
         holder: (worker_id, attempt) for a worker's result; None when no lease is checked.
+        dependents: release or cancel the jobs that run after this one
+            (dependencies.py); False only for that module's own cascade.
         columns: what else the ending sets (FINAL_COLUMNS), e.g. exit_code.
 
     Returns:
@@ -202,6 +210,8 @@ def finish_job(conn, job_id: str, final: JobState, now: float, *, expect: JobSta
     if n:
         _job_finished(conn, job_id, now)
         wakeups.notify_jobs(conn, [job_id])
+        if dependents:
+            dependencies.job_finished(conn, job_id, final, now)
     return bool(n)
 
 
@@ -209,7 +219,7 @@ def _job_finished(conn, job_id: str, now: float) -> None:
     """Once per job, inside the transaction that made it final: fix its cost, queue its webhook."""
     if usage.record_cost(conn, job_id)["webhook_url"]:
         job = get_job(conn, job_id)
-        webhooks.enqueue(conn, job, job_json(job), now)
+        webhooks.enqueue(conn, job, job_json(job, tries=retries.tries_json(conn, job)), now)
 
 
 def read_logs(conn, job: dict, stream: str, offset: int = 0, limit: int = 1024 * 1024) -> dict:
@@ -271,12 +281,13 @@ def job_warnings(job: dict) -> list[str]:
     return warnings
 
 
-def job_json(job: dict, waiting: dict | None = None) -> dict:
+def job_json(job: dict, waiting: dict | None = None, tries: list | None = None) -> dict:
     """The public JSON shape of a job (no internal paths, leases or worker secrets).
 
     Args:
         waiting: why a queued job waits (waiting.explain): computed only where
             one job is read (its JSON, page and stream), null in lists.
+        tries: its history (retries.tries_json), likewise only where one job is read.
     """
     return {
         "id": job["id"],
@@ -291,7 +302,20 @@ def job_json(job: dict, waiting: dict | None = None) -> dict:
                    "size": job["script_size"]},
         "dataset": ({"name": job["dataset_name"], "sha256": job["dataset_sha256"],
                      "size": job["dataset_size"]} if job["dataset_blob"] else None),
+        # The normalised requirements.txt the worker installs (wheels only) before the script.
+        "requirements": ({"sha256": job["requirements_sha256"], "size": job["requirements_size"]}
+                         if job.get("requirements_blob") else None),
+        # The array it belongs to and its index there (arrays.py); null for a lone job.
+        "array": arrays.job_array_json(job),
+        # Its own environment variables' names; the values only to its owner,
+        # on request (GET .../env): they may be secrets (jobenv.py).
+        "env_names": jobenv.names(job),
         "attempt": job["attempt"],
+        # Its retry policy (retries.py), its try under it (a lost worker's rerun
+        # keeps the number), and every try's exit, times and logs.
+        "retry_policy": retries.policy_json(job),
+        "try": (job.get("retries_used") or 0) + 1,
+        "tries": tries,
         "worker_id": job["worker_id"] if job["state"] == JobState.RUNNING.value else None,
         "cancel_requested": bool(job["cancel_requested"]),
         "submitted_at": iso(job["submitted_at"]),
@@ -317,7 +341,11 @@ def job_json(job: dict, waiting: dict | None = None) -> dict:
         "usage": {"cpu_seconds": job["cpu_seconds"], "peak_memory_bytes": job["peak_memory_bytes"],
                   "wall_seconds": job["wall_seconds"], "gpu_seconds": job.get("gpu_seconds"),
                   # Fields the proxy bounded by what it observed (leases.bound_usage).
-                  "clamped": sorted(filter(None, (job.get("usage_clamped") or "").split(",")))},
+                  "clamped": sorted(filter(None, (job.get("usage_clamped") or "").split(","))),
+                  # Building its requirements' environment, apart from the run's wall time;
+                  # env_cached: the worker had it already (null: no requirements).
+                  "env_build_s": job.get("env_build_s"),
+                  "env_cached": None if job.get("env_cached") is None else bool(job["env_cached"])},
         "cost": usage.cost_json(job),
         "webhook": webhooks.webhook_json(job),
         "links": {"self": f"/api/v1/jobs/{job['id']}", "logs": f"/api/v1/jobs/{job['id']}/logs",

@@ -40,6 +40,9 @@ class FormSpec:
     files: dict[str, tuple[int, str]]          # name -> (limit, description)
     texts: dict[str, int]                      # name -> limit in bytes
     max_parts: int = 64
+    # Text fields a form may give more than once (each part within its limit):
+    # ParsedForm.repeated has each text field's parts in order, fields the last one.
+    repeatable: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ParsedForm:
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, Upload] = field(default_factory=dict)
     filenames: dict[str, str] = field(default_factory=dict)
+    repeated: dict[str, list[str]] = field(default_factory=dict)
 
     def discard(self) -> None:
         for upload in self.files.values():
@@ -141,7 +145,7 @@ def _decode(stream, boundary: bytes, spec: FormSpec, blobs: BlobStore, form: Par
 
 def _start_part(event, spec: FormSpec, blobs: BlobStore, form: ParsedForm, seen: set):
     name = event.name
-    if name in seen:
+    if name in seen and name not in spec.repeatable:
         raise ValidationError(f"field {name!r} was given more than once", code="duplicate_field")
     seen.add(name)
     if isinstance(event, File) and name in spec.files:
@@ -172,6 +176,7 @@ def _finish_part(part, sink, form: ParsedForm) -> None:
     raw = b"".join(sink)
     try:
         form.fields[part.name] = raw.decode("utf-8")
+        form.repeated.setdefault(part.name, []).append(form.fields[part.name])
     except UnicodeDecodeError:
         raise ValidationError(f"field {part.name!r} is not valid UTF-8 text",
                               code="invalid_encoding") from None

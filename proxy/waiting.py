@@ -3,7 +3,9 @@
 Every queued job gets a reason code and a sentence (`waiting` in its JSON, its
 page, `jobcloud status`, the dashboard), in this order of precedence:
 
+  ``dependency``         a parent it runs after has not succeeded yet (dependencies.py);
   ``starting``           reserved for a worker, which takes it at its next claim;
+  ``retry_backoff``      its last try failed retryably: the next waits out its back-off (retries.py);
   ``vm_booting``         no live worker can take it, and the scaler is booting a VM
                          of a shape that can (since when, the typical boot time);
   ``no_workers``         the cluster has no live worker;
@@ -37,7 +39,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from . import capacity
+from . import arrays, capacity, dependencies, retries
 from .models import JobState, WorkerState, iso
 
 # Runtimes of the last this many finished jobs of the last week make "typical".
@@ -67,6 +69,11 @@ def explain(conn, job: dict, *, lease_timeout_s: float, now: float | None = None
     """The `waiting` object of one job; None unless it is queued."""
     if job["state"] != JobState.QUEUED.value:
         return None
+    if job.get("deps_pending"):
+        return _dependency(dependencies.waiting_on(conn, job))
+    capped = _array_cap(conn, job)
+    if capped is not None:
+        return capped
     cluster = load_cluster(conn, lease_timeout_s, now)
     return reason(cluster, job, _own_ahead(conn, cluster, job), _worker_name(conn, cluster, job))
 
@@ -81,7 +88,8 @@ def explain_queue(conn, *, lease_timeout_s: float, limit: int = 50,
     cluster = load_cluster(conn, lease_timeout_s, now)
     jobs = conn.query(
         "SELECT j.id, j.owner_id, j.name, j.image, j.cpus, j.memory_mb, j.gpus, j.timeout_s,"
-        " j.state, j.worker_id, j.submitted_at, u.name AS owner FROM jobs j"
+        " j.state, j.worker_id, j.submitted_at, j.deps_pending, j.not_before, j.retries,"
+        " j.retries_used, j.exit_code, j.array_id, j.array_max_running, u.name AS owner FROM jobs j"
         " JOIN users u ON u.id = j.owner_id WHERE j.state = ? ORDER BY j.id LIMIT ?",
         (JobState.QUEUED.value, limit))
     names = {w["id"]: w["name"] for w in cluster.workers}
@@ -89,6 +97,13 @@ def explain_queue(conn, *, lease_timeout_s: float, limit: int = 50,
     seen: dict[str, int] = {}
     out = []
     for job in jobs:
+        if job["deps_pending"]:
+            out.append((job, _dependency(dependencies.waiting_on(conn, job))))
+            continue
+        capped = _array_cap(conn, job)
+        if capped is not None:
+            out.append((job, capped))
+            continue
         ahead = seen.get(job["owner_id"], 0)
         if job["worker_id"] is None and any(capacity.fits(job, w) for w in active):
             seen[job["owner_id"]] = ahead + 1
@@ -180,6 +195,12 @@ def reason(cluster: Cluster, job: dict, own_ahead: int, worker_name: str | None 
         return _waiting("starting", f"Starting on worker {worker_name or job['worker_id']}: it was "
                         "handed to that worker, which takes it at its next claim.",
                         worker=worker_name)
+    backoff = retries.waiting_detail(job, cluster.now)
+    if backoff is not None:
+        detail, retry_at = backoff
+        return _waiting("retry_backoff", detail, retry_at=iso(retry_at),
+                        estimate=_range(retry_at, retry_at, "from its retry back-off: it starts "
+                                        "no earlier, then as a slot frees"))
     capable = [w for w in cluster.workers if capacity.fits(job, w)]
     active = [w for w in capable if w["state"] == WorkerState.ACTIVE.value]
     shape_fits = any(capacity.fits(job, s) for s in cluster.shapes)
@@ -336,6 +357,29 @@ def _mean_timeout(cluster: Cluster) -> float | None:
 def _range(earliest: float, latest: float, basis: str) -> dict:
     return {"earliest": iso(earliest), "latest": iso(latest), "is_estimate": True,
             "basis": f"An estimate {basis}."}
+
+
+def _array_cap(conn, job: dict) -> dict | None:
+    """A job of a job array at its %N cap (arrays.py): it waits for one of the array's to end."""
+    active = arrays.at_cap(conn, job)
+    if active is None:
+        return None
+    return _waiting("array_cap", f"{active} jobs of its array {job['array_id']} are running or"
+                    f" starting, its cap (%{job['array_max_running']}): it starts when one of"
+                    " them ends.", array={"id": job["array_id"], "active": active,
+                                          "max_running": job["array_max_running"]})
+
+
+def _dependency(parents: list[dict]) -> dict:
+    """A job waiting for its parents (dependencies.py): the first one named, with its state."""
+    if not parents:   # the last one succeeded since the job was read
+        return _waiting("dependency", "Its parents have succeeded: it is queued for a slot.",
+                        parents=[])
+    first = parents[0]
+    more = f" and {len(parents) - 1} more" if len(parents) > 1 else ""
+    return _waiting("dependency", f"Waiting for job {first['name']} ({first['id']}, "
+                    f"{first['state']}){more}: it starts once every job it runs after succeeded.",
+                    parents=[{"id": p["id"], "state": p["state"]} for p in parents[:20]])
 
 
 def _waiting(code: str, detail: str, *, position: dict | None = None, estimate: dict | None = None,

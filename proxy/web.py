@@ -7,7 +7,8 @@ import time
 from flask import (Blueprint, current_app, flash, g, jsonify, redirect, render_template, request,
                    url_for)
 
-from . import accounts, job_templates, limits, retention, store, usage, waiting, webhooks
+from . import (accounts, arrays, dependencies, job_templates, limits, retention, retries, store, usage,
+               waiting, webhooks)
 from .appstate import app_state
 from .auth import check_csrf, load_user, login_required, password_change_pending
 from .db import get_conn
@@ -35,6 +36,9 @@ def submit():
                          request.headers.get("Content-Type"), csrf_check=check_csrf)
     except ProxyError as e:
         return render_template("index.html", cfg=st.config, error=e.detail), e.status
+    if job.get("array_id"):
+        flash(f"Array {job['name'].rsplit('[', 1)[0]!r} accepted.")
+        return redirect(url_for("web.array_page", array_id=job["array_id"]))
     flash(f"Job {job['name']!r} accepted.")
     return redirect(url_for("web.job_page", job_id=job["id"]))
 
@@ -80,7 +84,8 @@ def job_page(job_id):
     position = Position(job["attempt"], logs["stdout"]["next_offset"], logs["stderr"]["next_offset"])
     active = job["state"] in ACTIVE_VALUES
     why = waiting.explain(conn, job, lease_timeout_s=app_state().config.lease_timeout_s)
-    return render_template("job.html", job=job, job_view=store.job_json(job, why), logs=logs,
+    return render_template("job.html", job=job, job_view=store.job_json(job, why, tries=retries.tries_json(conn, job)), logs=logs,
+                           relations=dependencies.relations(conn, job),
                            position=position.event_id(), kept_until=_kept_until(conn, job),
                            billed=usage.billed(usage.get_prices(conn)),
                            refresh=app_state().config.status_refresh_s if active else None)
@@ -140,6 +145,36 @@ def cancel(job_id):
 @login_required
 def outputs(job_id):
     return send_outputs(store.get_visible_job(get_conn(), job_id, g.user), app_state().blobs)
+
+
+@bp.route("/arrays/<array_id>", methods=["GET"])
+@login_required
+def array_page(array_id):
+    """A job array: counts per state and its jobs by index; static/array.js keeps it current."""
+    conn = get_conn()
+    array = arrays.get_visible_array(conn, array_id, g.user)
+    # The first PAGE_JOBS by index: a 10,000-row table is no page; the JSON has them all.
+    view = arrays.array_json(conn, array, limit=arrays.PAGE_JOBS)
+    return render_template("array.html", array=view)
+
+
+@bp.route("/arrays/<array_id>/cancel", methods=["POST"])
+@login_required
+def cancel_array(array_id):
+    check_csrf(request.form.get("csrf_token"))
+    conn = get_conn()
+    done = arrays.cancel(conn, arrays.get_visible_array(conn, array_id, g.user))
+    flash(f"Cancelled {done['cancelled']} queued job(s); {done['stopping']} running job(s)"
+          " told to stop.")
+    return redirect(url_for("web.array_page", array_id=array_id))
+
+
+@bp.route("/arrays/<array_id>/outputs", methods=["GET"])
+@login_required
+def array_outputs(array_id):
+    conn = get_conn()
+    return arrays.send_archive(conn, arrays.get_visible_array(conn, array_id, g.user),
+                               app_state().blobs)
 
 
 @bp.route("/account/webhook", methods=["GET", "POST"])

@@ -21,7 +21,7 @@ import zipfile
 
 from flask import Blueprint, g, jsonify, request
 
-from . import accounts, leases, retention, wakeups, workers
+from . import accounts, arrays, dependencies, jobenv, leases, retention, retries, wakeups, workers
 from .appstate import app_state
 from .auth import bearer_token
 from .db import close_conn, get_conn
@@ -33,6 +33,9 @@ from .uploads import FormSpec, parse_form
 
 bp = Blueprint("worker_api", __name__, url_prefix="/api/v1")
 
+# A claim waiting for a retry's back-off to end wakes this much after it, so
+# the job is due by the time the claim dispatches.
+RETRY_DUE_SLACK_S = 0.05
 # Jobs one claim (or one result's claim_next) may take.
 MAX_CLAIM = 64
 # Largest usage figure a result may report: 2**53 is exact as a JSON number
@@ -122,12 +125,17 @@ def _claim_waiting(worker: dict, max_jobs: int, wait_s: float) -> dict:
     """
     st = app_state()
     close_conn()   # the request's connection: idle long-polls hold none
-    with st.wakeups.subscribe(wakeups.worker_topic(worker["id"])) as wake:
+    # The retries topic, and a wait cut short where a back-off ends: a job
+    # whose retry back-off ends meanwhile is dispatched by this claim
+    # (retries.py), not by the next one after a full wait.
+    with st.wakeups.subscribe(wakeups.worker_topic(worker["id"]), retries.RETRY_TOPIC) as wake:
         with st.db.connection() as conn:
             jobs = workers.claim(conn, worker, max_jobs, **_lease_args())
             if jobs or max_jobs == 0 or wait_s <= 0:
                 return _claim_answer(conn, worker, jobs)
-        woken = not st.stopping.is_set() and wake.wait(wait_s)
+            due_in = retries.seconds_to_next(conn, time.time())
+        wait = wait_s if due_in is None else min(wait_s, due_in + RETRY_DUE_SLACK_S)
+        woken = not st.stopping.is_set() and (wake.wait(wait) or wait < wait_s)
     with st.db.connection() as conn:
         # Not woken: nothing was reserved for this worker since its claim (it
         # subscribed first), so the answer needs no second claim.
@@ -140,19 +148,31 @@ def _claim_waiting(worker: dict, max_jobs: int, wait_s: float) -> dict:
 
 def _claim_answer(conn, worker: dict, jobs: list[dict]) -> dict:
     """A claim's answer: the jobs now held, and the worker's orders."""
-    return {"jobs": [_claimed_json(j) for j in jobs], **workers.orders(conn, worker["id"]).json()}
+    # `after`: the parents whose outputs the job reads (dependencies.py).
+    return {"jobs": [dict(_claimed_json(j), after=dependencies.claimed_parents(conn, j))
+                     for j in jobs], **workers.orders(conn, worker["id"]).json()}
 
 
 def _claimed_json(job: dict) -> dict:
     base = f"/api/v1/worker/jobs/{job['id']}"
     return {
         "id": job["id"], "attempt": job["attempt"], "name": job["name"], "image": job["image"],
+        # Its try under its retry policy (JOBCLOUD_TRY): a lost worker's rerun keeps it.
+        "try": (job.get("retries_used") or 0) + 1,
         "cpus": job["cpus"], "memory_mb": job["memory_mb"], "timeout_s": job["timeout_s"],
         "gpus": job["gpus"], "disk_mb": job.get("disk_mb"),
         "script": {"sha256": job["script_sha256"], "size": job["script_size"],
                    "url": f"{base}/script"},
         "dataset": ({"sha256": job["dataset_sha256"], "size": job["dataset_size"],
                      "url": f"{base}/dataset"} if job["dataset_blob"] else None),
+        # Its array id, index and parameters row (arrays.py), for its env and params.json.
+        "array": arrays.claim_json(job),
+        # Its normalised requirements.txt, and the index to download its wheels from.
+        "requirements": ({"sha256": job["requirements_sha256"], "size": job["requirements_size"],
+                          "url": f"{base}/requirements"} if job.get("requirements_blob") else None),
+        "package_index_url": app_state().config.package_index_url,
+        # Its own environment variables (jobenv.py), under the worker's own.
+        "env": jobenv.variables(job),
     }
 
 
@@ -168,6 +188,23 @@ def download_dataset(job_id):
     if not job["dataset_blob"]:
         raise NotFound("this job has no dataset", code="no_dataset")
     return send_blob(app_state().blobs, job["dataset_blob"], "dataset.zip", "application/zip")
+
+
+@bp.route("/worker/jobs/<job_id>/requirements", methods=["GET"])
+def download_requirements(job_id):
+    job = leases.held_job(get_conn(), current_worker(), job_id)
+    if not job.get("requirements_blob"):
+        raise NotFound("this job has no requirements", code="no_requirements")
+    return send_blob(app_state().blobs, job["requirements_blob"], "requirements.txt", "text/plain")
+
+
+@bp.route("/worker/jobs/<job_id>/after/<parent_id>/outputs", methods=["GET"])
+def download_parent_outputs(job_id, parent_id):
+    """A parent's output archive, for the worker holding the child's lease only."""
+    conn = get_conn()
+    job = leases.held_job(conn, current_worker(), job_id)
+    parent = dependencies.parent_outputs(conn, job, parent_id)
+    return send_blob(app_state().blobs, parent["output_blob"], "outputs.zip", "application/zip")
 
 
 @bp.route("/worker/jobs/<job_id>/logs", methods=["POST"])
@@ -319,6 +356,8 @@ def parse_result(data: dict, tail_bytes: int) -> leases.Result:
         gpu_seconds=usage("gpu_seconds"),
         disk_full=_flag(data, "disk_full"),
         outputs_report=parse_outputs_report(data.get("outputs")),
+        env_build_s=usage("env_build_s"),
+        env_cached=_flag(data, "env_cached") if data.get("env_cached") is not None else None,
     )
 
 

@@ -11,6 +11,12 @@
 # other work may be using it. A reload takes the runtimes from the file alone,
 # so every one of them is in the file, none on dockerd's command line.
 #
+# crun 1.8 (Debian 12) refuses a cgroup v1 host whose v2 hierarchy holds a
+# controller ("cgroups in hybrid mode not supported, drop all controllers from
+# cgroupv2"); on the build machines that is hugetlb, which no v1 hierarchy took.
+# As root, with crun installed, such a controller is bound to a v1 hierarchy of
+# its own like the others (free_v2_controllers); docs/PERFORMANCE.md, "crun".
+#
 # There is no systemd on the build machines, so dockerd is started by hand;
 # its log goes to $DOCKERD_LOG (default /var/log/jobcloud-dockerd.log).
 set -euo pipefail
@@ -52,6 +58,36 @@ os.replace(path + ".tmp", path)
 print(f"docker-up: registered {', '.join(sorted(wanted))} in {path}")
 PY
 }
+
+# Binds each controller of a hybrid host's v2 hierarchy to a v1 hierarchy of
+# its own, so crun starts containers. Only when no v2 cgroup uses it (empty
+# subtree_control): the kernel refuses to move a controller in use. runc, which
+# uses the v1 hierarchies on such a host, then also puts each container in a
+# hugetlb cgroup, as on any v1 host that mounts it; containers already running
+# are not touched. Idempotent: once moved, the v2 hierarchy lists none.
+free_v2_controllers() {
+    local v2=/sys/fs/cgroup/unified controller
+    [[ -r $v2/cgroup.controllers && -d /sys/fs/cgroup/memory ]] || return 0
+    if [[ -n $(cat "$v2/cgroup.subtree_control") ]]; then
+        echo "docker-up: cgroup v2 controllers are in use ($(cat "$v2/cgroup.subtree_control"));" \
+             "crun cannot start containers on this host" >&2
+        return 0
+    fi
+    for controller in $(cat "$v2/cgroup.controllers"); do
+        if mkdir -p "/sys/fs/cgroup/$controller" 2>/dev/null \
+           && mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller"; then
+            echo "docker-up: cgroup controller $controller moved to a v1 hierarchy (crun refuses" \
+                 "a v2 hierarchy holding controllers next to v1 ones)"
+        else
+            echo "docker-up: could not move cgroup controller $controller off the v2 hierarchy;" \
+                 "crun cannot start containers on this host" >&2
+        fi
+    done
+}
+
+if is_root && command -v crun >/dev/null 2>&1; then
+    free_v2_controllers
+fi
 
 # Whether the running engine lists every wanted runtime.
 runtimes_loaded() {

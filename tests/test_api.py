@@ -336,3 +336,28 @@ def test_metrics_without_a_token_answer_loopback_clients_only(client, address, s
     assert r.status_code == status
     if status == 403:
         assert r.json["error"] == "metrics_loopback_only"
+
+
+def test_a_request_gunicorn_cannot_parse_gets_the_json_error_the_schema_documents(live_server):
+    """A malformed header is refused by gunicorn's parser before any route: the
+    answer is still `{"error", "detail"}` JSON and a status every operation
+    documents (the fuzzer found gunicorn's HTML page here)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from proxy.openapi import build_document
+    host, port = urlsplit(live_server.url).hostname, urlsplit(live_server.url).port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\ncontent-length: zMwB,U\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"Content-Type: application/json" in head, head
+    error = json.loads(body)
+    assert error["error"] == "bad_request" and "CONTENT-LENGTH" in error["detail"].upper()
+    spec = build_document()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert "400" in operation["responses"], f"{method.upper()} {path}"

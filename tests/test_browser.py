@@ -44,6 +44,23 @@ def page(console_errors):
             browser.close()
 
 
+def first_login(page, url: str, server, name: str) -> None:
+    """Make the user `name` with `server`'s admin CLI and log the page in as them
+    through the real forms: the one-time password, then the forced change."""
+    from playwright.sync_api import expect
+
+    one_time = re.search(r"one-time password: (\S+)", server.admin("user", "add", name)).group(1)
+    page.goto(url + "/login")
+    page.get_by_label("User name").fill(name)
+    page.get_by_label("Password").fill(one_time)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_label("Current password").fill(one_time)
+    page.get_by_label("New password (at least 10 characters)").fill(f"{name}-own-pass-1")
+    page.get_by_label("New password again").fill(f"{name}-own-pass-1")
+    page.get_by_role("button", name="Change password").click()
+    expect(page).to_have_url(url + "/")
+
+
 @pytest.mark.live
 def test_first_login_password_change_upload_and_job_list(page, console_errors, live_server):
     from playwright.sync_api import expect

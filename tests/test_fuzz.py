@@ -79,9 +79,11 @@ def seeded(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
     port = free_port()
     # Long-polls are capped at half a second: a generated wait_s may ask for
-    # the maximum on every example, and the run must stay bounded.
+    # the maximum on every example, and the run must stay bounded. A generated
+    # requirements file is checked for syntax only: the fuzz run needs no network.
     env = dict(os.environ, JOBCLOUD_DATA_DIR=str(data_dir), JOBCLOUD_BIND=f"127.0.0.1:{port}",
-               JOBCLOUD_LOG_LEVEL="WARNING", JOBCLOUD_CLAIM_WAIT_MAX_S="0.5")
+               JOBCLOUD_LOG_LEVEL="WARNING", JOBCLOUD_CLAIM_WAIT_MAX_S="0.5",
+               JOBCLOUD_PACKAGE_INDEX_CHECK="false")
     env.pop("JOBCLOUD_CONFIG", None)
     env.pop("JOBCLOUD_DATABASE_URL", None)
     proc = start_gunicorn(env, port, workers=2)
@@ -107,6 +109,8 @@ def _seed(url: str, data_dir: Path) -> Seeded:
         db.close()
     seeded = Seeded(url, user_token, admin_token, enrollment_token, "", _session_cookie(url))
     jobs = [_submit(seeded, f"job-{i}", with_dataset=i % 2 == 0) for i in range(6)]
+    # A job array (proxy/arrays.py), so its routes meet a real one, not only 404s.
+    array = _submit(seeded, "sweep", with_dataset=False, array="0-2%1")
     worker = seeded.register_worker("fuzz-worker")
     seeded.worker_secret = worker["secret"]
     claimed = requests.post(f"{url}/api/v1/worker/claim", json={"max_jobs": 3},
@@ -117,6 +121,7 @@ def _seed(url: str, data_dir: Path) -> Seeded:
     target = seeded.register_worker("admin-target")
     seeded.known = {
         "job_id": [j["id"] for j in jobs],
+        "array_id": [array["id"]],
         "token_id": [spare["id"]],
         "enrollment_id": [spare_enrollment["id"]],
         "worker_id": [target["worker_id"]],
@@ -125,7 +130,7 @@ def _seed(url: str, data_dir: Path) -> Seeded:
     return seeded
 
 
-def _submit(seeded: Seeded, name: str, with_dataset: bool) -> dict:
+def _submit(seeded: Seeded, name: str, with_dataset: bool, **fields: str) -> dict:
     files = {"script": ("main.py", b"print('hello')\n", "text/x-python")}
     if with_dataset:
         buffer = io.BytesIO()
@@ -133,7 +138,8 @@ def _submit(seeded: Seeded, name: str, with_dataset: bool) -> dict:
             archive.writestr("data.csv", "a,b\n1,2\n")
         files["dataset"] = ("data.zip", buffer.getvalue(), "application/zip")
     response = requests.post(f"{seeded.url}/api/v1/jobs", files=files,
-                             data={"name": name, "image": IMAGE, "cpus": "1", "memory_mb": "256"},
+                             data={"name": name, "image": IMAGE, "cpus": "1", "memory_mb": "256",
+                                   **fields},
                              headers=seeded.bearer(seeded.user_token), timeout=10)
     assert response.status_code == 201, response.text
     return response.json()

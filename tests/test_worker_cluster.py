@@ -15,10 +15,10 @@ import pytest
 import requests
 
 from tests.conftest import require, stop_gunicorn, wait_until
-from tests.test_worker_sandbox import (FINAL, Cluster, docker_ready, start_cluster, start_worker,
-                                       stop_worker)
+from tests.test_worker_sandbox import (FINAL, Cluster, docker_ready, job_containers, start_cluster,
+                                       start_worker, stop_worker)
 
-LABEL_JOB, LABEL_ATTEMPT, LABEL_WORKER = "jobcloud.job", "jobcloud.attempt", "jobcloud.worker"
+LABEL_WORKER = "jobcloud.worker"
 
 
 @pytest.fixture
@@ -89,14 +89,8 @@ def logs_as(c: Cluster, headers: dict, job_id: str) -> str:
                         headers=headers, timeout=10).json()["data"]
 
 
-def containers_of(client, job_id: str, attempt: int | None = None) -> list:
-    labels = [f"{LABEL_JOB}={job_id}"] + ([f"{LABEL_ATTEMPT}={attempt}"] if attempt else [])
-    # ignore_removed: a container removed between the list and its inspect is gone, not an error.
-    return client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
-
-
 def running_container(client, job_id: str, attempt: int):
-    found = [c for c in containers_of(client, job_id, attempt) if c.status == "running"]
+    found = [c for c in job_containers(client, job_id, attempt) if c.status == "running"]
     return found[0] if found else None
 
 
@@ -224,8 +218,10 @@ def test_a_run_lost_every_time_ends_failed_after_the_attempt_limit(clusters, doc
     assert c.run("print('next')")["state"] == "succeeded"
     job = c.job(job_id)
     assert job["state"] == "failed" and job["attempt"] == 2, job
-    assert not containers_of(docker_client, job_id)
-    assert c.log_tail().count("removed 1 container(s) left by an earlier run") == 2
+    assert not job_containers(docker_client, job_id)
+    # Each restart removed that attempt's container (and the slot's waiting one, worker `prestart`).
+    left = re.findall(r"removed \d+ container\(s\) left by an earlier run: jobs \[(.*)\]", c.log_tail())
+    assert [job_id in found for found in left] == [True, True], left
 
 
 def test_a_container_killed_from_outside_fails_at_once_with_its_exit_code(clusters, docker_client):
@@ -239,7 +235,7 @@ def test_a_container_killed_from_outside_fails_at_once_with_its_exit_code(cluste
     job = c.wait(job_id, timeout=30)
     assert job["state"] == "failed" and job["exit_code"] == 137, job
     assert job["failure_reason"] == "exit code 137" and job["attempt"] == 1, job
-    wait_until(lambda: not containers_of(docker_client, job_id), timeout=10,
+    wait_until(lambda: not job_containers(docker_client, job_id), timeout=10,
                what="the container to be removed")
 
 
@@ -283,15 +279,17 @@ def test_kill_9_one_of_two_workers_requeues_and_the_other_finishes_once(clusters
     assert c.outputs(job_id).read("attempt.txt") == b"2"
     assert survivor_log.read_text().count(f"job {job_id}: succeeded (applied=True)") == 1
     # The killed worker's container outlived it; nothing of it reached the proxy.
-    leftover = containers_of(docker_client, job_id, 1)
+    leftover = job_containers(docker_client, job_id, 1)
     assert [ct.labels[LABEL_WORKER] for ct in leftover] == [victim]
 
     # The killed worker comes back: it removes its leftover and posts nothing for the job.
     restarted, _ = start_worker(c.server.url, c.enrollment, victim_dir, victim_log, slots=1, name=victim)
     c.extra.append(restarted)
-    wait_until(lambda: "removed 1 container(s) left by an earlier run" in victim_log.read_text(),
+    # (With its slot's waiting container, worker `prestart`.)
+    wait_until(lambda: re.search(r"removed \d+ container\(s\) left by an earlier run: jobs \[.*'"
+                                 + re.escape(job_id) + "'", victim_log.read_text()),
                timeout=30, what="the restarted worker to remove its leftover")
-    assert not containers_of(docker_client, job_id)
+    assert not job_containers(docker_client, job_id)
     final = c.job(job_id)
     assert (final["state"], final["attempt"], final["finished_at"]) == ("succeeded", 2, job["finished_at"])
     assert f"job {job_id}: succeeded" not in victim_log.read_text()

@@ -177,3 +177,78 @@ def test_ml_image_runs_the_whole_stack(ml_cluster):
     assert "torch 83.0" in out and "cv2 (8, 8)" in out and "scipy 8.0" in out
     assert "pandas 6" in out and "sklearn True" in out
     assert sorted(ml_cluster.outputs(job_id).namelist()) == ["plot.png", "tiny.png"]
+
+
+# What scikit-learn's examples and notebooks import beyond the stack above, each
+# used for real: pandas' Styler renders HTML through jinja2, seaborn plots
+# through pyplot with no matplotlib.use() (MPLBACKEND=Agg from the image),
+# statsmodels, h5py and tqdm. Then joblib with n_jobs=2 on the job's 2 CPUs:
+# each of its worker processes must get 2 // 2 = 1 BLAS thread (2 in all),
+# and the job's own process 2, as threadpoolctl sees them.
+ML_NOTEBOOK_SCRIPT = '''\
+import json, os, sys
+import h5py, jinja2, matplotlib, numpy, pandas, seaborn, statsmodels.api as sm, tqdm
+from joblib import Parallel, delayed, cpu_count
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_validate
+from threadpoolctl import threadpool_info
+
+
+def blas_threads(_):
+    import numpy  # noqa: F401  (loads OpenBLAS in the joblib worker)
+    from threadpoolctl import threadpool_info
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+X, y = load_iris(return_X_y=True, as_frame=True)
+scores = pandas.DataFrame(cross_validate(LogisticRegression(max_iter=500), X, y, cv=3, n_jobs=2))
+with open("scores.html", "w") as f:
+    f.write(scores.describe().style.format(precision=3).to_html())
+ax = seaborn.scatterplot(data=X.assign(species=y), x="sepal length (cm)", y="petal length (cm)",
+                         hue="species")
+ax.figure.savefig("scatter.png")
+ols = sm.OLS(X["petal length (cm)"], sm.add_constant(X[["sepal length (cm)"]])).fit()
+with h5py.File("features.h5", "w") as f:
+    f["X"] = X.to_numpy()
+with h5py.File("features.h5", "r") as f:
+    shape = f["X"].shape
+total = sum(1 for _ in tqdm.tqdm(range(3), file=sys.stderr))
+print(json.dumps({
+    "backend": matplotlib.get_backend(), "mplbackend": os.environ.get("MPLBACKEND"),
+    "threads_env": {k: os.environ.get(k) for k in (
+        "OMP_THREAD_LIMIT", "GOTO_NUM_THREADS", "LOKY_MAX_CPU_COUNT", "NUMEXPR_MAX_THREADS",
+        "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+    "cpu_count": cpu_count(),
+    "main_blas": [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"],
+    "worker_blas": Parallel(n_jobs=2)(delayed(blas_threads)(i) for i in range(4)),
+    "accuracy": round(float(scores["test_score"].mean()), 2), "ols_r2": round(float(ols.rsquared), 2),
+    "h5": list(shape), "tqdm": total, "jinja2": jinja2.__version__.split(".")[0]}))
+'''
+
+
+@pytest.mark.live
+def test_ml_image_runs_notebook_libraries_with_threads_sized_to_the_job(ml_cluster):
+    """jobcloud/ml has jinja2, seaborn, statsmodels, h5py and tqdm; plots go to
+    PNG without a display; BLAS threads follow the job's CPUs, also in joblib's
+    workers (worker/sandbox.py thread_limits)."""
+    job_id = ml_cluster.submit(ML_NOTEBOOK_SCRIPT, image=ML_IMAGE, cpus=2, memory_mb=1536,
+                               timeout_s=180)
+    job = ml_cluster.wait(job_id, timeout=180)
+    out = ml_cluster.logs(job_id)["data"]
+    assert job["state"] == "succeeded", (job, out, ml_cluster.logs(job_id, "stderr")["data"])
+    facts = json.loads(out.strip().splitlines()[-1])
+    assert facts["mplbackend"] == "Agg" and facts["backend"].lower() == "agg", facts
+    assert facts["threads_env"] == {"OMP_THREAD_LIMIT": "2", "GOTO_NUM_THREADS": "2",
+                                    "LOKY_MAX_CPU_COUNT": "2", "NUMEXPR_MAX_THREADS": "2",
+                                    "OMP_NUM_THREADS": None, "OPENBLAS_NUM_THREADS": None}, facts
+    assert facts["cpu_count"] == 2 and facts["main_blas"] == [2], facts
+    # 2 // n_jobs each: 2 BLAS threads in all, not 2 x 2.
+    assert facts["worker_blas"] == [[1]] * 4, facts
+    assert facts["accuracy"] > 0.9 and facts["ols_r2"] > 0.5, facts
+    assert facts["h5"] == [150, 4] and facts["tqdm"] == 3 and facts["jinja2"] == "3", facts
+    outputs = ml_cluster.outputs(job_id)
+    assert sorted(outputs.namelist()) == ["features.h5", "scatter.png", "scores.html"]
+    assert outputs.read("scatter.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    html = outputs.read("scores.html").decode()
+    assert "<table" in html and "test_score" in html

@@ -2,13 +2,14 @@
 SIGTERM, and a restart after a crash cleaning up the earlier run's containers."""
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require, start_gunicorn, stop_gunicorn, wait_until
-from tests.test_worker_sandbox import docker_ready, start_cluster, start_worker, stop_worker
+from tests.test_worker_sandbox import docker_ready, job_containers, start_cluster, start_worker, stop_worker
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_second_signal_stops_now_and_a_restart_cleans_up(fresh):
     fresh.worker.send_signal(signal.SIGTERM)
     assert fresh.worker.wait(timeout=20) == 130, fresh.log_tail()
     client = docker.from_env()
-    assert not client.containers.list(all=True, filters={"label": f"jobcloud.job={job_id}"})
+    assert not job_containers(client, job_id)
     # Deregistering handed the job back: it runs again on the next worker.
     worker, _ = start_worker(fresh.server.url, fresh.enrollment, fresh.data_dir, fresh.worker_log,
                              slots=2, name=fresh.worker_env["JOBCLOUD_WORKER_NAME"])
@@ -73,12 +74,16 @@ def test_kill_9_leftovers_are_removed_on_restart(fresh):
     fresh.worker.kill()
     fresh.worker.wait()
     client = docker.from_env()
-    assert client.containers.list(filters={"label": f"jobcloud.job={job_id}"}), "container should outlive kill -9"
+    [left] = job_containers(client, job_id)
+    assert left.status == "running", "container should outlive kill -9"
     worker, _ = start_worker(fresh.server.url, fresh.enrollment, fresh.data_dir, fresh.worker_log,
                              slots=2, name=fresh.worker_env["JOBCLOUD_WORKER_NAME"])
     fresh.worker = worker
-    wait_until(lambda: "removed 1 container(s) left by an earlier run" in fresh.log_tail(), timeout=30,
+    # The job's container, and the other slot's waiting one (worker `prestart`).
+    wait_until(lambda: re.search(r"removed \d+ container\(s\) left by an earlier run: jobs \[.*'"
+                                 + re.escape(job_id) + "'", fresh.log_tail()), timeout=30,
                what="the restarted worker to remove the leftover")
+    wait_until(lambda: not job_containers(client, job_id, 1), timeout=10, what="the leftover to go")
     # The earlier registration was deregistered at start: the job is requeued at once and
     # runs again (attempt 2) instead of waiting for the lease to expire.
     wait_until(lambda: fresh.job(job_id)["attempt"] == 2, timeout=30, what="the job to run again")

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import require, stop_gunicorn, wait_until
 from tests.test_client_cli import Cli
-from tests.test_worker_sandbox import docker_ready, start_cluster, start_worker, stop_worker
+from tests.test_worker_sandbox import docker_ready, not_of_a_job, start_cluster, start_worker, stop_worker
 from worker import jobdisk
 from worker.jobdisk import JobDisk
 from worker.outputs import MANIFEST
@@ -53,8 +53,11 @@ def job_disk_of(cluster, job_id: str) -> Path:
 
 
 def worker_is_clean(cluster) -> bool:
-    jobs = cluster.data_dir / "jobs"
-    return (not jobs.exists() or not any(jobs.iterdir())) and not jobdisk.mounts_under(jobs)
+    """No job directory, disk or container left: only waiting containers (worker
+    `prestart`) holding nothing of a job."""
+    import docker
+    return not not_of_a_job(cluster.data_dir / "jobs", docker.from_env(),
+                            cluster.worker_env["JOBCLOUD_WORKER_NAME"])
 
 
 DEEP_TREE = """
@@ -101,8 +104,13 @@ def test_a_worker_starts_over_a_deep_job_dir_and_a_mounted_disk_a_killed_run_lef
         wait_until(lambda: proc.poll() is not None or "registered as sweeper" in log.read_text(),
                    timeout=30, what="the second worker to register")
         assert proc.poll() is None, log.read_text()[-3000:]
-        assert not any((data / "jobs").iterdir()) if (data / "jobs").exists() else True
-        assert not jobdisk.mounts_under(data)
+        # The killed run's tree and disk are gone; what it makes itself is waiting containers'.
+        assert not (data / "jobs" / "jleft-1").exists() and not (data / "jobs" / "jdisk-1").exists()
+        assert not [m for m in jobdisk.mounts_under(data) if not m.parent.name.startswith("waiting-")]
+        import docker
+        client = docker.from_env()
+        wait_until(lambda: not not_of_a_job(data / "jobs", client, "sweeper"), timeout=30,
+                   what="only waiting containers, holding nothing")
     finally:
         stop_worker(proc)
         for mountpoint in jobdisk.mounts_under(data):

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, require, stop_gunicorn, wait_until
-from tests.test_worker_sandbox import IMAGE, docker_ready, start_cluster, stop_worker
+from tests.test_worker_sandbox import IMAGE, docker_ready, job_containers, start_cluster, stop_worker
 from worker.errors import EXIT_REVOKED
 
 LEASE_S = 3
@@ -42,7 +42,7 @@ def registrations(c) -> int:
 
 def container_exited(job_id: str) -> bool:
     import docker
-    found = docker.from_env().containers.list(all=True, filters={"label": f"jobcloud.job={job_id}"})
+    found = job_containers(docker.from_env(), job_id)
     return not found or all(ct.status == "exited" for ct in found)
 
 

@@ -44,6 +44,53 @@ def docker_ready() -> tuple[bool, str]:
     return True, ""
 
 
+def job_containers(client, job_id: str, attempt: int | None = None) -> list:
+    """The containers a job ran in, however they were started: labelled with
+    the job (made for it), or named for it (a waiting container released to it,
+    worker `prestart`: labels cannot change, the name can)."""
+    labels = [f"jobcloud.job={job_id}"] + ([f"jobcloud.attempt={attempt}"] if attempt else [])
+    name = f"^/?jobcloud-{re.escape(job_id)}-{attempt if attempt else '[0-9]+'}$"
+    # ignore_removed: a container removed between the list and its inspect is gone, not an error.
+    found = {c.id: c for c in client.containers.list(all=True, filters={"label": labels},
+                                                       ignore_removed=True)}
+    found.update({c.id: c for c in client.containers.list(all=True, filters={"name": name},
+                                                            ignore_removed=True)})
+    return list(found.values())
+
+
+def not_of_a_job(jobs_dir: Path, client, worker_name: str) -> list[str]:
+    """What a worker holds besides waiting containers (worker `prestart`) that
+    carry nothing of any job: job directories, disks mounted for jobs, job
+    containers. A waiting container is named jobcloud-waiting-*, its directory
+    jobs/waiting-*, holding no more than its launcher's pipe in input/ and an
+    empty writable directory. Empty: nothing of a job is left."""
+    found = [f"container {c.name}" for c in client.containers.list(
+        all=True, filters={"label": f"jobcloud.worker={worker_name}"}, ignore_removed=True)
+        if not c.name.startswith("jobcloud-waiting-") or c.status != "running"]
+    if not jobs_dir.exists():
+        return found
+    for d in jobs_dir.iterdir():
+        if not (d.name.startswith("waiting-") and _holds_no_job(d)):
+            found.append(f"directory {d.name}: {sorted(p.name for p in d.rglob('*'))[:20]}")
+    found += [f"mount {m}" for m in jobdisk.mounts_under(jobs_dir)
+              if m.parent.parent != jobs_dir or not m.parent.name.startswith("waiting-")]
+    return found
+
+
+def _holds_no_job(waiting_dir: Path) -> bool:
+    entries = {p.name for p in waiting_dir.iterdir()}
+    if not entries <= {"input", jobdisk.WRITABLE_NAME, jobdisk.IMAGE_NAME, jobdisk.MOUNT_NAME}:
+        return False
+    inputs = waiting_dir / "input"
+    if inputs.exists() and not {p.name for p in inputs.iterdir()} <= {".jobcloud-launch"}:
+        return False
+    for writable in (waiting_dir / jobdisk.WRITABLE_NAME,
+                     waiting_dir / jobdisk.MOUNT_NAME / jobdisk.WRITABLE_NAME):
+        if writable.exists() and any(writable.iterdir()):
+            return False
+    return True
+
+
 class Cluster:
     def __init__(self, server: LiveServer, token: str, worker: subprocess.Popen, data_dir: Path,
                  worker_log: Path, env: dict):
@@ -349,10 +396,11 @@ def test_jobs_run_in_parallel_up_to_the_slots(cluster):
 
 def test_no_containers_or_job_dirs_left_behind(cluster):
     import docker
-    cluster.run("print(1)")
+    job = cluster.run("print(1)\nopen('left.txt', 'w').write('x')")
+    assert job["state"] == "succeeded", job
     client = docker.from_env()
-    def clean():
-        mine = client.containers.list(all=True, filters={"label": "jobcloud.job"})
-        jobs_dir = cluster.data_dir / "jobs"
-        return not mine and (not jobs_dir.exists() or not any(jobs_dir.iterdir()))
-    wait_until(clean, timeout=10, what="containers and job dirs to be removed")
+    name = cluster.worker_env["JOBCLOUD_WORKER_NAME"]
+    # Only waiting containers stay (worker `prestart`, on by default), and they hold nothing of a job.
+    wait_until(lambda: not job_containers(client, job["id"])
+               and not not_of_a_job(cluster.data_dir / "jobs", client, name),
+               timeout=10, what="containers and job dirs to be removed")

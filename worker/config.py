@@ -79,9 +79,17 @@ class WorkerConfig:
     # the engine's own runtime (runc), which every Docker install has.
     runtimes: dict[str, str] = field(default_factory=dict)
     # Keep one locked-down container started per free slot, waiting for its job
-    # (worker/prestart.py): a claim skips Docker's create and start. Off by
-    # default: each free slot then holds a container, a job dir and its disk.
-    prestart: bool = False
+    # (worker/prestart.py): a claim skips Docker's create and start. On by
+    # default (issue 16); off for a worker that must hold nothing while idle
+    # (each free slot then holds a started container, a job dir and its disk).
+    prestart: bool = True
+    # Where jobs' requirements wheels are downloaded from (a PEP 503/691
+    # simple index). Empty: the index the proxy's claim names (its
+    # package_index_url), else PyPI. Set it for a mirror near this worker.
+    package_index_url: str = ""
+    # Built requirements environments kept for later jobs (worker/pyenv.py),
+    # in MiB; least recently used are evicted past it, never one in use.
+    pyenv_cache_mb: int = 10 * 1024
     log_level: str = "INFO"
 
     @property
@@ -228,6 +236,10 @@ def _validate(values: dict) -> WorkerConfig:
         (all(RUNTIME_NAME.fullmatch(r) for r in cfg.runtimes.values()),
          "runtimes: a runtime name is letters, digits, '_', '.', '-' (as in dockerd's config)"),
         (1 <= cfg.default_disk_mb <= 2**24, "default_disk_mb must be between 1 and 16777216"),
+        (cfg.package_index_url == "" or re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?",
+                                                     cfg.package_index_url) is not None,
+         "package_index_url must be empty or an http(s) URL without query or fragment"),
+        (1 <= cfg.pyenv_cache_mb <= 2**24, "pyenv_cache_mb must be between 1 and 16777216"),
         (65536 <= cfg.job_uid < 2**31, "job_uid must be between 65536 and 2147483647 "
                                        "(below 65536 lie the host's accounts)"),
         (not _is_account(cfg.job_uid), f"job_uid {cfg.job_uid} is a user or group on this host: "

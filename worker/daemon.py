@@ -41,6 +41,7 @@ from .errors import (EXIT_FORCED, EXIT_OK, EXIT_REGISTER, EXIT_RETIRED, EXIT_REV
                      ProtocolError, ProxyUnreachable)
 from .inputs import DatasetCache
 from .prestart import Prestarter
+from .pyenv import EnvCache
 from .protocol import ClaimAnswer
 from .runner import JobRunner, Successors, remove_job_dirs
 from .sandbox import Sandbox
@@ -65,6 +66,8 @@ class Worker:
         self.client = client
         self.sandbox = sandbox
         self.cache = DatasetCache(config.data_path / "datasets", config.dataset_cache_bytes)
+        self.envs = EnvCache(config.data_path / "pyenv", config.pyenv_cache_mb * 1024 * 1024,
+                             sandbox=sandbox, job_uid=config.job_uid)
         self.heartbeat_interval = config.heartbeat_interval_s
         self.stopping = threading.Event()    # first signal: stop claiming
         self.giving_up = threading.Event()   # second signal: stop everything now
@@ -291,7 +294,7 @@ class Worker:
                            config=self.config, backoff=self.backoff, giving_up=self.giving_up,
                            on_done=self._job_done,
                            successors=Successors(want=self._claim_with_result, take=self.apply_claim),
-                           prestarter=self.prestarter)
+                           prestarter=self.prestarter, envs=self.envs)
         with self._lock:
             self._runners[runner.job_id] = runner
         if self.stopping.is_set():

@@ -57,6 +57,11 @@ class MalformedAnswer(ProtocolError):
     missing field, a wrong type): a proxy of another version."""
 
 
+class EnvBuildError(WorkerError):
+    """Raised when a job's requirements environment cannot be built (worker/pyenv.py):
+    the message is pip's, and the job fails with reason env_build_failed."""
+
+
 # Named exit codes of `jobcloud-worker` (README "Running a worker"). Only an
 # admin ends a registered worker: a partition, a proxy restart or being marked
 # lost never do (it registers again). The systemd units restart it on every

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import uuid
 from pathlib import Path
@@ -121,12 +122,65 @@ def extract_dataset(archive: Path, dest: Path, *, max_bytes: int, max_members: i
             (the reason only, without the path).
     """
     limits = ArchiveLimits(max_total_bytes=max_bytes, max_entries=max_members, max_ratio=max_ratio)
+    return _unpack(archive, dest, "dataset", limits)
+
+
+# Where a job's parents' outputs are unpacked (proxy/dependencies.py), under
+# its input directory: /job/input/after/<name>/, read-only like the rest.
+AFTER_DIR = "after"
+# The proxy names each directory (the parent's job name or id, made safe);
+# the worker checks it is one plain path component all the same.
+_PARENT_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def unpack_parent_outputs(parents: list, input_dir: Path, scratch: Path, download, *,
+                          max_bytes: int, max_members: int, max_ratio: float) -> None:
+    """Each parent's output archive (the claim's `after`) downloaded with
+    `download(url, dest)` and unpacked into input_dir/after/<name>/ under the
+    dataset's archive rule; a parent without outputs gets an empty directory.
+
+    Raises:
+        InputError: a parent entry or its name is malformed, a download does
+            not have the expected sha256, or an archive is not a readable zip.
+        UnsafeArchive: an archive breaks the rule.
+        ProtocolError, LeaseLost, ProxyUnreachable: from `download` (a parent's
+            outputs expired: 410 parent_expired, and the job fails with it).
+    """
+    if not parents:
+        return
+    after = input_dir / AFTER_DIR
+    after.mkdir(mode=0o755)
+    os.chmod(after, 0o755)
+    for n, parent in enumerate(parents):
+        name = parent.get("name") if isinstance(parent, dict) else None
+        if not isinstance(name, str) or not _PARENT_DIR.match(name) or (after / name).exists():
+            raise InputError(f"invalid directory name for a parent's outputs: {str(name)[:80]!r}")
+        dest = after / name
+        dest.mkdir(mode=0o755)
+        os.chmod(dest, 0o755)
+        outputs = parent.get("outputs")
+        if not outputs:
+            continue
+        archive = scratch / f"after-{n}.zip"
+        try:
+            download(outputs["url"], archive)
+            expected = outputs.get("sha256")
+            if expected and sha256_of(archive) != expected:
+                raise InputError(f"outputs of job {parent.get('id')}: sha256 mismatch")
+            _unpack(archive, dest, f"outputs of job {parent.get('id')}",
+                    ArchiveLimits(max_total_bytes=max_bytes, max_entries=max_members,
+                                  max_ratio=max_ratio))
+        finally:
+            archive.unlink(missing_ok=True)
+
+
+def _unpack(archive: Path, dest: Path, what: str, limits: ArchiveLimits) -> int:
+    """extract_dataset's unpacking for any input archive; returns the bytes written."""
     try:
-        extracted = jobcloud_archive.extract(archive, dest, limits, what="dataset",
-                                             file_mode=0o644, dir_mode=0o755)
+        return jobcloud_archive.extract(archive, dest, limits, what=what, file_mode=0o644,
+                                        dir_mode=0o755).total_bytes
     except ArchiveError as e:
         raise (InputError if e.code == "invalid_zip" else UnsafeArchive)(e.message) from None
     except OSError as e:
         # The job's owner reads this as the failure reason: no host path in it.
-        raise InputError(f"cannot unpack the dataset: {e.strerror or type(e).__name__}") from None
-    return extracted.total_bytes
+        raise InputError(f"cannot unpack the {what}: {e.strerror or type(e).__name__}") from None

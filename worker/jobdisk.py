@@ -80,6 +80,13 @@ class JobDisk:
         os.chown(self.writable, *self.owner)
         return self.writable
 
+    def moved_to(self, job_dir: Path) -> None:
+        """Its job directory was renamed (a waiting container's, given its job):
+        the mount follows the rename, these paths must too."""
+        self.image = job_dir / IMAGE_NAME
+        self.mountpoint = job_dir / MOUNT_NAME
+        self.writable = self.mountpoint / WRITABLE_NAME
+
     def sample(self) -> None:
         """Look whether the disk is full now (cheap: one statvfs)."""
         if not self._mounted or self.full:

@@ -1,4 +1,4 @@
-"""Pre-started sandboxes: one locked-down container per free slot, already
+"""Pre-started sandboxes: one locked-down container per slot, already
 created and started, waiting for its job (worker/sandbox.py's `prestart`).
 
 Why: Docker's create and start are most of a short job's time after its
@@ -8,12 +8,22 @@ CPUs differ, and the launcher's release.
 
 What keeps one job from the next: each waiting container gets a job
 directory (and, with quotas, a disk) of its own, runs exactly one job and is
-removed with it, like a cold one; nothing is ever reused. A job that does
-not fit the waiting container (another image, a GPU, another disk size)
-discards it and runs cold. The replacement is prepared in a thread once the
-job's container is gone, in the shape of the job that ended (the likeliest
-next one; the first ones take the worker's first image and default disk),
-so a slot holds at most one container at a time.
+removed with it, like a cold one; nothing is ever reused. Once it has its
+job, the directory is renamed jobs/<job>-<attempt> and the container
+jobcloud-<job>-<attempt> (worker/sandbox.py), as a cold job's are; only its
+labels (which Docker cannot change) still say `jobcloud.prestart`. A job
+that does not fit the waiting container (another image, a GPU, another disk
+size) discards it and runs cold.
+
+The replacement is prepared in a thread as soon as the job that took (or
+could not use) the slot's waiting container starts (`refill`), in that
+job's shape (the likeliest next one; the first ones take the worker's first
+image and default disk): it is made while the job runs and posts its
+result, so on a busy worker the next job finds it ready instead of waiting
+for Docker's create and start; and not before the job starts, so that
+making it does not delay the start. A worker holds at most one waiting
+container per slot, so a busy slot holds two containers: its job's and the
+next one's (docs/PERFORMANCE.md, "Warm starts").
 
 A draining or stopping worker removes its waiting containers (`close`); a
 killed one leaves them to the next start's sweep (they carry the worker's
@@ -22,6 +32,7 @@ label, and their directories lie under jobs/).
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from dataclasses import dataclass
@@ -63,6 +74,23 @@ class Prepared:
         self.waiting: Waiting | None = None
         self.disk: JobDisk | None = None
 
+    def move_to(self, job_dir: Path) -> None:
+        """Name its directory for the job it got, as a cold job's is
+        (jobs/<job>-<attempt>). The container's bind mounts and the disk's
+        mount follow a rename; only the paths kept here change.
+
+        Raises:
+            OSError: it could not be renamed (it keeps its name then).
+        """
+        remove_tree(job_dir)   # a leftover of the same attempt, as for a cold job
+        os.rename(self.job_dir, job_dir)
+        old, self.job_dir = self.job_dir, job_dir
+        waiting = self.waiting
+        waiting.input_dir = job_dir / waiting.input_dir.relative_to(old)
+        waiting.output_dir = job_dir / waiting.output_dir.relative_to(old)
+        if self.disk is not None:
+            self.disk.moved_to(job_dir)
+
     def remove_dir(self) -> None:
         """Remove the job directory and its disk (after its container)."""
         try:
@@ -75,7 +103,7 @@ class Prepared:
 
 
 class Prestarter:
-    """Keeps a waiting container per free slot.
+    """Keeps one waiting container per slot, busy or not.
 
     Args:
         sandbox: makes and removes the containers.
@@ -94,17 +122,16 @@ class Prestarter:
         self.owner = (job_uid, job_uid)
         self.next_shape = Shape(image, FIRST_CPUS, FIRST_MEMORY_MB, disk_mb)
         self._prepared: list[Prepared] = []
-        self._busy = 0          # slots holding a job (taken, ended not yet reported)
         self._open = False
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------- the pool
 
     def open(self) -> None:
-        """Fill every free slot (at start, and when a drain is lifted)."""
+        """Make a waiting container for every slot (at start, and when a drain is lifted)."""
         with self._lock:
             self._open = True
-            missing = self.slots - self._busy - len(self._prepared)
+            missing = self.slots - len(self._prepared)
             shape = self.next_shape
         for _ in range(max(0, missing)):
             self._prepare(shape)
@@ -117,14 +144,14 @@ class Prestarter:
         for prepared in gone:
             self._discard(prepared)
 
-    def take(self, spec: JobSpec, disk_mb: int | None) -> Prepared | None:
-        """A waiting container for this job, or None: it runs cold.
+    def take(self, spec: JobSpec, disk_mb: int | None, job_dir: Path) -> Prepared | None:
+        """A waiting container for this job, its directory renamed `job_dir`,
+        or None: it runs cold.
 
-        The slot counts as busy until `ended` either way. A waiting container
-        that does not fit is removed, so the slot holds one container at a time.
+        Either way the job calls `refill` when it starts. A waiting
+        container that does not fit is removed.
         """
         with self._lock:
-            self._busy += 1
             fits = [p for p in self._prepared if self._fits(p, spec, disk_mb)]
             # A ready one first; else the one furthest on (prepared longest ago).
             fits.sort(key=lambda p: not p.ready.is_set())
@@ -139,14 +166,21 @@ class Prestarter:
         if not pick.ready.wait(TAKE_WAIT_S) or pick.waiting is None:
             self._discard_later(pick)
             return None
+        try:
+            pick.move_to(job_dir)
+        except OSError as e:
+            log.warning("job %s: cannot rename %s (%s); it runs in a new container",
+                        spec.job_id, pick.job_dir, e)
+            self._discard_later(pick)
+            return None
         return pick
 
-    def ended(self, shape: Shape) -> None:
-        """A job's container is gone: its slot gets a waiting container of its shape."""
+    def refill(self, shape: Shape) -> None:
+        """A job of this shape starts, or its container is gone: its slot's
+        waiting container is made again if it is missing."""
         with self._lock:
-            self._busy = max(0, self._busy - 1)
             self.next_shape = shape
-            prepare = self._open and self._busy + len(self._prepared) < self.slots
+            prepare = self._open and len(self._prepared) < self.slots
         if prepare:
             self._prepare(shape)
 
@@ -161,8 +195,8 @@ class Prestarter:
         token = secrets.token_hex(6)
         prepared = Prepared(shape, self.jobs_dir / f"waiting-{token}")
         with self._lock:
-            if not self._open:
-                return   # closed since the caller looked
+            if not self._open or len(self._prepared) >= self.slots:
+                return   # closed, or filled, since the caller looked
             # Listed before it is made: whoever takes it out (take, close) waits for it.
             self._prepared.append(prepared)
         threading.Thread(target=self._make, args=(prepared, token), name=f"prestart-{token}",

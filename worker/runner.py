@@ -1,26 +1,31 @@
 """One claimed job, from claim to accepted result: make its disk, fetch
 inputs, run the container, collect outputs, post the result (retried until
-the proxy accepts or refuses it), and always clean up the job directory and
-give the slot back, whatever the job left (worker/trees.py).
+the proxy accepts or refuses it), and always clean up the ended container
+(after the result: removing it is not on the way to the next job), the job
+directory, and give the slot back, whatever the job left (worker/trees.py).
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import arrays
 from .client import WorkerClient
 from .config import WorkerConfig
-from .errors import InputError, LeaseLost, MalformedAnswer, ProtocolError, ProxyUnreachable, SandboxError
-from .inputs import DatasetCache, extract_dataset, sha256_of
+from .errors import (EnvBuildError, InputError, LeaseLost, MalformedAnswer, ProtocolError,
+                     ProxyUnreachable, SandboxError)
+from .inputs import DatasetCache, extract_dataset, sha256_of, unpack_parent_outputs
 from .jobdisk import JobDisk, make_job_dir, mounts_under, unmount
 from .logs import LogShipper, LogStream
 from .outputs import Collected, collect_outputs
 from .prestart import Prestarter, shape_of
 from .protocol import ClaimAnswer
+from .pyenv import DEFAULT_INDEX_URL, Env, EnvCache, environment_spec
 from .sandbox import JobSpec, Outcome, Sandbox, Waiting
 from .trees import remove_tree
 
@@ -56,7 +61,8 @@ class JobRunner(threading.Thread):
 
     def __init__(self, claimed: dict, *, client: WorkerClient, sandbox: Sandbox, cache: DatasetCache,
                  config: WorkerConfig, backoff, giving_up: threading.Event, on_done,
-                 successors: Successors | None = None, prestarter: Prestarter | None = None):
+                 successors: Successors | None = None, prestarter: Prestarter | None = None,
+                 envs: EnvCache | None = None):
         super().__init__(name=f"job-{claimed['id']}", daemon=True)
         self.job = claimed
         self.client = client
@@ -73,7 +79,13 @@ class JobRunner(threading.Thread):
         self._disk: JobDisk | None = None
         self.prestarter = prestarter
         self._waiting: Waiting | None = None   # taken, not yet handed to the sandbox
+        self._ended = None   # its container, ended, removed at clean-up (after the result)
         self._slot_held = prestarter is not None
+        # Requirements environments (worker/pyenv.py); the one this job holds,
+        # and what the result says of it (env_cached, env_build_s).
+        self.envs = envs
+        self._env: Env | None = None
+        self._env_report: dict = {}
 
     @property
     def job_id(self) -> str:
@@ -104,17 +116,25 @@ class JobRunner(threading.Thread):
                 self.on_done(self)
 
     def _container_gone(self) -> None:
-        """Tell the prestarter once: the slot's container is gone, prepare the next."""
+        """Tell the prestarter once: the slot's container is gone (it makes the
+        slot's waiting container again if the one made at `take` failed)."""
         if self._slot_held:
             self._slot_held = False
-            self.prestarter.ended(shape_of(self._spec(), self._quota_mb()))
+            self.prestarter.refill(shape_of(self._spec(), self._quota_mb()))
 
     def _clean_up(self) -> None:
         try:
+            if self._ended is not None:
+                # Before its disk: the container holds the disk's mount.
+                self.sandbox.remove(self._ended)
+                self._ended = None
             if self._waiting is not None:
                 # Taken, never run (its inputs failed): it runs nothing else.
                 self.sandbox.discard(self._waiting)
                 self._waiting = None
+            if self._env is not None:
+                self.envs.release(self._env.key)
+                self._env = None
             if self._disk is not None:
                 self._disk.remove()
             remove_tree(self.job_dir)
@@ -153,19 +173,27 @@ class JobRunner(threading.Thread):
         self._shipper = shipper
         waiting, self._waiting = self._waiting, None
         try:
-            outcome = self.sandbox.run(
-                self._spec(), input_dir, output_dir,
+            # Its requirements first: their build is the log's first section.
+            spec = self._with_environment(input_dir, streams)
+            if isinstance(spec, Outcome) and waiting is not None:
+                # Ended in its build: the clean-up removes the waiting container it took.
+                self._waiting, waiting = waiting, None
+            if self.prestarter is not None:
+                # Its slot's next waiting container is made while this job runs.
+                self.prestarter.refill(shape_of(self._spec(), self._quota_mb()))
+            outcome = spec if isinstance(spec, Outcome) else self.sandbox.run(
+                spec, input_dir, output_dir,
                 on_output=lambda name, data: streams[name].feed(data),
                 stop_reason=lambda: self._stop_reason,
                 on_poll=self._disk.sample if self._disk is not None else None,
-                waiting=waiting)
+                waiting=waiting, keep=self._keep)
         except SandboxError as e:
             log.warning("job %s: %s", self.job_id, e)
             outcome = Outcome(state="failed", exit_code=None, failure_reason=str(e), cpu_seconds=None,
                               peak_memory_bytes=None, wall_seconds=None)
         finally:
             shipper.finish()
-            # Before outputs and the result: the next container is made meanwhile.
+            # Before outputs and the result: a missing waiting container is made meanwhile.
             self._container_gone()
         if outcome.state == "abandoned" or shipper.lease_lost:
             log.info("job %s: stopped (%s), no result sent", self.job_id, self._stop_reason)
@@ -184,6 +212,9 @@ class JobRunner(threading.Thread):
             return result, None
         return self._outcome_result(outcome, streams, collected), archive if collected else None
 
+    def _keep(self, container) -> None:
+        self._ended = container
+
     def _make_job_dir(self) -> tuple[Path, Path]:
         """The job directory: input/ (read-only to the job) and the job's writable
         directory, on a disk of its own when the worker has quotas; a waiting
@@ -192,9 +223,10 @@ class JobRunner(threading.Thread):
         Raises:
             SandboxError: the job's disk could not be made.
         """
-        prepared = self.prestarter.take(self._spec(), self._quota_mb()) if self.prestarter else None
+        prepared = (self.prestarter.take(self._spec(), self._quota_mb(), self.job_dir)
+                    if self.prestarter else None)
         if prepared is not None:
-            self.job_dir, self._disk, self._waiting = prepared.job_dir, prepared.disk, prepared.waiting
+            self._disk, self._waiting = prepared.disk, prepared.waiting
             return self._waiting.input_dir, self._waiting.output_dir
         remove_tree(self.job_dir)
         input_dir, output_dir, self._disk = make_job_dir(
@@ -215,6 +247,21 @@ class JobRunner(threading.Thread):
         if expected and sha256_of(script) != expected:
             raise InputError("script sha256 mismatch")
         os.chmod(script, 0o644)
+        requirements = self.job.get("requirements")
+        if requirements:
+            # Also the job's to read, at /job/input/requirements.txt.
+            path = input_dir / "requirements.txt"
+            self.client.download(requirements["url"], path)
+            if sha256_of(path) != requirements.get("sha256"):
+                raise InputError("requirements sha256 mismatch")
+            os.chmod(path, 0o644)
+        # A job array's parameters row, at /job/input/params.json.
+        arrays.write_params(self.job.get("array"), input_dir)
+        # The outputs of the jobs it runs after, at /job/input/after/<name>/.
+        unpack_parent_outputs(self.job.get("after") or [], input_dir, self.job_dir,
+                              self.client.download, max_bytes=self.config.dataset_max_bytes,
+                              max_members=self.config.dataset_max_members,
+                              max_ratio=self.config.dataset_max_ratio)
         dataset = self.job.get("dataset")
         if not dataset:
             return
@@ -233,7 +280,9 @@ class JobRunner(threading.Thread):
         j = self.job
         return JobSpec(job_id=j["id"], attempt=j["attempt"], image=j["image"], cpus=float(j["cpus"]),
                        memory_mb=int(j["memory_mb"]), gpus=int(j.get("gpus") or 0),
-                       timeout_s=float(j["timeout_s"]))
+                       timeout_s=float(j["timeout_s"]), try_number=int(j.get("try") or 1),
+                       array_env=arrays.environment(j.get("array")),
+                       user_env=tuple((j.get("env") or {}).items()))
 
     def _outcome_result(self, outcome: Outcome, streams: dict[str, LogStream],
                         collected: Collected | None) -> dict:
@@ -248,7 +297,42 @@ class JobRunner(threading.Thread):
             stdout=out.tail(), stderr=err.tail(),
             stdout_truncated=out.truncated, stderr_truncated=err.truncated,
             cpu_seconds=outcome.cpu_seconds, peak_memory_bytes=outcome.peak_memory_bytes,
-            wall_seconds=outcome.wall_seconds, gpu_seconds=gpu_seconds(self.job, outcome))
+            wall_seconds=outcome.wall_seconds, gpu_seconds=gpu_seconds(self.job, outcome),
+            **self._env_report)
+
+    def _with_environment(self, input_dir: Path, streams: dict[str, LogStream]) -> JobSpec | Outcome:
+        """The job's spec, with its requirements environment mounted when it
+        has requirements (worker/pyenv.py: built, or found in the cache).
+
+        Returns:
+            The spec to run; or an Outcome that ends the job instead: failed
+            (env_build_failed: pip's message), or stopped during the build.
+        """
+        spec = self._spec()
+        if not self.job.get("requirements"):
+            return spec
+        out = streams["stdout"]
+        started = time.monotonic()
+        try:
+            if self.envs is None:
+                raise EnvBuildError("this worker cannot install requirements")
+            index = (self.config.package_index_url or self.job.get("package_index_url")
+                     or DEFAULT_INDEX_URL)
+            got = self.envs.acquire(spec, (input_dir / "requirements.txt").read_text(), index,
+                                    on_output=out.feed, stop_reason=lambda: self._stop_reason)
+        except (EnvBuildError, SandboxError) as e:
+            log.info("job %s: environment build failed: %s", self.job_id, e)
+            out.feed(f"== environment build failed: {e} ==\n".encode())
+            self._env_report = {"env_cached": False,
+                                "env_build_s": round(time.monotonic() - started, 3)}
+            return Outcome(state="failed", exit_code=None, failure_reason=f"env_build_failed: {e}",
+                           cpu_seconds=None, peak_memory_bytes=None, wall_seconds=None)
+        if isinstance(got, Outcome):
+            return got
+        self._env = got
+        self._env_report = {"env_cached": got.cached, "env_build_s": got.build_s}
+        out.feed(b"== running the script ==\n")
+        return environment_spec(spec, got)
 
     def _result(self, state: str, **fields) -> dict:
         result = {"attempt": self.job["attempt"], "state": state, **fields}

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 INPUT_MOUNT = "/job/input"
 OUTPUT_MOUNT = "/job/output"
+# A job's requirements environment (worker/pyenv.py), read-only, on PYTHONPATH.
+ENV_MOUNT = "/job/env"
+# On the containers that install a requirements environment.
+LABEL_BUILD = "jobcloud.build"
 SCRIPT_PATH = f"{INPUT_MOUNT}/main.py"
 DATA_PATH = f"{INPUT_MOUNT}/data"
 LABEL_WORKER = "jobcloud.worker"
@@ -106,6 +110,19 @@ class JobSpec:
     memory_mb: int
     gpus: int
     timeout_s: float
+    # Its try under the job's retry policy (the claim's `try`): JOBCLOUD_TRY.
+    try_number: int = 1
+    # Its place in a job array (worker/arrays.py): JOBCLOUD_ARRAY_* and JOBCLOUD_PARAMS.
+    array_env: tuple[tuple[str, str], ...] = ()
+    # The job's own environment variables (the claim's `env`), under the worker's own.
+    user_env: tuple[tuple[str, str], ...] = ()
+    # Host directory of its requirements environment (worker/pyenv.py), mounted
+    # read-only at ENV_MOUNT; None: no requirements.
+    env_dir: str | None = None
+    # A requirements build (worker/pyenv.py): pip's `command` runs instead of
+    # the script, in a container of its own name and label, same lockdown.
+    build: bool = False
+    command: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -164,16 +181,37 @@ class Sandbox:
                 raise SandboxError(f"cannot list images: {e}") from e
         return present
 
+    def image_id(self, name: str) -> str:
+        """The id of the local image `name` (a rebuilt image has a new one).
+
+        Raises:
+            SandboxError: the image is missing or the engine cannot say.
+        """
+        try:
+            return self.docker.images.get(name).id
+        except docker.errors.ImageNotFound as e:
+            raise SandboxError(f"image {name} is not available on this worker") from e
+        except docker.errors.DockerException as e:
+            raise SandboxError(f"cannot inspect image {name}: {e}") from e
+
     def remove_leftovers(self) -> list[str]:
         """Remove containers of an earlier run of this worker, waiting ones
         included; returns their job ids ("waiting" for a container that had none)."""
         try:
             found = self.docker.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={self.owner}"})
             for c in found:
-                c.remove(force=True)
+                try:
+                    c.remove(force=True)
+                except docker.errors.NotFound:
+                    pass   # gone meanwhile (its own auto-removal, or an earlier sweep's)
+                except docker.errors.APIError as e:
+                    # 409 "removal already in progress": another remove of it is
+                    # under way (a stopping worker's); the engine finishes it.
+                    if e.status_code != 409:
+                        raise
         except docker.errors.DockerException as e:
             raise SandboxError(f"cannot remove leftover containers: {e}") from e
-        return [c.labels.get(LABEL_JOB, "waiting" if LABEL_PRESTART in c.labels else "?") for c in found]
+        return [_job_of(c) for c in found]
 
     # ------------------------------------------------------ a waiting container
 
@@ -220,7 +258,8 @@ class Sandbox:
             on_output: Callable[[str, bytes], None],
             stop_reason: Callable[[], str | None],
             on_poll: Callable[[], None] | None = None,
-            waiting: Waiting | None = None) -> Outcome:
+            waiting: Waiting | None = None,
+            keep: Callable[[object], None] | None = None) -> Outcome:
         """Run the job's script to its end, its timeout, or a stop request.
 
         Args:
@@ -233,13 +272,23 @@ class Sandbox:
                 input_dir and output_dir are these); released instead of
                 creating one. One whose limits cannot be set or whose launcher
                 is gone is removed, and the job runs in a new container.
+            keep: called with the container once it has ended, which is then
+                not removed here: the caller removes it (`remove`) later, after
+                posting the result, so removing it is not on the way to the next job.
 
         Raises:
             SandboxError: the engine could not create or start the container.
         """
         released = self._release(waiting, spec) if waiting is not None else None
+        kept = False
+        renaming = None
         if released is not None:
             container, stream, usage, since = released
+            # Named for its job like a cold one (`docker ps`, the leftover sweep's log), in
+            # the background: the script runs meanwhile, and its first samples are not late.
+            renaming = threading.Thread(target=self._rename, args=(container, _container_name(spec)),
+                                        name=f"rename-{spec.job_id}", daemon=True)
+            renaming.start()
         else:
             container = self._create(spec, input_dir, output_dir)
         try:
@@ -250,10 +299,21 @@ class Sandbox:
                 usage, since = CgroupUsage(container.id), None
             else:
                 reader, reader_done = _start_reader(stream, on_output, spec.job_id)
-            return self._watch(container, spec, usage, since, reader, reader_done, stop_reason,
-                               on_poll or _nothing)
+            outcome = self._watch(container, spec, usage, since, reader, reader_done, stop_reason,
+                                  on_poll or _nothing)
+            if keep is not None:
+                keep(container)
+                kept = True
+            return outcome
         finally:
-            self._remove(container)
+            if renaming is not None:
+                renaming.join(timeout=30)
+            if not kept:
+                self._remove(container)
+
+    def remove(self, container) -> None:
+        """Remove an ended job's container that `run` left to its caller (`keep`)."""
+        self._remove(container)
 
     def _release(self, waiting: Waiting, spec: JobSpec):
         """Give a waiting container its job: limits, then the launcher's order.
@@ -264,6 +324,9 @@ class Sandbox:
         """
         container = waiting.container
         try:
+            if spec.env_dir is not None or spec.build:
+                # Its mounts were fixed before the job was known.
+                raise SandboxError("it cannot mount a requirements environment")
             self._fit_limits(waiting, spec)
             usage = CgroupUsage(container.id)
             # What the launcher used while it waited is not the job's.
@@ -316,6 +379,13 @@ class Sandbox:
         finally:
             os.close(fd)
 
+    def _rename(self, container, name: str) -> None:
+        try:
+            self.docker.api.rename(container.id, name)
+        except docker.errors.DockerException as e:
+            # Only a name: the job runs on, under its waiting container's name.
+            log.warning("cannot rename %s to %s: %s", container.name, name, e)
+
     def _running(self, waiting: Waiting) -> bool:
         try:
             waiting.container.reload()
@@ -326,7 +396,7 @@ class Sandbox:
     def _create(self, spec: JobSpec, input_dir: Path, output_dir: Path):
         try:
             return self.docker.containers.create(
-                spec.image, COMMAND, **self._lockdown(spec, input_dir, output_dir))
+                spec.image, list(spec.command or COMMAND), **self._lockdown(spec, input_dir, output_dir))
         except docker.errors.ImageNotFound as e:
             raise SandboxError(f"image {spec.image} is not available on this worker") from e
         except docker.errors.DockerException as e:
@@ -336,7 +406,7 @@ class Sandbox:
         p = self.policy
         memory = f"{spec.memory_mb}m"
         kwargs = dict(
-            name=f"jobcloud-{spec.job_id}-{spec.attempt}",
+            name=_container_name(spec),
             labels={LABEL_WORKER: self.owner, LABEL_JOB: spec.job_id, LABEL_ATTEMPT: str(spec.attempt)},
             user=p.user,
             working_dir=OUTPUT_MOUNT,
@@ -363,6 +433,12 @@ class Sandbox:
         )
         if spec.image in p.runtimes:
             kwargs["runtime"] = p.runtimes[spec.image]
+        if spec.env_dir is not None:
+            kwargs["mounts"].append(Mount(ENV_MOUNT, spec.env_dir, type="bind", read_only=True))
+            kwargs["environment"]["PYTHONPATH"] = f"{ENV_MOUNT}/site"
+        if spec.build:
+            kwargs["name"] = f"jobcloud-build-{spec.job_id}-{spec.attempt}"
+            kwargs["labels"][LABEL_BUILD] = "1"
         if spec.gpus > 0:
             kwargs["device_requests"] = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
         return kwargs
@@ -459,6 +535,23 @@ def _nothing() -> None:
     pass
 
 
+def _job_of(container) -> str:
+    """The job a container of this worker ran: its label, or for a waiting
+    container released to a job, its name (labels cannot change); "waiting"
+    for one that had none yet."""
+    if LABEL_JOB in container.labels:
+        return container.labels[LABEL_JOB]
+    name = container.name or ""
+    if LABEL_PRESTART in container.labels and not name.startswith("jobcloud-waiting-"):
+        return name.removeprefix("jobcloud-").rpartition("-")[0] or "?"
+    return "waiting" if LABEL_PRESTART in container.labels else "?"
+
+
+def _container_name(spec: JobSpec) -> str:
+    # A waiting container takes this name once released (`run`): the same for both.
+    return f"jobcloud-{spec.job_id}-{spec.attempt}"
+
+
 def _nano_cpus(cpus: float) -> int:
     # Docker refuses a CPU quota above the host's CPU count.
     return int(min(cpus, float(os.cpu_count() or 1)) * 1e9)
@@ -480,16 +573,47 @@ def _close(stream) -> None:
 
 
 def job_environment(spec: JobSpec) -> dict:
-    """The container's whole environment: job facts only, nothing of the worker's."""
-    threads = str(max(1, int(spec.cpus)))
+    """The container's whole environment: the job's own variables, then the
+    job's facts over them (the proxy refuses those names, jobenv.py: this is
+    the second line), nothing of the worker's. A requirements build gets none
+    of the job's own: PIP_* and the like must not steer pip."""
+    own = {} if spec.build else dict(spec.user_env)
     return {
+        **own,
+        **thread_limits(spec.cpus),
         # USER and LOGNAME: the job's uid has no passwd entry in an image built
         # before it was chosen, and getpass.getuser() looks at these first.
         "HOME": "/tmp", "USER": "job", "LOGNAME": "job", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
-        "MPLCONFIGDIR": "/tmp", "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+        "MPLCONFIGDIR": "/tmp",
         "JOBCLOUD_JOB_ID": spec.job_id, "JOBCLOUD_ATTEMPT": str(spec.attempt),
+        "JOBCLOUD_TRY": str(spec.try_number),
         "JOBCLOUD_INPUT": INPUT_MOUNT, "JOBCLOUD_DATA": DATA_PATH, "JOBCLOUD_OUTPUT": OUTPUT_MOUNT,
+        **dict(spec.array_env),
     }
+
+
+def thread_limits(cpus: float) -> dict:
+    """Variables that size the job's thread pools to its CPUs, not the host's.
+
+    Without them OpenBLAS and OpenMP start one thread per host core whatever
+    the job's CPU quota (64 threads sharing 2 CPUs), and joblib's loky counts
+    CPUs from the quota only where it can read the cgroup. Not the usual
+    OMP_NUM_THREADS and OPENBLAS_NUM_THREADS: joblib passes those on to its
+    worker processes unchanged when the parent has them, so n_jobs=2 on 2
+    CPUs ran 2 x 2 BLAS threads; left unset, joblib gives each worker
+    cpus // n_jobs of them. These cap the job's own process the same way and
+    are not passed on: OMP_THREAD_LIMIT (the OpenMP standard's cap on a
+    process's threads), GOTO_NUM_THREADS (read by OpenBLAS after
+    OPENBLAS_NUM_THREADS, which joblib sets in its workers),
+    NUMEXPR_MAX_THREADS (numexpr's pool), LOKY_MAX_CPU_COUNT (joblib's
+    cpu_count(), so n_jobs=-1 and the split above use the job's CPUs).
+    MKL_NUM_THREADS, BLIS_NUM_THREADS, NUMEXPR_NUM_THREADS and
+    VECLIB_MAXIMUM_THREADS stay unset for the same reason as the first two
+    (joblib's list). A job may still set any of those itself.
+    """
+    threads = str(max(1, int(cpus)))
+    return {"OMP_THREAD_LIMIT": threads, "GOTO_NUM_THREADS": threads,
+            "NUMEXPR_MAX_THREADS": threads, "LOKY_MAX_CPU_COUNT": threads}
 
 
 def _read_streams(stream, on_output, done: threading.Event) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from .api_paths import api_paths
+from .builders import MALFORMED
 from .page_paths import page_paths
 from .schemas import SCHEMAS
 from .worker_paths import worker_paths
@@ -38,10 +39,17 @@ def build_document() -> dict:
     Returns:
         The OpenAPI 3.1 document as a JSON-ready dict.
     """
+    paths = {**api_paths(), **worker_paths(), **page_paths()}
+    # Any request may be malformed below the routes (a header gunicorn cannot
+    # parse): gunicorn answers it 400 with the same JSON error (gunicorn_conf),
+    # so every operation documents a 400, its own where it has one.
+    for operations in paths.values():
+        for operation in operations.values():
+            operation["responses"].setdefault("400", MALFORMED)
     return {
         "openapi": "3.1.0",
         "info": {"title": "jobcloud proxy API", "version": "1"},
-        "paths": {**api_paths(), **worker_paths(), **page_paths()},
+        "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": SECURITY_SCHEMES},
     }
 

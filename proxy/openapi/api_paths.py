@@ -6,8 +6,8 @@ builders.py holds what they all share.
 """
 from __future__ import annotations
 
-from .builders import (ERROR, EVENT_STREAM, JOB_ID, RESUME, SUBMIT_FORM, USAGE_PARAMS, USER,
-                       USER_NAME, USER_PARAM, answer, errors, json_body, op)
+from .builders import (ARRAY_ID, ERROR, EVENT_STREAM, JOB_ID, RESUME, SUBMIT_FORM, USAGE_PARAMS,
+                       USER, USER_NAME, USER_PARAM, answer, errors, json_body, op)
 
 JOB_EVENTS = ("A job's state and output as Server-Sent Events: `state` (the Job, when it changes, "
               "with truncated: {stdout, stderr}), `attempt` (requeued: output starts again), "
@@ -31,15 +31,22 @@ def api_paths() -> dict:
                       params=[{"name": "before", "in": "query", "schema": {"type": "string"}},
                               {"name": "limit", "in": "query", "schema": {"type": "integer"}},
                               {"name": "state", "in": "query", "schema": {"type": "string"}}]),
-            "post": op("Submit a job", USER,
-                       {"201": answer({"$ref": "#/components/schemas/Job"}, "Accepted, durable"),
+            "post": op("Submit a job, or a job array (`array` or `params`)", USER,
+                       {"201": answer({"oneOf": [{"$ref": "#/components/schemas/Job"},
+                                                 {"$ref": "#/components/schemas/JobArray"}]},
+                                      "Accepted, durable: the Job, or with `array`/`params` the "
+                                      "JobArray (Location: /api/v1/arrays/{id})"),
                         **errors(400, 401, 413, 415, 429),
                         # A job no live worker and no scaler VM shape could run (proxy/capacity.py).
                         "400": answer(ERROR, "A field is invalid, or `no_capacity`: no live worker "
                                       "and no VM shape the scaler reported has the image, CPUs, "
                                       "memory or GPUs it asks (the detail names the resource and "
                                       "what exists; the queue_unmet_capacity setting accepts "
-                                      "such jobs instead)")}, body=SUBMIT_FORM),
+                                      "such jobs instead)"),
+                        # requirements.py: the package index could not be asked.
+                        "503": answer(ERROR, "`package_index_unreachable`: the job has a "
+                                      "requirements file and the package index could not be "
+                                      "asked whether its packages have wheels")}, body=SUBMIT_FORM),
         },
         "/api/v1/jobs/{job_id}": {"get": op(
             "One job", USER, {"200": answer({"$ref": "#/components/schemas/Job"}), **errors(401, 404)},
@@ -49,7 +56,15 @@ def api_paths() -> dict:
             {"200": answer({"$ref": "#/components/schemas/Logs"}), **errors(400, 401, 404, 410)},
             params=[JOB_ID, {"name": "stream", "in": "query",
                              "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}])},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "attempt", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                     "description": "one try's logs (the job's `tries` link them); default: "
+                                    "the latest"}])},
+        "/api/v1/jobs/{job_id}/env": {"get": op(
+            "The job's environment variables with their values (proxy/jobenv.py): its owner "
+            "only (an admin gets 403, anyone else 404)", USER,
+            {"200": answer({"$ref": "#/components/schemas/JobEnv"}), **errors(401, 403, 404)},
+            params=[JOB_ID])},
         "/api/v1/jobs/{job_id}/outputs": {"get": op(
             "Download the output archive (zip attachment)", USER,
             {"200": {"description": "zip", "content": {"application/zip": {}}},
@@ -67,6 +82,23 @@ def api_paths() -> dict:
             "Cancel a job", USER,
             {"200": answer({"$ref": "#/components/schemas/Job"}), **errors(401, 404, 409)},
             params=[JOB_ID])},
+        # Job arrays (proxy/arrays.py): the owner's or an admin's; 404 for anyone else.
+        "/api/v1/arrays/{array_id}": {"get": op(
+            "A job array: counts per state and its jobs by index, a page at a time", USER,
+            {"200": answer({"$ref": "#/components/schemas/JobArray"}), **errors(400, 401, 404)},
+            params=[ARRAY_ID, {"name": "after", "in": "query", "schema": {"type": "integer"},
+                               "description": "the jobs after this index"},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}])},
+        "/api/v1/arrays/{array_id}/cancel": {"post": op(
+            "Cancel every job of the array that has not ended", USER,
+            {"200": answer({"$ref": "#/components/schemas/JobArray"}), **errors(401, 404)},
+            params=[ARRAY_ID])},
+        "/api/v1/arrays/{array_id}/outputs": {"get": op(
+            "Every job's outputs as one zip, streamed: <index>/<path>, and MISSING.txt listing "
+            "the jobs without outputs", USER,
+            {"200": {"description": "zip", "content": {"application/zip": {}}},
+             **errors(401, 404)}, params=[ARRAY_ID])},
         "/api/v1/tokens": {
             "get": op("List my API tokens", USER, {"200": answer({"type": "object"}), **errors(401)},
                       tag="account"),

@@ -17,6 +17,8 @@ SESSION = [{"session": []}]
 USER_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 USER_PARAM = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+ARRAY_ID = {"name": "array_id", "in": "path", "required": True,
+            "schema": {"type": "string", "maxLength": 64}}
 
 ERROR_TEXT = {400: "Invalid request", 401: "Missing or invalid credentials", 403: "Not allowed",
               404: "Not found (or not yours)", 409: "Conflict with the current state",
@@ -37,6 +39,10 @@ def answer(schema, description="OK") -> dict:
     """A JSON response object with `schema`."""
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
+
+# Every operation's 400 where it has none of its own (openapi.build_document).
+MALFORMED = answer(ERROR, "Malformed HTTP request (a header or request line the server cannot"
+                          " parse), refused before any route")
 
 def errors(*codes) -> dict:
     """The responses of an API route's error statuses, each the JSON Error."""
@@ -96,6 +102,20 @@ SUBMIT_FORM = {
             "script": {"type": "string", "format": "binary", "description": "a .py file"},
             "code": {"type": "string", "description": "pasted code, instead of script"},
             "dataset": {"type": "string", "format": "binary", "description": "optional .zip"},
+            "array": {"type": "string", "maxLength": 64, "description": (
+                "a job array (proxy/arrays.py): A-B (jobs A to B) or N (one job, index N), "
+                "optionally %K: at most K of them reserved or running at once; with a params "
+                "file, %K alone. The answer is then a JobArray. Each job gets "
+                "JOBCLOUD_ARRAY_INDEX and JOBCLOUD_ARRAY_ID. 400 `invalid_array`, "
+                "`array_too_large` (past max_array_size), `array_and_params`")},
+            "params": {"type": "string", "format": "binary", "description": (
+                "a parameters file, one job per row: CSV with a header, or JSON lines (one object "
+                "a line); row i is job i's JOBCLOUD_PARAMS (JSON) and /job/input/params.json. "
+                "400 `invalid_params` naming the line")},
+            "requirements": {"type": "string", "format": "binary", "description": (
+                "optional requirements.txt: name[extras] specifier lines, --hash=... and "
+                "comments only; installed from wheels only (an sdist-only package is a 400 "
+                "`sdist_only`; an unreachable package index a 503 `package_index_unreachable`)")},
             "name": {"type": "string", "maxLength": 100},
             "image": {"type": "string"},
             "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
@@ -103,9 +123,31 @@ SUBMIT_FORM = {
             "disk_mb": {"type": "integer", "minimum": 1,
                         "description": "the job's disk quota (outputs and scratch), MiB: writes "
                                        "past it fail with ENOSPC (default: default_disk_mb)"},
+            "after": {"type": "string", "maxLength": 2560, "description": (
+                "ids of the submitter's jobs or arrays (an array: all its jobs), separated by "
+                "commas or spaces, at most 32: the job starts once all succeeded and reads their "
+                "outputs at /job/input/after/<name or id>/; one that fails, times out or is "
+                "cancelled cancels it. 400 `unknown_parent` for an id that is not one of yours, "
+                "`parent_failed` for one that already failed")},
+            "retries": {"type": "integer", "minimum": 0, "description": "policy retries of a "
+                        "failed try (0 to max_retries, default 0)"},
+            "retry_exit_codes": {"type": "string", "description": "exit codes (1-255, comma-"
+                                 "separated) that count as retryable; empty: any non-zero exit "
+                                 "but an OOM kill. Never a timeout or a cancel"},
+            "retry_backoff_s": {"type": "integer", "minimum": 0, "description": "the back-off's "
+                                "base: the k-th retry waits min(base * 2^(k-1), "
+                                "retry_backoff_max_s) (default 10)"},
             "webhook_url": {"type": "string", "maxLength": 2048,
                             "description": "http(s) URL on an allow-listed host (webhook_allowed_hosts)"
                                            ": gets a signed POST when the job finishes"},
+            "env": {"type": "string", "description": (
+                "the job's own environment variables (proxy/jobenv.py): a JSON object of names to "
+                "strings, or NAME=value lines; the field may be repeated, one NAME=value each. "
+                "Names [A-Za-z_][A-Za-z0-9_]*, at most job_env_max_vars of them, values at most "
+                "job_env_max_value_bytes. Reserved, a 400 `invalid_env`: JOBCLOUD_*, LD_*, PATH, "
+                "HOME, PYTHONPATH and the others the worker sets or that change what runs. The "
+                "job's JSON shows the names (env_names); the owner reads the values at "
+                "/api/v1/jobs/{job_id}/env")},
         }}}},
 }
 

@@ -6,8 +6,8 @@ every route the app serves (tests/test_openapi.py checks both ways).
 """
 from __future__ import annotations
 
-from .builders import (EVENT_STREAM, JOB_ID, REDIRECT, RESUME, SUBMIT_FORM, USAGE_PARAMS, USER,
-                       USER_PARAM, op, page, page_errors)
+from .builders import (ARRAY_ID, EVENT_STREAM, JOB_ID, REDIRECT, RESUME, SUBMIT_FORM,
+                       USAGE_PARAMS, USER, USER_PARAM, op, page, page_errors)
 
 
 def page_paths() -> dict:
@@ -54,6 +54,16 @@ def page_paths() -> dict:
                                            "responses": {"200": {"description": "zip attachment",
                                                                  "content": {"application/zip": {}}},
                                                          "302": REDIRECT, **page_errors(404, 410)}}},
+        "/arrays/{array_id}": {"get": page("A job array: counts per state, its jobs by index "
+                                           "(kept current by polling its JSON)",
+                                           params=[ARRAY_ID], errors=[404])},
+        "/arrays/{array_id}/cancel": {"post": page("Cancel all of an array's jobs", ok="302",
+                                                   form={}, params=[ARRAY_ID], errors=[404])},
+        "/arrays/{array_id}/outputs": {"get": {**page("Download all outputs (zip by index)",
+                                                      params=[ARRAY_ID]),
+                                               "responses": {"200": {"description": "zip attachment",
+                                                                     "content": {"application/zip": {}}},
+                                                             "302": REDIRECT, **page_errors(404)}}},
         "/job-status/{user}": {"get": op(
             "A user's jobs (HTML, or JSON with Accept: application/json)", USER,
             {"200": {"description": "OK", "content": {

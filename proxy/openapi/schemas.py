@@ -28,6 +28,7 @@ CLAIMED_JOBS = {"type": "array", "items": {"$ref": "#/components/schemas/Claimed
 # Why a queued job waits (proxy/waiting.py), in its order of precedence.
 WAITING_REASONS = {
     "starting": "reserved for a worker, which takes it at its next claim",
+    "retry_backoff": "its last try failed retryably; the next waits out its back-off (retry_at)",
     "vm_booting": "no live worker can take it; the scaler is booting a VM that can",
     "no_workers": "the cluster has no live worker",
     "no_capable_worker": "no live worker has its image, CPUs, memory or GPUs",
@@ -35,6 +36,8 @@ WAITING_REASONS = {
     "max_running": "its owner's running jobs are at their max_running limit",
     "fair_share": "other users' jobs get the next slots by fair share",
     "free_slot": "next in its owner's turn, waiting for a slot to free",
+    "dependency": "a job it runs after (`after`) has not succeeded yet",
+    "array_cap": "its job array has as many jobs running or starting as its %N cap allows",
 }
 
 SCHEMAS = {
@@ -47,7 +50,23 @@ SCHEMAS = {
                                                      "cancelled", "timed_out"]},
                 "image": {"type": "string"}, "resources": {"type": "object"},
                 "script": {"type": "object"}, "dataset": {"type": ["object", "null"]},
+                "requirements": {"type": ["object", "null"], "description": "the normalised "
+                                 "requirements.txt (sha256, size) installed before the script"},
                 "attempt": {"type": "integer"}, "worker_id": {"type": ["string", "null"]},
+                "env_names": {"type": "array", "items": {"type": "string"},
+                              "description": "the names of the job's own environment variables; "
+                                             "their values: GET /api/v1/jobs/{job_id}/env (owner)"},
+                "array": {"type": ["object", "null"], "description": "the job array it belongs "
+                          "to: {id, index, params (its row, or null), links}; null: a lone job"},
+                "retry_policy": {"oneOf": [{"type": "null"},
+                                           {"$ref": "#/components/schemas/RetryPolicy"}]},
+                "try": {"type": "integer", "minimum": 1,
+                        "description": "its try under its retry policy (JOBCLOUD_TRY); a lost "
+                                       "worker's rerun keeps the number, `attempt` counts it"},
+                "tries": {"oneOf": [{"type": "null"}, {"type": "array", "items": {
+                    "$ref": "#/components/schemas/Try"}}],
+                          "description": "every try, oldest first; given where one job is read "
+                                         "(GET /api/v1/jobs/{id}, its submission), null in lists"},
                 "cancel_requested": {"type": "boolean"},
                 "submitted_at": {"type": "string"}, "started_at": {"type": ["string", "null"]},
                 "finished_at": {"type": ["string", "null"]},
@@ -66,7 +85,10 @@ SCHEMAS = {
                 "outputs": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/JobOutputs"}]},
                 "usage": {"type": "object", "description": "cpu_seconds, peak_memory_bytes, "
                           "wall_seconds, gpu_seconds as the worker reported them, bounded by what "
-                          "the lease allowed; clamped: the fields that were over and were bounded"},
+                          "the lease allowed; clamped: the fields that were over and were "
+                          "bounded; env_build_s and env_cached: building the requirements' "
+                          "environment (seconds, apart from wall_seconds) and whether the "
+                          "worker had it cached (null without requirements)"},
                 "disk_full": {"type": "boolean",
                               "description": "the job filled its disk quota (resources.disk_mb)"},
                 "pinned": {"type": "boolean", "description": "its owner pinned it: its files and "
@@ -79,7 +101,67 @@ SCHEMAS = {
                                             "disk), as the job page and `jobcloud fetch` show it"},
                 "cost": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Cost"}]},
                 "webhook": {"type": ["object", "null"], "description": "URL and delivery state"},
-                "links": {"type": "object"}}},
+                "links": {"type": "object"},
+                "parents": {"type": "array", "items": {"$ref": "#/components/schemas/RelatedJob"},
+                            "description": "the jobs it runs after (`after`; the first 100), "
+                                           "with the directory their outputs are in "
+                                           "(input_dir); given where one job is read "
+                                           "(GET /api/v1/jobs/{id}, its submission)"},
+                "children": {"type": "array", "items": {"$ref": "#/components/schemas/RelatedJob"},
+                             "description": "the jobs that run after it (the first 100)"},
+                "parents_total": {"type": "integer", "description": "how many it runs after "
+                                  "(parents lists the first 100)"},
+                "children_total": {"type": "integer", "description": "how many run after it"}}},
+    "JobArray": {"type": "object", "required": ["id", "size", "counts", "jobs", "done"],
+                 "properties": {
+        "id": {"type": "string"}, "owner": {"type": "string"}, "name": {"type": "string"},
+        "spec": {"type": "string", "description": "the range as submitted, or the params file's name"},
+        "size": {"type": "integer"},
+        "max_running": {"type": ["integer", "null"], "description": "the %K cap; null: none"},
+        "params": {"type": ["string", "null"], "description": "the parameters file's name"},
+        "submitted_at": {"type": "string"},
+        "counts": {"type": "object", "description": "jobs per state (every state)",
+                   "additionalProperties": {"type": "integer"}},
+        "done": {"type": "boolean", "description": "none queued or running"},
+        "jobs": {"type": "array", "description": "a page of its jobs by index (?after, ?limit)",
+                 "items": {"type": "object", "properties": {
+                     "index": {"type": "integer"}, "id": {"type": "string"},
+                     "state": {"type": "string"}, "exit_code": {"type": ["integer", "null"]},
+                     "started_at": {"type": ["string", "null"]},
+                     "finished_at": {"type": ["string", "null"]},
+                     "has_outputs": {"type": "boolean"}}}},
+        "next": {"type": ["string", "null"], "description": "the next page of jobs"},
+        "cancelled": {"type": "integer", "description": "cancel all only: queued jobs cancelled"},
+        "stopping": {"type": "integer", "description": "cancel all only: running jobs told to stop"},
+        "links": {"type": "object"}}},
+    "RetryPolicy": {"type": "object", "required": ["retries", "exit_codes", "backoff_s",
+                                                    "backoff_max_s", "used"], "properties": {
+        "retries": {"type": "integer", "description": "policy retries allowed"},
+        "exit_codes": {"type": ["array", "null"], "items": {"type": "integer"},
+                       "description": "exit codes that count as retryable; null: any non-zero "
+                                      "exit but an OOM kill (never a timeout or a cancel)"},
+        "backoff_s": {"type": "integer", "description": "the k-th retry waits "
+                      "min(backoff_s * 2^(k-1), backoff_max_s)"},
+        "backoff_max_s": {"type": "integer"}, "used": {"type": "integer"}}},
+    "Try": {"type": "object", "required": ["try", "attempt", "outcome", "state", "exit_code",
+                                           "started_at", "ended_at", "logs"], "properties": {
+        "try": {"type": "integer"}, "attempt": {"type": "integer"},
+        "outcome": {"type": "string", "enum": ["retried", "worker_lost", "final", "running"],
+                    "description": "retried: a policy retry followed; worker_lost: its worker "
+                                   "was lost (the same try was requeued, or the job failed); "
+                                   "final: it ended the job; running: it runs now"},
+        "state": {"type": ["string", "null"]}, "exit_code": {"type": ["integer", "null"]},
+        "failure_reason": {"type": ["string", "null"]},
+        "started_at": {"type": ["string", "null"]}, "ended_at": {"type": ["string", "null"]},
+        "retry_at": {"type": ["string", "null"], "description": "retried: when the next try "
+                     "could start at the earliest (its back-off)"},
+        "usage": {"type": "object"},
+        "logs": {"type": "object", "description": "stdout and stderr: this try's logs "
+                 "(GET /api/v1/jobs/{id}/logs?attempt=N)"}}},
+    "RelatedJob": {"type": "object", "required": ["id", "name", "state"], "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string"},
+        "input_dir": {"type": "string", "description": "a parent's outputs, in the child"},
+        "links": {"type": "object"}}},
     "Waiting": {"type": "object", "required": ["reason", "detail", "position", "estimate"],
                 "properties": {
         "reason": {"type": "string", "enum": list(WAITING_REASONS), "description": "; ".join(
@@ -96,6 +178,9 @@ SCHEMAS = {
         "resource": {"type": "string", "description": "no_capable_worker: what no live worker has "
                      "(image, cpus, memory_mb, gpus, or combination)"},
         "worker": {"type": ["string", "null"], "description": "starting: the worker's name"},
+        "parents": {"type": "array", "description": "dependency: the parents not succeeded yet "
+                    "(id, state; the first 20)", "items": {"type": "object"}},
+        "retry_at": {"type": "string", "description": "retry_backoff: when its back-off ends"},
         "vm": {"type": "object", "description": "vm_booting: name, booting_since, typical_boot_s"}}},
     "JobOutputs": {"type": "object", "required": ["sha256", "size"], "properties": {
         "sha256": {"type": "string"}, "size": {"type": "integer"},
@@ -132,12 +217,35 @@ SCHEMAS = {
         "id", "attempt", "name", "image", "cpus", "memory_mb", "timeout_s", "gpus", "script",
         "dataset"], "properties": {
         "id": {"type": "string"}, "attempt": {"type": "integer"}, "name": {"type": "string"},
+        "try": {"type": "integer", "description": "its try under its retry policy: the job's "
+                "JOBCLOUD_TRY"},
         "image": {"type": "string"}, "cpus": {"type": "number"}, "memory_mb": {"type": "integer"},
         "timeout_s": {"type": "integer"}, "gpus": {"type": "integer"},
         "disk_mb": {"type": ["integer", "null"],
                     "description": "the job's disk quota in MiB; null: the worker's default"},
         "script": {"$ref": "#/components/schemas/JobInput"},
-        "dataset": {"type": ["object", "null"], "description": "a JobInput, or null: no dataset"}}},
+        "env": {"type": "object", "additionalProperties": {"type": "string"},
+                "description": "the job's own environment variables: set in its container "
+                               "under the worker's own (JOBCLOUD_*, HOME, the thread limits)"},
+        "dataset": {"type": ["object", "null"], "description": "a JobInput, or null: no dataset"},
+        "array": {"type": ["object", "null"], "description": "its job array: {id, index, params "
+                  "(the parameters row, or null)}, for JOBCLOUD_ARRAY_ID, JOBCLOUD_ARRAY_INDEX, "
+                  "JOBCLOUD_PARAMS and /job/input/params.json; null: a lone job"},
+        "after": {"type": "array", "description": "the parents whose outputs the job reads, "
+                  "read-only at /job/input/after/<name>/ (name: a safe path component)",
+                  "items": {"type": "object", "required": ["id", "name", "outputs"], "properties": {
+                      "id": {"type": "string"}, "name": {"type": "string"},
+                      "outputs": {"type": ["object", "null"],
+                                  "description": "a JobInput (the parent's output zip), or null: "
+                                                 "it left no outputs"}}}},
+        "requirements": {"type": ["object", "null"],
+                         "description": "a JobInput (the normalised requirements.txt), or null"},
+        "package_index_url": {"type": "string",
+                              "description": "the index to download the requirements' wheels from"}}},
+    "JobEnv": {"type": "object", "required": ["job_id", "env"], "properties": {
+        "job_id": {"type": "string"},
+        "env": {"type": "object", "additionalProperties": {"type": "string"},
+                "description": "the job's own environment variables, names to values"}}},
     "JobInput": {"type": "object", "required": ["sha256", "size", "url"], "properties": {
         "sha256": {"type": "string"}, "size": {"type": "integer"},
         "url": {"type": "string", "description": "where this worker downloads it, while it holds the job"}}},
@@ -181,6 +289,9 @@ SCHEMAS = {
         "gpu_seconds": {**USAGE, "description": "stored as at most the job's gpus times the"
                         " seconds since its claim (so 0 for a CPU job)"},
         "disk_full": {"type": "boolean", "description": "the job filled its disk quota"},
+        "env_build_s": {**USAGE, "description": "seconds building the requirements' environment"},
+        "env_cached": {"type": ["boolean", "null"],
+                       "description": "the requirements' environment was cached on the worker"},
         "outputs": {"type": ["object", "null"], "description": "what the archive holds and "
                     "what was left out of it, by reason", "properties": {
                         "files": {"type": "integer"}, "bytes": {"type": "integer"},

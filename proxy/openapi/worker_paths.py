@@ -44,6 +44,17 @@ def worker_paths() -> dict:
             "Download the dataset of a job this worker holds", WORKER,
             {"200": {"description": "zip", "content": {"application/zip": {}}}, **errors(401, 404)},
             params=[JOB_ID], tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/requirements": {"get": op(
+            "Download the normalised requirements.txt of a job this worker holds", WORKER,
+            {"200": {"description": "text", "content": {"text/plain": {}}}, **errors(401, 404)},
+            params=[JOB_ID], tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/after/{parent_id}/outputs": {"get": op(
+            "Download the output archive of a parent of a job this worker holds (its claim's "
+            "`after`); 410 parent_expired: retention deleted it, the job fails", WORKER,
+            {"200": {"description": "zip", "content": {"application/zip": {}}},
+             **errors(401, 404, 410)},
+            params=[JOB_ID, {"name": "parent_id", "in": "path", "required": True,
+                             "schema": {"type": "string", "maxLength": 64}}], tag="worker")},
         "/api/v1/worker/jobs/{job_id}/logs": {"post": op(
             "Append a chunk of stdout/stderr (idempotent by offset)", WORKER,
             {"200": answer({"type": "object"}), **errors(400, 401, 404)}, params=[JOB_ID],

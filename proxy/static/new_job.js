@@ -77,7 +77,8 @@
       });
       const job = await answer.json().catch(() => ({}));
       if (answer.status === 201 && job.id) {
-        window.location.assign("/jobs/" + encodeURIComponent(job.id));
+        // A job array's answer (array or params) has counts: its page is the array's.
+        window.location.assign((job.counts ? "/arrays/" : "/jobs/") + encodeURIComponent(job.id));
         return;
       }
       errorBox.textContent = job.detail || "The proxy refused the job (HTTP " + answer.status + ").";

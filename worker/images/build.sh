@@ -9,6 +9,9 @@
 # $JOBCLOUD_IMAGE_CACHE keyed by a hash of the package list (and of this
 # script), and an image already carrying that key as a label is left alone.
 #
+# MPLBACKEND=Agg: jobs have no display. Debian's /etc/matplotlibrc names TkAgg,
+# which pyplot (and seaborn) would first try to load, without Tk, in every job.
+#
 # Usage: build.sh [NAME...]   (default: python ml); needs root for debootstrap.
 set -euo pipefail
 JOB_UID=${JOB_UID:-700000}
@@ -52,6 +55,7 @@ build_one() {
         --change 'ENV LANG=C.UTF-8' \
         --change 'ENV PYTHONDONTWRITEBYTECODE=1' \
         --change 'ENV MPLCONFIGDIR=/tmp' \
+        --change 'ENV MPLBACKEND=Agg' \
         --change 'ENV HOME=/tmp' \
         --change "USER $JOB_UID:$JOB_UID" \
         --change 'WORKDIR /job' \

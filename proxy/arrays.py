@@ -350,34 +350,60 @@ def cancel(conn, array: dict, now: float | None = None) -> dict[str, int]:
     """Cancel every job of the array that has not ended: the queued at once,
     the running through their workers (as store.cancel_job does for one).
 
+    The two steps run in separate short transactions, so a running job may
+    fail and be retried (retries.retry: back to the queue) after the queued
+    step read the queue: the steps repeat until one statement sees no job
+    of the array queued and none running unmarked. From then on none can
+    come back to the queue (a job asked to stop is never retried, nor
+    requeued when its worker is lost: leases.requeue), so no job of the
+    array runs again. Each repeat needs a try to end in between; a job's
+    retries are bounded, so the loop ends.
+
     Returns:
         {"cancelled": queued jobs cancelled, "stopping": running jobs told to stop}
     """
     now = time.time() if now is None else now
+    cancelled = stopping = 0
+    while True:
+        cancelled += _cancel_queued(conn, array["id"], now)
+        stopping += _stop_running(conn, array["id"])
+        if conn.query_one(
+                "SELECT 1 AS x FROM jobs WHERE array_id = ? AND (state = ? OR (state = ?"
+                " AND cancel_requested = 0)) LIMIT 1",
+                (array["id"], JobState.QUEUED.value, JobState.RUNNING.value)) is None:
+            return {"cancelled": cancelled, "stopping": stopping}
+
+
+def _cancel_queued(conn, array_id: str, now: float) -> int:
+    """End the array's queued jobs as cancelled, CANCEL_BATCH per transaction."""
     cancelled = 0
     while True:
         with conn.transaction():
             ids = [r["id"] for r in conn.query(
                 "SELECT id FROM jobs WHERE array_id = ? AND state = ? ORDER BY array_index LIMIT ?",
-                (array["id"], JobState.QUEUED.value, CANCEL_BATCH))]
+                (array_id, JobState.QUEUED.value, CANCEL_BATCH))]
             for job_id in ids:
                 cancelled += store.finish_job(conn, job_id, JobState.CANCELLED, now,
                                               expect=JobState.QUEUED,
                                               failure_reason="cancelled by user (array cancelled)",
                                               worker_id=None, reserved_at=None)
         if len(ids) < CANCEL_BATCH:
-            break
+            return cancelled
+
+
+def _stop_running(conn, array_id: str) -> int:
+    """Ask the workers of the array's running jobs to stop them."""
     with conn.transaction():
         running = [r["id"] for r in conn.query(
             "SELECT id FROM jobs WHERE array_id = ? AND state = ? AND cancel_requested = 0",
-            (array["id"], JobState.RUNNING.value))]
+            (array_id, JobState.RUNNING.value))]
         if running:
             marks = ", ".join("?" for _ in running)
             conn.execute(f"UPDATE jobs SET cancel_requested = 1 WHERE id IN ({marks})"
                          " AND state = ?", (*running, JobState.RUNNING.value))
             # Their workers hear at once, on a waiting claim's answer.
             wakeups.notify_jobs(conn, running, holder=True)
-    return {"cancelled": cancelled, "stopping": len(running)}
+    return len(running)
 
 
 # ------------------------------------------------------------------ the cap
@@ -394,7 +420,9 @@ class Caps:
     are stepped over in one index probe (`last_queued`), not read one by
     one, so a deep capped array does not slow claims: an array's jobs are
     made in one transaction under the dispatch lock with time-ordered ids
-    (models.new_id), so no other job's id falls between its first and last.
+    (models.new_id), so no other job's id falls between its first and last,
+    but for a proxy whose clock is behind (docs/ARCHITECTURE.md: such a job
+    read in the same batch is placed; one further on waits).
     """
 
     def __init__(self, conn, live_worker_ids: list[str]):

@@ -59,6 +59,13 @@ class Config:
     max_array_size: int = 10_000
     # A parameters file (CSV or JSON lines): 10,000 rows of a few hundred bytes.
     max_params_bytes: int = 8 * MiB
+    # Dependencies (proxy/dependencies.py): the parent jobs one job may wait
+    # on (an array named in `after` counts each of its jobs; the claim answer
+    # lists each with its outputs' URL), and the edges one submission may
+    # make, jobs x parent jobs (an array after an array: every copy waits on
+    # every parent), so one request never inserts millions of rows.
+    max_parent_jobs: int = 1_000
+    max_dependency_edges: int = 100_000
     # Images the form offers and the API accepts (admin allow-list).
     images: tuple[str, ...] = ("jobcloud/python", "jobcloud/ml")
     default_image: str = "jobcloud/python"
@@ -176,6 +183,9 @@ class Config:
     # when it cannot be reached). Off: requirements are checked for syntax
     # only, and an sdist-only package fails at the worker's build instead.
     package_index_check: bool = True
+    # How long that check may take for one submission's requirements in all
+    # (asked concurrently): past it, a 503 instead of a request held open.
+    package_index_check_timeout_s: float = 20.0
 
     @property
     def resolved_database_url(self) -> str:
@@ -257,6 +267,9 @@ def validate(values: dict) -> Config:
          "job_env_max_value_bytes must be between 1 and 1048576"),
         (1 <= cfg.max_array_size <= 1_000_000, "max_array_size must be between 1 and 1000000"),
         (cfg.max_params_bytes >= 1, "max_params_bytes must be at least 1"),
+        (1 <= cfg.max_parent_jobs <= 100_000, "max_parent_jobs must be between 1 and 100000"),
+        (cfg.max_parent_jobs <= cfg.max_dependency_edges <= 10_000_000,
+         "max_dependency_edges must be between max_parent_jobs and 10000000"),
         (len(cfg.images) >= 1, "images must list at least one image"),
         (cfg.default_image in cfg.images, "default_image must be one of images"),
         (0 < cfg.default_cpus <= cfg.max_cpus, "default_cpus must be in (0, max_cpus]"),
@@ -309,6 +322,8 @@ def validate(values: dict) -> Config:
         (1 <= cfg.retention_sweep_s <= 86400, "retention_sweep_s must be between 1 and 86400"),
         (re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", cfg.package_index_url) is not None,
          "package_index_url must be an http(s) URL without query or fragment"),
+        (0.1 <= cfg.package_index_check_timeout_s <= 120,
+         "package_index_check_timeout_s must be between 0.1 and 120"),
         (cfg.metrics_token == "" or _METRICS_TOKEN.fullmatch(cfg.metrics_token) is not None,
          "metrics_token must be empty or 32 to 256 letters, digits and -._~+/ (a bearer token;"
          " e.g. openssl rand -hex 32)"),

@@ -2,8 +2,11 @@
 succeeded, reads their outputs, and is cancelled when one of them fails.
 
 submission: `resolve` checks the `after` field (ids of the submitter's own
-jobs) before anything is stored; `attach` records the edges in the job's own
-transaction and sets `deps_pending`, the number of parents not yet succeeded.
+jobs) before anything is stored, and `check_edges` the edges it would make
+(every job of an array waits on every parent: jobs x parents rows); the job's
+own transaction first `lock_parents` (a parent that failed since `resolve`
+refuses the submission), then `attach` records the edges and sets
+`deps_pending`, the number of parents not yet succeeded.
 dispatch: scheduler.py hands out only queued jobs with `deps_pending = 0`, a
 column on the queue index, so a claim never joins the edges.
 a parent ends (store.finish_job calls `job_finished`, once per job):
@@ -25,7 +28,6 @@ graph has no cycles; `attach` still refuses a job named as its own parent.
 from __future__ import annotations
 
 import re
-import time
 
 from . import store, wakeups
 from .errors import Gone, NotFound, ValidationError
@@ -33,9 +35,9 @@ from .models import FINAL_VALUES, JobState, WorkerState, is_lookup_key
 
 # Ids one `after` may name: a pipeline step has a handful; the bound keeps one
 # submission's checks small. An array id stands for all its jobs, so the jobs
-# in all are bounded apart (the claim answer lists each with its URL).
+# in all are bounded apart (the max_parent_jobs setting: the claim answer
+# lists each with its URL), and so are the edges (max_dependency_edges).
 MAX_PARENTS = 32
-MAX_PARENT_JOBS = 10_000
 # The form field's length: MAX_PARENTS ids with their separators, and room.
 AFTER_MAX_CHARS = MAX_PARENTS * 80
 # Parents and children listed in a job's JSON and page (the counts are given in full).
@@ -58,18 +60,19 @@ NEEDED_BY_CHILD_SQL = (
 
 # ------------------------------------------------------------------ submission
 
-def resolve(conn, owner_id: str, raw: str | None) -> list[str]:
+def resolve(conn, owner_id: str, raw: str | None, *, max_parent_jobs: int) -> list[str]:
     """The parent job ids the `after` field names, checked before anything is stored.
 
     Args:
         raw: job or array ids separated by commas or spaces; empty or None
             for none. An array id means every job of the array.
+        max_parent_jobs: the most parent jobs in all, arrays counted by their jobs.
 
     Returns:
         The distinct parent ids, in the order given.
 
     Raises:
-        ValidationError: too many ids; an id that is not one of the owner's
+        ValidationError: too many ids or parent jobs; an id that is not one of the owner's
             jobs or arrays (an unknown and another user's read the same); a parent
             that already failed (the job could never start) or whose outputs
             expired (it would run without them).
@@ -94,10 +97,26 @@ def resolve(conn, owner_id: str, raw: str | None) -> list[str]:
                                       code="parent_expired")
         parents += [j["id"] for j in jobs]
     parents = list(dict.fromkeys(parents))
-    if len(parents) > MAX_PARENT_JOBS:
-        raise ValidationError(f"after names {len(parents)} jobs in all; at most {MAX_PARENT_JOBS}",
+    if len(parents) > max_parent_jobs:
+        raise ValidationError(f"after names {len(parents)} jobs in all (an array counts each of"
+                              f" its jobs); at most max_parent_jobs = {max_parent_jobs}",
                               code="too_many_parents")
     return parents
+
+
+def check_edges(n_parents: int, n_jobs: int, *, max_edges: int) -> None:
+    """Refuse a submission of `n_jobs` jobs (an array's size, or 1) after
+    `n_parents` parent jobs whose edges, one per job and parent, pass `max_edges`.
+
+    Raises:
+        ValidationError: too_many_dependencies, naming the numbers.
+    """
+    if n_parents * n_jobs > max_edges:
+        raise ValidationError(
+            f"{n_jobs} jobs each after {n_parents} parent jobs make {n_parents * n_jobs}"
+            f" dependencies; at most max_dependency_edges = {max_edges} (submit fewer jobs,"
+            " or run them after one job that waits on the parents)",
+            code="too_many_dependencies")
 
 
 def _named_jobs(conn, owner_id: str, ref: str) -> list[dict]:
@@ -115,35 +134,57 @@ def _named_jobs(conn, owner_id: str, ref: str) -> list[dict]:
                       " ORDER BY array_index", (ref,))
 
 
-def attach(conn, child_id: str, parents: list[str], now: float | None = None) -> None:
-    """Record that `child_id` (a job just created, still queued) runs after `parents`.
+def lock_parents(conn, parents: list[str]) -> list[dict]:
+    """The parents' ids and states, read first in the submission's transaction
+    (before its files are put in place) and held until it commits.
 
-    Runs in the transaction that created the child, before dispatch sees it.
-    The parents' rows are read FOR SHARE on PostgreSQL: a parent ending at
-    the same moment either commits first (and is read as ended here) or
-    waits for this commit (and then finds this child among its children).
-    SQLite's write transactions are serial already. A parent that failed
-    since `resolve` checked it cancels the child at once.
+    FOR SHARE on PostgreSQL: a parent ending at the same moment either
+    commits first (and is read as ended here) or waits for this commit (and
+    then finds the new jobs among its children). SQLite's write transactions
+    are serial already.
 
     Raises:
-        ValidationError: the child is named among its own parents.
+        ValidationError: parent_failed, a parent ended unsuccessfully since
+            `resolve` checked it; the submission is refused whole, as
+            `resolve` would have refused it a moment later (an array's
+            copies are never made of a cancelled job).
+    """
+    if not parents:
+        return []
+    share = " FOR SHARE" if conn.dialect == "postgresql" else ""
+    rows = []
+    for start in range(0, len(parents), 500):
+        chunk = parents[start:start + 500]
+        marks = ", ".join("?" for _ in chunk)
+        rows += conn.query(f"SELECT id, state FROM jobs WHERE id IN ({marks}) ORDER BY id{share}",
+                           tuple(chunk))
+    for row in rows:
+        if row["state"] in FINAL_VALUES and row["state"] != JobState.SUCCEEDED.value:
+            raise ValidationError(f"after: job {row['id']} {_ENDED.get(JobState(row['state']))}"
+                                  " while this job was submitted: it could never start",
+                                  code="parent_failed")
+    return rows
+
+
+def attach(conn, child_id: str, parents: list[str]) -> None:
+    """Record that `child_id` (a job just created, still queued) runs after `parents`.
+
+    Runs in the transaction that created the child, before dispatch sees it,
+    after `lock_parents` (which it calls again, a no-op for rows this
+    transaction already holds).
+
+    Raises:
+        ValidationError: the child is named among its own parents; a parent failed.
     """
     if not parents:
         return
     if child_id in parents:
         raise ValidationError(f"job {child_id} cannot run after itself", code="dependency_cycle")
-    now = time.time() if now is None else now
-    share = " FOR SHARE" if conn.dialect == "postgresql" else ""
-    marks = ", ".join("?" for _ in parents)
-    rows = conn.query(f"SELECT id, state FROM jobs WHERE id IN ({marks}) ORDER BY id{share}",
-                      tuple(parents))
+    rows = lock_parents(conn, parents)
     for parent in parents:
         conn.execute("INSERT INTO job_deps (child_id, parent_id) VALUES (?, ?)", (child_id, parent))
     pending = [r for r in rows if r["state"] != JobState.SUCCEEDED.value]
     conn.execute("UPDATE jobs SET deps_pending = ? WHERE id = ?", (len(pending), child_id))
-    ended = [r for r in pending if r["state"] in FINAL_VALUES]
-    if ended:
-        _cancel_dependents(conn, ended[0]["id"], JobState(ended[0]["state"]), now, only=child_id)
 
 
 # ------------------------------------------------------------- a parent ends
@@ -179,22 +220,17 @@ def _release_children(conn, parent_id: str) -> None:
         wakeups.notify(conn, *(wakeups.worker_topic(w["id"]) for w in workers))
 
 
-def _cancel_dependents(conn, parent_id: str, final: JobState, now: float,
-                       only: str | None = None) -> None:
+def _cancel_dependents(conn, parent_id: str, final: JobState, now: float) -> None:
     """End every queued dependent of `parent_id`, transitively, as cancelled.
 
     A loop rather than a recursion through finish_job: a pipeline may be
     longer than Python's stack is deep.
-
-    Args:
-        only: cancel just this child of the parent (a job submitted after a
-            parent that failed meanwhile), and its dependents.
     """
     cause = f"parent {parent_id} {_ENDED.get(final, final.value)}"
     todo: list[tuple[str, str]] = [(parent_id, cause)]
     while todo:
         parent, reason = todo.pop()
-        children = [only] if only and parent == parent_id else [r["child_id"] for r in conn.query(
+        children = [r["child_id"] for r in conn.query(
             "SELECT child_id FROM job_deps WHERE parent_id = ? ORDER BY child_id", (parent,))]
         for child in children:
             if store.finish_job(conn, child, JobState.CANCELLED, now, expect=JobState.QUEUED,

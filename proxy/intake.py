@@ -83,12 +83,15 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
                               default_quota_mb=cfg.storage_quota_mb,
                               default_days=cfg.retention_days)
         # The parents (dependencies.py): the submitter's own jobs, checked now.
-        parents = dependencies.resolve(conn, user["id"], form.fields.get("after"))
+        parents = dependencies.resolve(conn, user["id"], form.fields.get("after"),
+                                       max_parent_jobs=cfg.max_parent_jobs)
         # A job array (arrays.py): N jobs of this one submission, all checked now.
         array_plan = arrays.plan(form.fields, form.files.get("params"),
                                  form.filenames.get("params"), max_size=cfg.max_array_size)
         if array_plan is not None:
             arrays.check_queued(conn, user["id"], user_limits, array_plan.size)
+        dependencies.check_edges(len(parents), array_plan.size if array_plan else 1,
+                                 max_edges=cfg.max_dependency_edges)
         capacity_note = capacity.check_job(conn, fields, lease_timeout_s=cfg.lease_timeout_s,
                                            queue_unmet=cfg.queue_unmet_capacity)
         # A job name is free text, not a path: "CNN w/ dropout" keeps its slash.
@@ -103,6 +106,10 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
             # The files are put in place under the blob lock: the retention
             # sweep cannot unlink one this job's row is about to refer to.
             retention.hold_blobs(conn)
+            # Then the parents, in the order attach always took them (after
+            # the blob lock): one that failed since `resolve` refuses the
+            # submission before a file is put in place.
+            dependencies.lock_parents(conn, parents)
             stored_script = blobs.commit(script)
             stored_dataset = blobs.commit(dataset) if dataset is not None else None
             stored_reqs = blobs.commit(reqs) if reqs is not None else None
@@ -110,7 +117,7 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
                 owner_id=user["id"], name=name, script_name=script_name, script=stored_script,
                 dataset_name=dataset_name, dataset=stored_dataset, webhook_url=webhook_url,
                 capacity_note=capacity_note, requirements=stored_reqs, **fields))
-            dependencies.attach(conn, job["id"], parents, job["submitted_at"])
+            dependencies.attach(conn, job["id"], parents)
             retries.store_policy(conn, job["id"], retry_policy)
             jobenv.store(conn, job["id"], env)
             if array_plan is not None:

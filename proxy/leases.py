@@ -284,13 +284,16 @@ def requeue(conn, job_id: str, now: float, max_attempts: int) -> None:
         final, reason = JobState.CANCELLED, "cancelled by user (worker lost)"
     elif retries.lost_attempts(job) >= max_attempts:
         final, reason = JobState.FAILED, WORKER_LOST_REASON
-    else:
-        conn.execute(
+    elif conn.execute(
             "UPDATE jobs SET state = ?, worker_id = NULL, reserved_at = NULL, lease_expires_at = NULL,"
-            " started_at = NULL WHERE id = ? AND state = ?",
-            (JobState.QUEUED.value, job_id, JobState.RUNNING.value))
+            " started_at = NULL WHERE id = ? AND state = ? AND cancel_requested = 0",
+            (JobState.QUEUED.value, job_id, JobState.RUNNING.value)):
         wakeups.notify_jobs(conn, [job_id])
         return
+    else:
+        # Asked to stop since the read above (PostgreSQL: an array's cancel
+        # all, arrays.cancel, committed in between): it must not queue again.
+        final, reason = JobState.CANCELLED, "cancelled by user (worker lost)"
     # worker_id is cleared: no worker posted this outcome, so a late result
     # from the old holder is stale (409), not a harmless duplicate.
     store.finish_job(conn, job_id, final, now, expect=JobState.RUNNING, failure_reason=reason,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import requests
@@ -68,6 +69,12 @@ INDEX_CACHE_S = 300.0
 INDEX_CACHE_MAX = 2048
 # Short: a submission waits for it.
 INDEX_TIMEOUT_S = 10.0
+# The requirements of one submission are asked at once, this many at a time
+# (threads; greenlets under gunicorn's gevent), within the proxy's
+# package_index_check_timeout_s in all: a slow index is a 503 in seconds, not
+# MAX_REQUIREMENTS answers one after another holding the request (and its
+# database connection).
+INDEX_CHECK_THREADS = 8
 PEP691 = "application/vnd.pypi.simple.v1+json"
 
 _HASH = re.compile(r"--hash(?:=|\s+)(\S+)")
@@ -93,12 +100,13 @@ class Line:
         return " ".join([f"{self.name}{extras}{spec}", *(f"--hash={h}" for h in self.hashes)])
 
 
-def normalise(raw: bytes, *, index: PackageIndex | None) -> str:
+def normalise(raw: bytes, *, index: PackageIndex | None, deadline_s: float) -> str:
     """The normalised requirements text of a requirements.txt, after every check.
 
     Args:
         index: asked whether each requirement has a wheel; None skips that
             check (package_index_check off: the worker still refuses sdists).
+        deadline_s: how long the index gets for all of them together.
 
     Returns:
         One requirement a line, sorted by name, ending with a newline; "" when
@@ -108,12 +116,12 @@ def normalise(raw: bytes, *, index: PackageIndex | None) -> str:
         ValidationError: a line is not acceptable (the message names it), or
             a requirement has only sdists.
         TooLarge: more than MAX_BYTES.
-        PackageIndexUnreachable: the index could not be asked.
+        PackageIndexUnreachable: the index could not be asked, or did not
+            answer for all of them within deadline_s.
     """
     lines = parse(raw)
     if index is not None:
-        for line in lines:
-            index.check_wheels(line)
+        index.check_all(lines, deadline_s)
     return "".join(line.normalised() + "\n" for line in lines)
 
 
@@ -226,6 +234,33 @@ class PackageIndex:
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, list[dict] | None]] = {}
         self._lock = threading.Lock()
+
+    def check_all(self, lines: list[Line], deadline_s: float) -> None:
+        """check_wheels for each line, asked concurrently, within deadline_s in all.
+
+        Raises:
+            ValidationError: as check_wheels, the first refused line's.
+            PackageIndexUnreachable: as check_wheels, or some answers were
+                still missing at the deadline.
+        """
+        if not lines:
+            return
+        pool = ThreadPoolExecutor(max_workers=min(INDEX_CHECK_THREADS, len(lines)),
+                                  thread_name_prefix="index-check")
+        try:
+            asked = [pool.submit(self.check_wheels, line) for line in lines]
+            _done, pending = wait(asked, timeout=deadline_s)
+            if pending:
+                raise PackageIndexUnreachable(
+                    f"the package index ({self.url}) did not answer for the {len(lines)} "
+                    f"requirements within {deadline_s:g} s (package_index_check_timeout_s); "
+                    "try again later")
+            for answer in asked:
+                answer.result()
+        finally:
+            # Past the deadline the requests still out end at their own
+            # timeout (timeout_s); nobody waits for them.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def check_wheels(self, line: Line) -> None:
         """Refuse a requirement none of whose matching versions has a wheel for the job's Python.
@@ -355,7 +390,8 @@ def check_upload(upload: Upload, cfg: Config, blobs: BlobStore) -> Upload | None
     """
     upload.finish()
     raw = upload.path.read_bytes()
-    text = normalise(raw, index=index_for(cfg.package_index_url) if cfg.package_index_check else None)
+    text = normalise(raw, index=index_for(cfg.package_index_url) if cfg.package_index_check else None,
+                     deadline_s=cfg.package_index_check_timeout_s)
     if not text:
         return None
     stored = blobs.new_upload(MAX_BYTES * 2, "the requirements file")

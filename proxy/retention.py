@@ -27,6 +27,9 @@ one database, in two steps:
    with outputs) holds the same lock and puts the file in place under it
    (`hold_blobs`), so a blob is never unlinked between a new job's check that
    the file exists and the commit of its row. A file already gone is fine.
+   A result's archive that its job did not keep (a retried try's outputs)
+   is queued the same way, in the result's transaction
+   (`release_if_unreferenced`).
 
 Storage: a user is charged the size of each distinct blob their unexpired
 jobs refer to, once however many of their jobs share it. A blob two users
@@ -224,6 +227,27 @@ def is_referenced(conn, blob: str) -> bool:
     return conn.query_one(" UNION ALL ".join(
         f"SELECT 1 AS x FROM jobs WHERE {c}_blob = ? AND expired_at IS NULL"
         for c in BLOB_COLUMNS), (blob,) * len(BLOB_COLUMNS)) is not None
+
+
+def release_if_unreferenced(conn, blob: str, now: float) -> bool:
+    """Inside the transaction that stored `blob` for a job that did not keep
+    it (a retried try's outputs, retries.retry): queue it for the sweep's
+    delete step when no unexpired job refers to it.
+
+    Queued, not unlinked here: the blob lock this transaction holds is shared
+    on PostgreSQL, so a submission or result storing the same content may be
+    between its check and its commit; the delete step checks again under the
+    exclusive lock. A blob another job refers to (content-addressed: the
+    final try may write the same archive) is left alone.
+
+    Returns:
+        Whether it was queued.
+    """
+    if is_referenced(conn, blob):
+        return False
+    conn.execute("INSERT INTO blob_deletions (blob, queued_at) VALUES (?, ?)"
+                 " ON CONFLICT DO NOTHING", (blob, now))
+    return True
 
 
 @dataclass

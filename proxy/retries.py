@@ -22,7 +22,8 @@ one reruns the same try, counts against max_attempts, and is recorded as a
 that ended without ending the job is a row of job_tries, with its exit code,
 times, usage and log tails; its streamed logs stay in job_logs under its
 attempt, readable with ?attempt=N. The try that ends the job is the job row
-itself, so webhooks (store._job_finished) fire once, for the final state.
+itself, so webhooks (store._job_finished) fire once, for the final state; its
+cost (usage.record_cost) prices every try, each having held a worker's slot.
 """
 from __future__ import annotations
 
@@ -167,11 +168,13 @@ def retry(conn, job_id: str, holder: tuple[str, int], result, now: float) -> boo
         return False
     retry_at = now + backoff_s(job, job["retries_used"] + 1)
     # The job shows its last try's exit while it waits; the claim clears both.
+    # cancel_requested = 0 again here: a cancel (an array's cancel all,
+    # arrays.cancel) committed since the read above must keep it out of the queue.
     n = conn.execute(
         "UPDATE jobs SET state = ?, worker_id = NULL, reserved_at = NULL, lease_expires_at = NULL,"
         " started_at = NULL, retries_used = retries_used + 1, not_before = ?, exit_code = ?,"
         " failure_reason = ?, stdout_truncated = 0, stderr_truncated = 0"
-        " WHERE id = ? AND state = ? AND worker_id = ? AND attempt = ?",
+        " WHERE id = ? AND state = ? AND worker_id = ? AND attempt = ? AND cancel_requested = 0",
         (JobState.QUEUED.value, retry_at, result.exit_code, result.failure_reason, job_id,
          JobState.RUNNING.value, *holder))
     if not n:
@@ -274,6 +277,22 @@ def tries_json(conn, job: dict) -> list[dict]:
             "peak_memory_bytes": job["peak_memory_bytes"], "wall_seconds": job["wall_seconds"],
             "gpu_seconds": job.get("gpu_seconds")}))
     return tries
+
+
+def all_tries_usage(tries: list[dict] | None) -> dict | None:
+    """The job's `usage_all_tries`: its tries' usage summed (the peak: the
+    highest), what its cost prices (usage.billed_usage); None without tries
+    (lists) or before one started."""
+    if not tries:
+        return None
+    usages = [t["usage"] for t in tries]
+
+    def total(key, combine=sum):
+        values = [u[key] for u in usages if u[key] is not None]
+        return combine(values) if values else None
+    return {"tries": len(tries), "cpu_seconds": total("cpu_seconds"),
+            "peak_memory_bytes": total("peak_memory_bytes", max),
+            "wall_seconds": total("wall_seconds"), "gpu_seconds": total("gpu_seconds")}
 
 
 def _try_json(job: dict, t: dict) -> dict:

@@ -135,9 +135,12 @@ def _next_placeable(conn, owner: str, free: list[dict], pending: dict, after: di
         if not caps.allows(job):
             # Its array is at its %N cap: the array's queued jobs follow this
             # one in id order (arrays.Caps.last_queued), so read on after the
-            # last of them instead of through them all.
+            # last of them instead of through them all. Of the jobs already
+            # read, only the array's are dropped: another job whose id fell
+            # in its range (a proxy whose clock is behind) is still placed.
             last = caps.last_queued(job["array_id"])
-            pending[owner] = [j for j in pending[owner] if j["id"] > last]
+            pending[owner] = [j for j in pending[owner]
+                              if j["id"] > last or j["array_id"] != job["array_id"]]
             if after.get(owner) and after[owner] < last:
                 after[owner] = last
             continue

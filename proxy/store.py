@@ -346,6 +346,8 @@ def job_json(job: dict, waiting: dict | None = None, tries: list | None = None) 
                   # env_cached: the worker had it already (null: no requirements).
                   "env_build_s": job.get("env_build_s"),
                   "env_cached": None if job.get("env_cached") is None else bool(job["env_cached"])},
+        # `usage` is the last try's; its cost prices every try (retries.py), summed here.
+        "usage_all_tries": retries.all_tries_usage(tries),
         "cost": usage.cost_json(job),
         "webhook": webhooks.webhook_json(job),
         "links": {"self": f"/api/v1/jobs/{job['id']}", "logs": f"/api/v1/jobs/{job['id']}/logs",

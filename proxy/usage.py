@@ -38,6 +38,8 @@ MAX_DAYS = 366
 MAX_MONTHS = 36
 PERIODS = ("day", "month")
 MIN_YEAR, MAX_YEAR = 1971, 9998
+# What a try reports that is billed (memory is billed on memory_mb x wall time).
+TRY_USAGE = ("cpu_seconds", "wall_seconds", "gpu_seconds")
 
 
 @dataclass(frozen=True)
@@ -159,17 +161,38 @@ def compute_cost(job: dict, prices: Prices) -> dict:
 def record_cost(conn, job_id: str) -> dict:
     """Fix a just-finished job's cost with the prices in force now (inside its transaction).
 
+    Every try is billed: the final one (the job row) and each earlier one
+    (`billed_usage`), a policy retry or a lost worker's try alike; the
+    cluster ran them all.
+
     Returns:
         The job row as read before the cost was stored.
     """
     job = conn.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
     prices = get_prices(conn)
-    cost = compute_cost(job, prices)
+    cost = compute_cost(dict(job, **billed_usage(conn, job)), prices)
     conn.execute(
         "UPDATE jobs SET cost_currency = ?, cost_cpu_micros = ?, cost_memory_micros = ?,"
         " cost_gpu_micros = ?, cost_micros = ? WHERE id = ?",
         (prices.currency, cost["cpu"], cost["memory"], cost["gpu"], cost["total"], job_id))
     return job
+
+
+def billed_usage(conn, job: dict) -> dict:
+    """The cpu, wall and GPU seconds of all the job's tries: its row's (the
+    final try's) plus its earlier tries' (job_tries, retries.py), which the
+    row does not include. A lost worker's try reported nothing: zero.
+
+    Returns:
+        {"cpu_seconds", "wall_seconds", "gpu_seconds"}, each None where no try reported it.
+    """
+    if (job.get("attempt") or 0) <= 1:
+        return {k: job.get(k) for k in TRY_USAGE}   # a first try has no earlier ones
+    earlier = conn.query_one(
+        "SELECT " + ", ".join(f"SUM({k}) AS {k}" for k in TRY_USAGE)
+        + " FROM job_tries WHERE job_id = ?", (job["id"],))
+    return {k: None if job.get(k) is None and earlier[k] is None
+            else float(job.get(k) or 0) + float(earlier[k] or 0) for k in TRY_USAGE}
 
 
 def cost_json(job: dict) -> dict | None:
@@ -270,7 +293,8 @@ _EPOCH = date(1970, 1, 1)
 def report(conn, query: UsageQuery, owner_id: str | None) -> dict:
     """Totals per period (and per user, when `owner_id` is None: an admin's view of everyone).
 
-    Finished jobs count on the UTC day they finished. The database sums them
+    Finished jobs count on the UTC day they finished, with all their tries'
+    usage (record_cost bills them all). The database sums them
     per user, currency and day in one pass over the (owner_id, finished_at) or
     (finished_at) index, so an admin's year of everyone's jobs is at most
     users x currencies x 366 rows here; days are rolled into months below.
@@ -297,6 +321,15 @@ def report(conn, query: UsageQuery, owner_id: str | None) -> dict:
         " SUM(COALESCE(j.cost_micros, 0)) AS cost_micros"
         f" FROM jobs j JOIN users u ON u.id = j.owner_id WHERE {' AND '.join(where)}"
         " GROUP BY 1, 2, 3", params)
+    # Earlier tries (job_tries) count on their job's day, as its cost does
+    # (record_cost): the hours and the cost of a period then agree.
+    days += conn.query(
+        f"SELECT u.name AS owner, j.cost_currency AS currency, {_DAY_NUMBER} AS day,"
+        " 0 AS jobs, SUM(COALESCE(t.cpu_seconds, 0)) AS cpu_seconds,"
+        " SUM(j.memory_mb * COALESCE(t.wall_seconds, 0)) AS mb_seconds,"
+        " SUM(COALESCE(t.gpu_seconds, 0)) AS gpu_seconds, 0 AS cost_micros"
+        " FROM job_tries t JOIN jobs j ON j.id = t.job_id JOIN users u ON u.id = j.owner_id"
+        f" WHERE {' AND '.join(where)} GROUP BY 1, 2, 3", params)
     rows: dict[tuple, dict] = {}
     totals: dict[str, dict] = {}
     for day in days:

@@ -262,6 +262,10 @@ def post_result(job_id):
             retention.hold_blobs(conn)
             output = st.blobs.commit(upload) if upload is not None else None
             job, applied = leases.record_result(conn, worker, job_id, parsed, output)
+            if output is not None and job["output_blob"] != output.sha256:
+                # A retried try (retries.retry): its job refers to no outputs
+                # yet, so nothing would ever delete or count them.
+                retention.release_if_unreferenced(conn, output.sha256, time.time())
     finally:
         if form is not None:
             form.discard()

@@ -20,10 +20,10 @@ from itertools import pairwise
 import pytest
 import requests
 
-from proxy import retention
+from proxy import arrays, create_app, retention, retries
 from tests.conftest import require, stop_gunicorn, wait_until
 from tests.test_browser import console_errors, first_login, page  # noqa: F401  (fixtures)
-from tests.test_dispatch import CODE, zip_bytes
+from tests.test_dispatch import CODE, Hub, zip_bytes
 from tests.test_dispatch import make_hub  # noqa: F401  (fixture)
 from tests.test_worker_sandbox import IMAGE, docker_ready, start_cluster, stop_worker
 
@@ -210,6 +210,20 @@ def test_the_cap_holds_across_workers_and_frees_a_slot_per_finished_job(hub):
         "queued": 3, "running": 2, "succeeded": 1, "failed": 0, "cancelled": 0, "timed_out": 0}
 
 
+def test_a_job_whose_id_fell_inside_a_full_arrays_range_is_still_placed(hub):
+    """The cap steps over a full array's queued jobs by id; another job of the
+    same user with an id among them (made on a proxy whose clock is behind)
+    is not stepped over with them."""
+    array = submit_array(hub, array="0-3%1")
+    ids = [j["id"] for j in array["jobs"]]
+    loner = hub.submit()
+    skewed = ids[1] + "0"   # sorts after the array's job 1, before its job 2
+    assert ids[1] < skewed < ids[2]
+    hub.call(lambda conn: conn.execute("UPDATE jobs SET id = ? WHERE id = ?", (skewed, loner)))
+    worker = hub.register("w", slots=2)
+    assert sorted(j["id"] for j in worker.claim(max_jobs=2)) == sorted([ids[0], skewed])
+
+
 def test_cancel_all_ends_the_queued_and_stops_the_running(hub):
     array = submit_array(hub, array="0-4")
     worker = hub.register("w", slots=2)
@@ -223,6 +237,58 @@ def test_cancel_all_ends_the_queued_and_stops_the_running(hub):
     assert sorted(worker.heartbeat([j["id"] for j in running])["cancel"]) == sorted(
         j["id"] for j in running)
     assert hub.job(array["jobs"][4]["id"])["failure_reason"].startswith("cancelled by user")
+
+
+def test_cancel_all_also_ends_a_job_retried_between_its_steps(hub, monkeypatch):
+    """A running job that fails and is retried after cancel all ended the
+    queued (so it is queued again) is cancelled too: it never runs again."""
+    array = submit_array(hub, array="0-2", retries=1)
+    worker = hub.register("w", slots=2)
+    first, second = worker.claim(max_jobs=2)
+    cancel_queued = arrays._cancel_queued
+    retried = []
+
+    def then_a_try_fails(conn, *args):
+        n = cancel_queued(conn, *args)
+        if not retried:
+            post_result(hub, worker, first, state="failed")   # exit 1: retried (retries=1)
+            retried.append(hub.row(first["id"])["state"])
+        return n
+
+    monkeypatch.setattr(arrays, "_cancel_queued", then_a_try_fails)
+    answer = hub.call(arrays.cancel, {"id": array["id"]})
+    assert retried == ["queued"]
+    assert answer == {"cancelled": 2, "stopping": 1}
+    assert hub.row(first["id"])["state"] == "cancelled"
+    assert (hub.row(second["id"])["state"], hub.row(second["id"])["cancel_requested"]) == (
+        "running", 1)
+    assert worker.claim(max_jobs=2) == []
+
+
+def test_a_try_failing_while_cancel_all_marks_it_is_not_retried(pg_url, make_config,
+                                                                 monkeypatch):
+    """PostgreSQL, whose transactions interleave: a failed try's result reads
+    its job as retryable, cancel all marks the job and commits, then the
+    retry's update finds it marked: the job ends instead of queueing again."""
+    app = create_app(make_config(database_url=pg_url, log_level="WARNING", **QUIET))
+    try:
+        hub = Hub(app)
+        array = submit_array(hub, array="0-0", retries=1)
+        worker = hub.register("w", slots=1)
+        [job] = worker.claim(max_jobs=1)
+        backoff_s = retries.backoff_s
+
+        def and_meanwhile_cancel_all(*args):
+            # Called between the retry's read and its update; another connection.
+            assert hub.call(arrays.cancel, {"id": array["id"]}) == {"cancelled": 0, "stopping": 1}
+            return backoff_s(*args)
+
+        monkeypatch.setattr(retries, "backoff_s", and_meanwhile_cancel_all)
+        post_result(hub, worker, job, state="failed")
+        row = hub.row(job["id"])
+        assert (row["state"], row["retries_used"], row["cancel_requested"]) == ("failed", 0, 1)
+    finally:
+        app.extensions["jobcloud"].db.close()
 
 
 def test_fetch_all_is_one_zip_by_index_with_the_missing_listed(hub):

@@ -126,7 +126,7 @@ def test_editor_run_live_output_reconnect_and_download(page, console_errors, liv
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"this is not a zip archive")
     page.locator("#dataset").set_input_files(str(broken))
-    page.get_by_role("button", name="Run").click()
+    page.get_by_role("button", name="Run", exact=True).click()
     expect(page.locator("#editor-error")).to_have_text("the dataset is not a readable zip archive")
     expect(page).to_have_url(url + "/new")
     assert page.evaluate("window.jobcloudEditor.editor.getCode()") == SCRIPT
@@ -143,7 +143,7 @@ def test_editor_run_live_output_reconnect_and_download(page, console_errors, liv
     jobs_tab.goto(url + "/job-status/dave")
     expect(jobs_tab.locator("#no-jobs")).to_be_visible()
 
-    page.get_by_role("button", name="Run").click()
+    page.get_by_role("button", name="Run", exact=True).click()
     expect(page).to_have_url(re.compile(r"/jobs/j[0-9a-f]+$"))
     job_id = page.url.rsplit("/", 1)[1]
 
@@ -188,7 +188,7 @@ def test_editor_run_live_output_reconnect_and_download(page, console_errors, liv
     page.locator("#template").select_option("sklearn")
     page.locator("#dataset").set_input_files(str(csv))
     page.wait_for_function("() => document.getElementById('dataset').files[0].name === 'iris.zip'")
-    page.get_by_role("button", name="Run").click()
+    page.get_by_role("button", name="Run", exact=True).click()
     expect(page).to_have_url(re.compile(r"/jobs/j[0-9a-f]+$"))
     expect(page.locator("#state")).to_have_text("succeeded", timeout=90_000)
     expect(page.locator("#stdout")).to_contain_text("read iris.csv: 150 rows")

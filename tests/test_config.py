@@ -49,6 +49,9 @@ def test_list_from_environment_is_comma_separated():
     ({"JOBCLOUD_METRICS_TOKEN": "too-short"}, "metrics_token must be empty or 32 to 256"),
     ({"JOBCLOUD_METRICS_TOKEN": "a" * 20 + " " + "b" * 20}, "metrics_token"),
     ({"JOBCLOUD_METRICS_TOKEN": "x" * 257}, "metrics_token"),
+    ({"JOBCLOUD_MAX_PARENT_JOBS": "0"}, "max_parent_jobs"),
+    ({"JOBCLOUD_MAX_PARENT_JOBS": "50", "JOBCLOUD_MAX_DEPENDENCY_EDGES": "49"},
+     "max_dependency_edges must be between max_parent_jobs"),
 ])
 def test_bad_values_name_the_setting(env, message):
     with pytest.raises(ConfigError) as err:

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from proxy import dependencies, retention
+from proxy import dependencies, retention, store
 from proxy.errors import ValidationError
 from tests.conftest import login, wait_until
 from tests.test_client_cli import Cli
@@ -145,6 +145,50 @@ def test_after_an_array_means_after_all_of_its_jobs(hub):
     assert sorted(p["name"] for p in claimed["after"]) == ["sweep_0", "sweep_1", "sweep_2"]
     # Another user's array reads like an unknown id.
     assert submit_refused(hub, hub.bob, after=array_id)["error"] == "unknown_parent"
+
+
+def test_parent_jobs_and_dependency_edges_are_bounded_by_settings(make_hub):  # noqa: F811
+    """An array in `after` counts each of its jobs (max_parent_jobs), and an
+    array after parents makes one edge per job and parent (max_dependency_edges):
+    past either, a 400 naming the numbers, and nothing is stored."""
+    hub = make_hub(max_parent_jobs=3, max_dependency_edges=6)
+    three = hub.submit(array="0-2")
+    lone = hub.submit()
+    over = submit_refused(hub, hub.alice, after=f"{three},{lone}")
+    assert over["error"] == "too_many_parents"
+    assert "4 jobs in all" in over["detail"] and "max_parent_jobs = 3" in over["detail"]
+    edges = submit_refused(hub, hub.alice, after=three, array="0-2")
+    assert edges["error"] == "too_many_dependencies"
+    assert "3 jobs each after 3 parent jobs make 9 dependencies" in edges["detail"]
+    assert "max_dependency_edges = 6" in edges["detail"]
+    count = "SELECT (SELECT COUNT(*) FROM jobs) AS jobs, (SELECT COUNT(*) FROM job_deps) AS deps"
+    assert hub.call(lambda conn: conn.query_one(count)) == {"jobs": 4, "deps": 0}
+    # At the bounds: two jobs after three parents, six edges.
+    hub.submit(after=three, array="0-1")
+    assert hub.call(lambda conn: conn.query_one(count)) == {"jobs": 6, "deps": 6}
+
+
+def test_an_array_after_a_parent_that_fails_meanwhile_is_refused_whole(hub, monkeypatch):
+    """A parent that ends badly between the submission's checks and its
+    transaction: the submission is refused (400 parent_failed) with nothing
+    stored, never an array of cancelled copies made without their webhooks."""
+    parent = hub.submit()
+    resolve = dependencies.resolve
+
+    def then_the_parent_is_cancelled(conn, *args, **kwargs):
+        parents = resolve(conn, *args, **kwargs)
+        hub.call(lambda other: store.cancel_job(other, store.get_job(other, parent)))
+        return parents
+
+    monkeypatch.setattr(dependencies, "resolve", then_the_parent_is_cancelled)
+    blobs = hub.app.extensions["jobcloud"].blobs.blobs
+    files = {p for p in blobs.rglob("*") if p.is_file()}
+    refused = submit_refused(hub, hub.alice, after=parent, array="0-4")
+    assert refused["error"] == "parent_failed" and parent in refused["detail"]
+    assert hub.job(parent)["state"] == "cancelled"
+    count = "SELECT (SELECT COUNT(*) FROM jobs) AS jobs, (SELECT COUNT(*) FROM job_arrays) AS arrays"
+    assert hub.call(lambda conn: conn.query_one(count)) == {"jobs": 1, "arrays": 0}
+    assert {p for p in blobs.rglob("*") if p.is_file()} == files
 
 
 def test_unknown_and_foreign_parents_are_refused_alike(hub):

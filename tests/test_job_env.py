@@ -25,7 +25,7 @@ from proxy import create_app
 from proxy.jobenv import RESERVED_NAMES
 from tests.conftest import (LiveServer, Users, csrf_from, free_port, login, require,
                             stop_gunicorn, wait_until)
-from tests.test_browser import console_errors, page  # noqa: F401  (fixtures)
+from tests.test_browser import console_errors, first_login, page  # noqa: F401  (fixtures)
 from tests.test_client_cli import Cli
 from tests.test_worker_prestart import docker_client, one_waiting  # noqa: F401 (a fixture)
 from tests.test_worker_sandbox import IMAGE, Cluster, docker_ready, start_worker, stop_worker
@@ -281,17 +281,7 @@ def test_the_upload_form_takes_env_lines_and_the_page_shows_names_only(page, con
     from playwright.sync_api import expect
 
     url = live_server.url
-    one_time = re.search(r"one-time password: (\S+)",
-                         live_server.admin("user", "add", "carol")).group(1)
-    page.goto(url + "/login")
-    page.get_by_label("User name").fill("carol")
-    page.get_by_label("Password").fill(one_time)
-    page.get_by_role("button", name="Log in").click()
-    page.get_by_label("Current password").fill(one_time)
-    page.get_by_label("New password (at least 10 characters)").fill("carol-own-pass-1")
-    page.get_by_label("New password again").fill("carol-own-pass-1")
-    page.get_by_role("button", name="Change password").click()
-    expect(page).to_have_url(url + "/")
+    first_login(page, url, live_server, "carol")
 
     page.locator('textarea[name="code"]').fill("print(1)")
     page.get_by_label("Environment variables").fill("SEED=7\nAPI_KEY=hunter2-secret\n")

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, require, stop_gunicorn, wait_until
-from tests.test_browser import console_errors, page  # noqa: F401  (fixtures)
+from tests.test_browser import console_errors, first_login, page  # noqa: F401  (fixtures)
 from tests.test_worker_sandbox import IMAGE, docker_ready, start_cluster, stop_worker
 
 PEP691 = "application/vnd.pypi.simple.v1+json"
@@ -64,12 +64,16 @@ class FakeIndex:
     def __init__(self, projects: dict[str, list[tuple[str, bytes]]]):
         self.projects = projects
         self.hits: dict[str, int] = {}
+        # An Event: each request waits until it is set (a slow index).
+        self.delay: threading.Event | None = None
         self.port = free_port()
         index = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 index.hits[self.path] = index.hits.get(self.path, 0) + 1
+                if index.delay is not None:
+                    index.delay.wait(30)
                 parts = self.path.strip("/").split("/")
                 if parts[0] == "simple" and len(parts) == 2 and parts[1] in index.projects:
                     body = json.dumps({"meta": {"api-version": "1.0"}, "name": parts[1], "files": [
@@ -317,6 +321,30 @@ def test_an_unreachable_index_is_a_503_not_a_silent_accept(make_config):
         app.extensions["jobcloud"].db.close()
 
 
+def test_a_slow_index_is_a_503_at_the_check_deadline(make_config, fake_index):
+    """The index answers nothing until released: the submission ends with 503
+    at package_index_check_timeout_s, not after one timeout per requirement."""
+    from proxy import create_app
+    from tests.conftest import Users
+    names = [f"pkg{n}" for n in range(12)]
+    index = fake_index({name: [make_wheel(name, "1.0", {f"{name}.py": ""})] for name in names})
+    release = threading.Event()
+    index.delay = release
+    app = create_app(make_config(package_index_url=index.url, package_index_check_timeout_s=1))
+    try:
+        alice = Users(app).create("alice")
+        r = submit(app.test_client(), alice, "".join(f"{n}\n" for n in names).encode())
+        assert r.status_code == 503 and r.json["error"] == "package_index_unreachable", r.json
+        assert "within 1 s (package_index_check_timeout_s)" in r.json["detail"]
+        # Asked concurrently: more than one request was out when the deadline came.
+        assert sum(index.hits.values()) > 1, index.hits
+        release.set()
+        assert submit(app.test_client(), alice, b"pkg0\n").status_code == 201
+    finally:
+        release.set()
+        app.extensions["jobcloud"].db.close()
+
+
 def test_with_the_index_check_off_only_the_syntax_is_checked(make_config):
     from proxy import create_app
     from tests.conftest import Users
@@ -334,6 +362,8 @@ def test_package_index_settings_are_validated(make_config):
     from proxy.errors import ConfigError
     with pytest.raises(ConfigError, match="package_index_url"):
         make_config(package_index_url="ftp://mirror.example/simple")
+    with pytest.raises(ConfigError, match="package_index_check_timeout_s"):
+        make_config(package_index_check_timeout_s=0)
     from worker.config import ConfigError as WorkerConfigError, load_config
     with pytest.raises(WorkerConfigError, match="pyenv_cache_mb"):
         load_config([], env={"JOBCLOUD_WORKER_ENROLLMENT_TOKEN": "t",
@@ -493,6 +523,67 @@ def test_a_job_cancelled_during_its_build_ends_cancelled_and_leaves_nothing(prob
     assert got.state == "cancelled", got
     assert list(envs.envs.iterdir()) == [] and list(envs.tmp.iterdir()) == []
     assert envs._in_use == {}
+
+
+def test_a_worker_not_running_as_root_opens_the_build_output_to_the_job():
+    """As make_job_dir does for a job's directory: a worker that cannot chown
+    the build's output to the job's uid opens it to all instead of failing
+    every requirements job (here: this root process as nobody for the call)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from worker.pyenv import _writable_by
+    require(os.geteuid() == 0, "switching to another user needs root")
+    # Not under tmp_path: its parents are root's alone.
+    top = Path(tempfile.mkdtemp(prefix="jobcloud-nonroot-"))
+    try:
+        os.chmod(top, 0o755)
+        output = top / "output"
+        output.mkdir(mode=0o755)
+        os.chown(output, 65534, 65534)
+        os.seteuid(65534)
+        try:
+            _writable_by(output, 700_000)
+        finally:
+            os.seteuid(0)
+        assert output.stat().st_mode & 0o777 == 0o777
+        # As root it is the job's, as before.
+        _writable_by(output, 700_000)
+        assert output.stat().st_uid == 700_000
+    finally:
+        shutil.rmtree(top)
+
+
+def test_a_build_the_worker_disk_cannot_hold_fails_cleanly_and_frees_the_waiting_container(
+        tmp_path, fake_index):
+    """The worker's build directory is a file (as a full or broken disk: an
+    OSError inside the build, not pip's): the job fails with a reason that
+    names no path of the worker, and the waiting container it took is removed."""
+    ok, reason = docker_ready()
+    require(ok, reason)
+    import docker
+    from tests.test_worker_prestart import exists, one_waiting
+    index = fake_index({"six": [make_wheel("six", "1.16.0", {"six.py": ""})]})
+    cluster = start_cluster(tmp_path, slots=1, gunicorn_workers=1, prestart="true",
+                            proxy_env={"JOBCLOUD_PACKAGE_INDEX_URL": index.url},
+                            name=f"envdisk-{os.getpid()}")
+    engine = docker.from_env(timeout=30)
+    try:
+        waiting = one_waiting(engine, cluster)
+        build_dir = cluster.data_dir / "pyenv" / "tmp"
+        build_dir.rmdir()
+        build_dir.write_text("not a directory\n")
+        job = cluster.wait(submit_with(cluster, "print(1)", b"six==1.16.0\n"))
+        assert job["state"] == "failed", job
+        assert job["failure_reason"].startswith(
+            "env_build_failed: this worker could not build it: Not a directory"), job
+        assert str(tmp_path) not in job["failure_reason"], job
+        wait_until(lambda: not exists(engine, waiting), timeout=30,
+                   what="the waiting container the job took to be removed")
+    finally:
+        stop_worker(cluster.worker)
+        stop_gunicorn(cluster.server.proc)
+        engine.close()
 
 
 def test_a_host_without_pip_runs_the_index_pip_wheel(tmp_path):
@@ -680,16 +771,7 @@ def test_the_browser_form_sends_a_requirements_file(tmp_path, fake_index, page, 
     server = LiveServer(f"http://127.0.0.1:{port}", start_gunicorn(env, port, workers=2), env,
                         tmp_path / "live")
     try:
-        one_time = re.search(r"one-time password: (\S+)", server.admin("user", "add", "dora")).group(1)
-        page.goto(server.url + "/login")
-        page.get_by_label("User name").fill("dora")
-        page.get_by_label("Password").fill(one_time)
-        page.get_by_role("button", name="Log in").click()
-        page.get_by_label("Current password").fill(one_time)
-        page.get_by_label("New password (at least 10 characters)").fill("dora-own-pass-1")
-        page.get_by_label("New password again").fill("dora-own-pass-1")
-        page.get_by_role("button", name="Change password").click()
-        expect(page).to_have_url(server.url + "/")
+        first_login(page, server.url, server, "dora")
 
         good, bad = tmp_path / "requirements.txt", tmp_path / "bad.txt"
         good.write_text("Six == 1.16.0  # pinned\n")

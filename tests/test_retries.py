@@ -8,6 +8,8 @@ and Docker: a script that fails on its first two tries succeeds on its third.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import threading
@@ -21,7 +23,7 @@ from proxy.config import load_config
 from proxy.errors import ConfigError
 from tests.conftest import login
 from tests.test_client_cli import Cli
-from tests.test_dispatch import Hub, make_hub  # noqa: F401  (fixture)
+from tests.test_dispatch import Hub, make_hub, zip_bytes  # noqa: F401  (fixture)
 from tests.test_worker_sandbox import cluster  # noqa: F401  (fixture: gunicorn, worker, Docker)
 
 
@@ -276,6 +278,75 @@ def test_retention_deletes_the_earlier_tries_logs_and_keeps_their_exits(make_hub
     assert (row["exit_code"], row["stdout_tail"]) == (5, None)
     assert hub.client.get(f"/api/v1/jobs/{job_id}/logs?attempt=1",
                           headers=hub.alice["headers"]).status_code == 410
+
+
+def post_outputs(w, job_id: str, attempt: int, state: str, outputs: bytes):
+    r = w.hub.client.post(f"/api/v1/worker/jobs/{job_id}/result", headers=w.headers,
+                          content_type="multipart/form-data", data={
+                              "result": json.dumps({"attempt": attempt, "state": state,
+                                                    "exit_code": 0 if state == "succeeded" else 1}),
+                              "outputs": (io.BytesIO(outputs), "outputs.zip", "application/zip")})
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()["state"]
+
+
+def test_a_retried_tries_outputs_are_deleted_unless_a_job_refers_to_them(make_hub):  # noqa: F811
+    hub = make_hub(max_retries=5, retention_sweep_s=86400.0)
+    blobs = hub.app.extensions["jobcloud"].blobs
+    first, shared, final = (zip_bytes(**{"out.txt": f"try {n}\n"}) for n in (1, 2, 3))
+    w = hub.register("w1")
+    # Another job keeps an archive the second try writes too (blobs are shared by content).
+    other = hub.submit()
+    w.claim()
+    assert post_outputs(w, other, 1, "succeeded", shared) == "succeeded"
+
+    job_id = hub.submit(retries=2, retry_backoff_s=0)
+    for attempt, archive in ((1, first), (2, shared)):
+        [claimed] = w.claim()
+        assert claimed["id"] == job_id
+        assert post_outputs(w, job_id, attempt, "failed", archive) == "queued"
+    w.claim()
+    assert post_outputs(w, job_id, 3, "succeeded", final) == "succeeded"
+
+    sha = {name: hashlib.sha256(data).hexdigest()
+           for name, data in (("first", first), ("shared", shared), ("final", final))}
+    assert hub.job(job_id)["outputs"]["sha256"] == sha["final"]
+    swept = hub.app.extensions["jobcloud_retention"].run_once()
+    assert list(swept.deleted) == [sha["first"]]
+    on_disk = {name for name, blob in sha.items() if blobs.path(blob).exists()}
+    assert on_disk == {"shared", "final"}
+    r = hub.client.get(f"/api/v1/jobs/{job_id}/outputs", headers=hub.alice["headers"])
+    assert r.status_code == 200 and r.data == final
+
+
+def test_the_cost_prices_every_try_and_the_usage_report_counts_them(hub):
+    prices = {"currency": "EUR", "cpu_hour": "3.6", "gb_hour": "0.36"}
+    assert hub.client.put("/api/v1/admin/prices", headers=hub.admin["headers"],
+                          json=prices).status_code == 200
+    job_id = hub.submit(retries=2, retry_backoff_s=0, memory_mb=1024)
+    w = hub.register("w1")
+    # 1, 2 and 3 CPU seconds (and wall seconds): within what each lease allows.
+    for attempt in (1, 2, 3):
+        w.claim()
+        state = "succeeded" if attempt == 3 else "failed"
+        r = w.result(job_id, attempt, state, cpu_seconds=float(attempt),
+                     wall_seconds=float(attempt), peak_memory_bytes=attempt * 10**6)
+        assert r.get_json()["state"] == ("succeeded" if attempt == 3 else "queued")
+
+    job = hub.job(job_id)
+    assert job["usage"]["cpu_seconds"] == 3.0   # the last try's
+    assert job["usage_all_tries"] == {"tries": 3, "cpu_seconds": 6.0, "wall_seconds": 6.0,
+                                      "peak_memory_bytes": 3 * 10**6, "gpu_seconds": None}
+    # cpu: 6 s at 3.6/h = 0.006; memory: 1 GB reserved x 6 s at 0.36/h = 0.0006.
+    assert job["cost"]["breakdown"] == {"cpu": "0.006000", "memory": "0.000600",
+                                        "gpu": "0.000000"}
+    assert job["cost"]["amount"] == "0.006600"
+    [total] = hub.client.get("/api/v1/usage", headers=hub.alice["headers"]).get_json()["totals"]
+    assert (total["jobs"], total["cpu_hours"], total["gb_hours"], total["cost"]) == \
+        (1, round(6 / 3600, 6), round(6 / 3600, 6), "0.006600")
+    login(hub.client, "alice", hub.alice["password"])
+    page = hub.client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert re.search(r'id="cost">0\.006600 EUR \(all 3 tries\)</dd>', page), page
 
 
 def test_the_job_page_shows_each_try_with_its_logs(hub):

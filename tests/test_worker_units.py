@@ -3,6 +3,7 @@ cache, output collection, bounded logs, configuration."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import zipfile
 
@@ -10,7 +11,8 @@ import pytest
 
 from worker.config import load_config
 from worker.errors import ConfigError, InputError, UnsafeArchive
-from worker.inputs import DatasetCache, extract_dataset, sha256_of
+from worker.inputs import (DatasetCache, InputBudget, extract_dataset, sha256_of,
+                           unpack_parent_outputs)
 from worker.logs import LogStream
 from worker.outputs import collect_outputs
 from tests.zips import HOSTILE
@@ -83,6 +85,55 @@ def test_a_good_dataset_is_extracted(tmp_path):
     assert (dest / "dir" / "a.csv").read_bytes() == b"1,2\n"
     with pytest.raises(InputError):
         extract_dataset(tmp_path / "out" / "b.txt", dest, **LIMITS)
+
+
+def test_parents_outputs_and_the_dataset_share_one_limit(tmp_path):
+    """Three parents' outputs, each well under the worker's dataset limit,
+    together over it: the job is refused naming the limit, and what is
+    unpacked never passes it."""
+    served = tmp_path / "served"
+    served.mkdir()
+    parents = []
+    for n in range(3):
+        make_zip(served / f"p{n}.zip", [(f"part{n}.bin", os.urandom(400 << 10), None)])
+        parents.append({"id": f"job-{n}", "name": f"p{n}",
+                        "outputs": {"url": f"p{n}.zip", "sha256": sha256_of(served / f"p{n}.zip")}})
+
+    def download(url, dest):
+        dest.write_bytes((served / url).read_bytes())
+    input_dir, scratch = tmp_path / "input", tmp_path / "scratch"
+    input_dir.mkdir()
+    scratch.mkdir()
+    budget = InputBudget(1 << 20, 100, 200.0)
+    with pytest.raises(InputError, match=r"over this worker's limit of 1048576 bytes "
+                                         r"\(dataset_max_bytes\) for all of them together"):
+        unpack_parent_outputs(parents, input_dir, scratch, download, budget)
+    unpacked = sum(f.stat().st_size for f in input_dir.rglob("*") if f.is_file())
+    assert unpacked == budget.used_bytes == 2 * (400 << 10)
+    assert not (input_dir / "after" / "p2" / "part2.bin").exists()
+
+    # Under the limit together, the dataset still counts: it is what is left.
+    budget = InputBudget(1 << 20, 100, 200.0)
+    shutil.rmtree(input_dir)
+    input_dir.mkdir()
+    unpack_parent_outputs(parents[:2], input_dir, scratch, download, budget)
+    (input_dir / "data").mkdir()
+    with pytest.raises(InputError, match="dataset and the job's other inputs"):
+        budget.unpack(served / "p2.zip", input_dir / "data", "dataset")
+    # And a dataset alone keeps its own limit and its own message.
+    with pytest.raises(UnsafeArchive, match="expands to more than the limit"):
+        extract_dataset(served / "p2.zip", tmp_path, max_bytes=100 << 10, max_members=10,
+                        max_ratio=200.0)
+
+
+def test_the_shared_limit_counts_files_too(tmp_path):
+    budget = InputBudget(1 << 20, 5, 200.0)
+    for n in range(2):
+        make_zip(tmp_path / f"{n}.zip", [(f"{n}-{i}.txt", b"x", None) for i in range(3)])
+        (tmp_path / f"out{n}").mkdir()
+    budget.unpack(tmp_path / "0.zip", tmp_path / "out0", "outputs of job a")
+    with pytest.raises(InputError, match=r"limit of 5 files \(dataset_max_members\)"):
+        budget.unpack(tmp_path / "1.zip", tmp_path / "out1", "outputs of job b")
 
 
 def test_dataset_cache_fetches_once_checks_hash_and_evicts_lru(tmp_path):

@@ -106,23 +106,81 @@ class DatasetCache:
 def extract_dataset(archive: Path, dest: Path, *, max_bytes: int, max_members: int,
                     max_ratio: float) -> int:
     """Extract a zip into `dest` (which must exist) under the one archive rule
-    (jobcloud_archive, the rule the proxy applied at intake).
-
-    The whole directory is checked before anything is written; data is counted
-    and CRC-checked while it is written, never trusted from the headers. Files
-    are 0644 and directories 0755 whatever the umask: the job's user reads them.
+    (jobcloud_archive, the rule the proxy applied at intake): InputBudget's
+    unpack with a budget of its own.
 
     Returns:
         The number of bytes written.
 
     Raises:
-        UnsafeArchive: a member breaks the rule (the message names the member,
-            never a path of this machine).
-        InputError: the file is not a readable zip, or it cannot be written
-            (the reason only, without the path).
+        as InputBudget.unpack.
     """
-    limits = ArchiveLimits(max_total_bytes=max_bytes, max_entries=max_members, max_ratio=max_ratio)
-    return _unpack(archive, dest, "dataset", limits)
+    return InputBudget(max_bytes, max_members, max_ratio).unpack(archive, dest, "dataset")
+
+
+class InputBudget:
+    """What all of one job's input archives may unpack to together: the
+    worker's dataset limits (dataset_max_bytes, dataset_max_members), shared
+    by the dataset and every parent's outputs. Per archive, N parents could
+    each fill the limit, and the worker's data disk N times over.
+
+    Each archive is checked against what is left; the files it wrote are
+    counted once it is unpacked.
+    """
+
+    def __init__(self, max_bytes: int, max_members: int, max_ratio: float):
+        self.max_bytes = max_bytes
+        self.max_members = max_members
+        self.max_ratio = max_ratio
+        self.used_bytes = 0
+        self.used_members = 0
+
+    def unpack(self, archive: Path, dest: Path, what: str) -> int:
+        """Unpack `archive` into `dest` within what is left of the budget.
+
+        The whole directory is checked before anything is written; data is
+        counted and CRC-checked while it is written, never trusted from the
+        headers. Files are 0644 and directories 0755 whatever the umask: the
+        job's user reads them.
+
+        Returns:
+            The number of bytes written.
+
+        Raises:
+            UnsafeArchive: a member breaks the rule (the message names the
+                member, never a path of this machine).
+            InputError: the file is not a readable zip, it cannot be written
+                (the reason only, without the path), or it is over what is
+                left of the budget after earlier archives (the message names
+                the limit).
+        """
+        limits = ArchiveLimits(max_total_bytes=self.max_bytes - self.used_bytes,
+                               max_entries=self.max_members - self.used_members,
+                               max_ratio=self.max_ratio)
+        try:
+            written = jobcloud_archive.extract(archive, dest, limits, what=what, file_mode=0o644,
+                                               dir_mode=0o755)
+        except ArchiveError as e:
+            raise self._refusal(e, what) from None
+        except OSError as e:
+            # The job's owner reads this as the failure reason: no host path in it.
+            raise InputError(f"cannot unpack the {what}: {e.strerror or type(e).__name__}") from None
+        self.used_bytes += written.total_bytes
+        self.used_members += len(written.names)
+        return written.total_bytes
+
+    def _refusal(self, error: ArchiveError, what: str) -> InputError:
+        if error.code in _OVER_LIMIT and (self.used_bytes or self.used_members):
+            limit = (f"{self.max_bytes} bytes (dataset_max_bytes)" if error.code == "zip_too_large"
+                     else f"{self.max_members} files (dataset_max_members)")
+            return InputError(f"the {what} and the job's other inputs (its dataset and its "
+                              f"parents' outputs) are over this worker's limit of {limit} "
+                              "for all of them together")
+        return (InputError if error.code == "invalid_zip" else UnsafeArchive)(error.message)
+
+
+# What an archive too big for what is left of a budget is refused with.
+_OVER_LIMIT = ("zip_too_large", "zip_too_many_entries")
 
 
 # Where a job's parents' outputs are unpacked (proxy/dependencies.py), under
@@ -133,15 +191,17 @@ AFTER_DIR = "after"
 _PARENT_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def unpack_parent_outputs(parents: list, input_dir: Path, scratch: Path, download, *,
-                          max_bytes: int, max_members: int, max_ratio: float) -> None:
+def unpack_parent_outputs(parents: list, input_dir: Path, scratch: Path, download,
+                          budget: InputBudget) -> None:
     """Each parent's output archive (the claim's `after`) downloaded with
     `download(url, dest)` and unpacked into input_dir/after/<name>/ under the
-    dataset's archive rule; a parent without outputs gets an empty directory.
+    dataset's archive rule, all of them within the job's one `budget`; a
+    parent without outputs gets an empty directory.
 
     Raises:
         InputError: a parent entry or its name is malformed, a download does
-            not have the expected sha256, or an archive is not a readable zip.
+            not have the expected sha256, an archive is not a readable zip, or
+            they are over the budget together.
         UnsafeArchive: an archive breaks the rule.
         ProtocolError, LeaseLost, ProxyUnreachable: from `download` (a parent's
             outputs expired: 410 parent_expired, and the job fails with it).
@@ -167,20 +227,6 @@ def unpack_parent_outputs(parents: list, input_dir: Path, scratch: Path, downloa
             expected = outputs.get("sha256")
             if expected and sha256_of(archive) != expected:
                 raise InputError(f"outputs of job {parent.get('id')}: sha256 mismatch")
-            _unpack(archive, dest, f"outputs of job {parent.get('id')}",
-                    ArchiveLimits(max_total_bytes=max_bytes, max_entries=max_members,
-                                  max_ratio=max_ratio))
+            budget.unpack(archive, dest, f"outputs of job {parent.get('id')}")
         finally:
             archive.unlink(missing_ok=True)
-
-
-def _unpack(archive: Path, dest: Path, what: str, limits: ArchiveLimits) -> int:
-    """extract_dataset's unpacking for any input archive; returns the bytes written."""
-    try:
-        return jobcloud_archive.extract(archive, dest, limits, what=what, file_mode=0o644,
-                                        dir_mode=0o755).total_bytes
-    except ArchiveError as e:
-        raise (InputError if e.code == "invalid_zip" else UnsafeArchive)(e.message) from None
-    except OSError as e:
-        # The job's owner reads this as the failure reason: no host path in it.
-        raise InputError(f"cannot unpack the {what}: {e.strerror or type(e).__name__}") from None

@@ -136,7 +136,8 @@ class EnvCache:
             the worker's shutdown) before it finished.
 
         Raises:
-            EnvBuildError: the download or the install failed (pip's message).
+            EnvBuildError: the download or the install failed (pip's message),
+                or this worker's disk could not hold the build.
             SandboxError: the engine could not run the build container.
         """
         key = self.key(self.sandbox.image_id(spec.image), requirements)
@@ -167,6 +168,13 @@ class EnvCache:
             on_output(f"== environment built in {build_s:.1f} s ==\n".encode())
             self._evict()
             return Env(key, path, cached=False, build_s=build_s)
+        except OSError as e:
+            # Not pip's failure but this worker's disk (full, unwritable): the
+            # job's owner reads the reason, so it names no path of this machine.
+            self.release(key)
+            log.warning("environment %s: %s", key[:12], e)
+            raise EnvBuildError("this worker could not build it: "
+                                f"{e.strerror or type(e).__name__}") from None
         except BaseException:
             self.release(key)
             raise
@@ -194,7 +202,7 @@ class EnvCache:
             except _Stopped as e:
                 return _stopped_outcome(e.reason)
             _readable(inputs)
-            os.chown(output, self.job_uid, self.job_uid)
+            _writable_by(output, self.job_uid)
             outcome = self._install(spec, inputs, output, on_output, stop_reason)
             if outcome.state in ("cancelled", "abandoned"):
                 return outcome
@@ -423,6 +431,16 @@ def _readable(root: Path) -> None:
         os.chmod(dirpath, 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
+
+
+def _writable_by(output: Path, uid: int) -> None:
+    """The build's output directory, for the job's uid to write (as
+    jobdisk.make_job_dir makes a job's)."""
+    try:
+        os.chown(output, uid, uid)
+    except PermissionError:
+        # Not root: the build's user can still write when the directory is open to all.
+        os.chmod(output, 0o777)
 
 
 def _read_only_tree(root: Path) -> None:

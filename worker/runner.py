@@ -19,7 +19,7 @@ from .client import WorkerClient
 from .config import WorkerConfig
 from .errors import (EnvBuildError, InputError, LeaseLost, MalformedAnswer, ProtocolError,
                      ProxyUnreachable, SandboxError)
-from .inputs import DatasetCache, extract_dataset, sha256_of, unpack_parent_outputs
+from .inputs import DatasetCache, InputBudget, sha256_of, unpack_parent_outputs
 from .jobdisk import JobDisk, make_job_dir, mounts_under, unmount
 from .logs import LogShipper, LogStream
 from .outputs import Collected, collect_outputs
@@ -171,22 +171,25 @@ class JobRunner(threading.Thread):
                              self.config.log_flush_s)
         shipper.start()
         self._shipper = shipper
-        waiting, self._waiting = self._waiting, None
         try:
             # Its requirements first: their build is the log's first section.
             spec = self._with_environment(input_dir, streams)
-            if isinstance(spec, Outcome) and waiting is not None:
-                # Ended in its build: the clean-up removes the waiting container it took.
-                self._waiting, waiting = waiting, None
             if self.prestarter is not None:
                 # Its slot's next waiting container is made while this job runs.
                 self.prestarter.refill(shape_of(self._spec(), self._quota_mb()))
-            outcome = spec if isinstance(spec, Outcome) else self.sandbox.run(
-                spec, input_dir, output_dir,
-                on_output=lambda name, data: streams[name].feed(data),
-                stop_reason=lambda: self._stop_reason,
-                on_poll=self._disk.sample if self._disk is not None else None,
-                waiting=waiting, keep=self._keep)
+            if isinstance(spec, Outcome):
+                # Ended in its build: the clean-up removes the waiting container it took.
+                outcome = spec
+            else:
+                # The sandbox's from here (it runs it or removes it); until then, whatever
+                # goes wrong, the clean-up removes it.
+                waiting, self._waiting = self._waiting, None
+                outcome = self.sandbox.run(
+                    spec, input_dir, output_dir,
+                    on_output=lambda name, data: streams[name].feed(data),
+                    stop_reason=lambda: self._stop_reason,
+                    on_poll=self._disk.sample if self._disk is not None else None,
+                    waiting=waiting, keep=self._keep)
         except SandboxError as e:
             log.warning("job %s: %s", self.job_id, e)
             outcome = Outcome(state="failed", exit_code=None, failure_reason=str(e), cpu_seconds=None,
@@ -257,11 +260,12 @@ class JobRunner(threading.Thread):
             os.chmod(path, 0o644)
         # A job array's parameters row, at /job/input/params.json.
         arrays.write_params(self.job.get("array"), input_dir)
+        # One limit for everything it unpacks on this disk: its parents' outputs and its dataset.
+        budget = InputBudget(self.config.dataset_max_bytes, self.config.dataset_max_members,
+                             self.config.dataset_max_ratio)
         # The outputs of the jobs it runs after, at /job/input/after/<name>/.
         unpack_parent_outputs(self.job.get("after") or [], input_dir, self.job_dir,
-                              self.client.download, max_bytes=self.config.dataset_max_bytes,
-                              max_members=self.config.dataset_max_members,
-                              max_ratio=self.config.dataset_max_ratio)
+                              self.client.download, budget)
         dataset = self.job.get("dataset")
         if not dataset:
             return
@@ -270,9 +274,7 @@ class JobRunner(threading.Thread):
         os.chmod(data_dir, 0o755)
         path = self.cache.acquire(dataset["sha256"], lambda dest: self.client.download(dataset["url"], dest))
         try:
-            extract_dataset(path, data_dir, max_bytes=self.config.dataset_max_bytes,
-                            max_members=self.config.dataset_max_members,
-                            max_ratio=self.config.dataset_max_ratio)
+            budget.unpack(path, data_dir, "dataset")
         finally:
             self.cache.release(dataset["sha256"])
 

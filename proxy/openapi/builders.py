@@ -128,7 +128,9 @@ SUBMIT_FORM = {
                 "commas or spaces, at most 32: the job starts once all succeeded and reads their "
                 "outputs at /job/input/after/<name or id>/; one that fails, times out or is "
                 "cancelled cancels it. 400 `unknown_parent` for an id that is not one of yours, "
-                "`parent_failed` for one that already failed")},
+                "`parent_failed` for one that already failed, `too_many_parents` past "
+                "max_parent_jobs parent jobs in all, `too_many_dependencies` when the jobs "
+                "submitted times the parent jobs pass max_dependency_edges")},
             "retries": {"type": "integer", "minimum": 0, "description": "policy retries of a "
                         "failed try (0 to max_retries, default 0)"},
             "retry_exit_codes": {"type": "string", "description": "exit codes (1-255, comma-"

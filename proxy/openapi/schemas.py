@@ -89,6 +89,10 @@ SCHEMAS = {
                           "bounded; env_build_s and env_cached: building the requirements' "
                           "environment (seconds, apart from wall_seconds) and whether the "
                           "worker had it cached (null without requirements)"},
+                "usage_all_tries": {"type": ["object", "null"], "description": "`usage` is the "
+                                    "last try's; this sums every try's (tries: how many; "
+                                    "peak_memory_bytes: the highest), and `cost` prices them "
+                                    "all; given where `tries` is, null in lists"},
                 "disk_full": {"type": "boolean",
                               "description": "the job filled its disk quota (resources.disk_mb)"},
                 "pinned": {"type": "boolean", "description": "its owner pinned it: its files and "

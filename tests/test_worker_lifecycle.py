@@ -63,9 +63,13 @@ def test_a_proxy_frozen_past_the_lease_does_not_end_the_worker(short_lease):
     wait_until(lambda: registrations(c) >= 2, timeout=30, what="the worker to register again")
     assert c.worker.poll() is None, c.log_tail()
     # The job that ended during the freeze had lost its lease: its result was
-    # refused, and it ran again, once.
+    # refused, and it ran again. Usually once; on a loaded box a claim that was
+    # in flight across the freeze can hand the requeued job to the registration
+    # being replaced, which costs one more attempt. Either way every earlier try
+    # is one lost with its worker (none of their results was taken).
     job = c.wait(job_id, timeout=60)
-    assert (job["state"], job["attempt"]) == ("succeeded", 2), job
+    assert job["state"] == "succeeded" and job["attempt"] >= 2, job
+    assert [t["outcome"] for t in job["tries"]] == ["worker_lost"] * (job["attempt"] - 1) + ["final"], job["tries"]
     # It goes on claiming and running jobs.
     assert c.run("print('after the partition')")["state"] == "succeeded"
     assert c.worker.poll() is None, c.log_tail()

@@ -47,13 +47,20 @@ def page(console_errors):
 def first_login(page, url: str, server, name: str) -> None:
     """Make the user `name` with `server`'s admin CLI and log the page in as them
     through the real forms: the one-time password, then the forced change."""
+    one_time = re.search(r"one-time password: (\S+)", server.admin("user", "add", name)).group(1)
+    log_in_first_time(page, url, name, one_time)
+
+
+def log_in_first_time(page, url: str, name: str, one_time: str) -> None:
+    """Log the page in as `name` with its one-time password, which must be
+    replaced before anything else (the forced change), then land on the job list."""
     from playwright.sync_api import expect
 
-    one_time = re.search(r"one-time password: (\S+)", server.admin("user", "add", name)).group(1)
     page.goto(url + "/login")
     page.get_by_label("User name").fill(name)
     page.get_by_label("Password").fill(one_time)
     page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(url + "/account/password")
     page.get_by_label("Current password").fill(one_time)
     page.get_by_label("New password (at least 10 characters)").fill(f"{name}-own-pass-1")
     page.get_by_label("New password again").fill(f"{name}-own-pass-1")

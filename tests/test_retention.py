@@ -27,7 +27,7 @@ import requests
 from proxy import retention
 from proxy.blobs import human_size
 from tests.conftest import ROOT, free_port, login, start_gunicorn, stop_gunicorn, wait_until
-from tests.test_browser import console_errors, page  # noqa: F401  (fixtures)
+from tests.test_browser import console_errors, log_in_first_time, page  # noqa: F401  (fixtures)
 from tests.test_dispatch import CODE, zip_bytes
 from tests.test_dispatch import make_hub  # noqa: F401  (fixture)
 from tests.test_webhooks import JOBCLOUD, complete_over_http
@@ -457,16 +457,7 @@ def test_browser_quota_message_pin_button_and_expired_page(page, console_errors,
         created = subprocess.run([str(bin_dir / "jobcloud"), "user", "add", "erin"], env=env,
                                  capture_output=True, text=True, check=True).stdout
         one_time = re.search(r"one-time password: (\S+)", created).group(1)
-        page.goto(url + "/login")
-        page.get_by_label("User name").fill("erin")
-        page.get_by_label("Password").fill(one_time)
-        page.get_by_role("button", name="Log in").click()
-        expect(page).to_have_url(url + "/account/password")
-        page.get_by_label("Current password").fill(one_time)
-        page.get_by_label("New password (at least 10 characters)").fill("erin-own-pass-1")
-        page.get_by_label("New password again").fill("erin-own-pass-1")
-        page.get_by_role("button", name="Change password").click()
-        expect(page).to_have_url(url + "/")
+        log_in_first_time(page, url, "erin", one_time)
 
         big = tmp_path / "big.zip"
         big.write_bytes(dataset(1536 * 1024, "browser"))

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 from tests.conftest import require, stop_gunicorn
-from tests.test_browser import console_errors, page  # noqa: F401  (fixtures)
+from tests.test_browser import console_errors, log_in_first_time, page  # noqa: F401  (fixtures)
 from tests.test_worker_sandbox import IMAGE, docker_ready, start_cluster, stop_worker
 
 ML_IMAGE = "jobcloud/ml"
@@ -99,16 +99,7 @@ def test_browser_upload_train_and_download_outputs(page, console_errors, ml_clus
         zf.writestr("iris.csv", iris_like_csv())
 
     # First login: the one-time password must be replaced before anything else.
-    page.goto(url + "/login")
-    page.get_by_label("User name").fill("carol")
-    page.get_by_label("Password").fill(one_time)
-    page.get_by_role("button", name="Log in").click()
-    expect(page).to_have_url(url + "/account/password")
-    page.get_by_label("Current password").fill(one_time)
-    page.get_by_label("New password (at least 10 characters)").fill("carol-own-pass-1")
-    page.get_by_label("New password again").fill("carol-own-pass-1")
-    page.get_by_role("button", name="Change password").click()
-    expect(page).to_have_url(url + "/")
+    log_in_first_time(page, url, "carol", one_time)
 
     page.get_by_label("Job name").fill("iris-training")
     page.get_by_label("A .py file").set_input_files(str(script))

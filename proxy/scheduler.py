@@ -48,14 +48,9 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
     """
     # Most passes of an idle cluster find nothing to place: one index probe
     # (jobs_queue) saves the per-worker read below, which grows with the workers.
-    # deps_pending = 0: a job whose parents have not all succeeded waits
-    # (dependencies.py), on the same index.
-    # A job in its retry back-off waits out its not_before (retries.py); the
-    # filter is empty while no job is in one.
-    due = retries.due_filter(conn, now)
-    if conn.query_one("SELECT 1 AS x FROM jobs WHERE worker_id IS NULL AND state = ?"
-                      f" AND deps_pending = 0{due[0]} LIMIT 1",
-                      (JobState.QUEUED.value, *due[1])) is None:
+    runnable = _runnable(conn, now)
+    if conn.query_one(f"SELECT 1 AS x FROM jobs WHERE worker_id IS NULL AND state = ?{runnable[0]}"
+                      " LIMIT 1", (JobState.QUEUED.value, *runnable[1])) is None:
         return 0
     live = conn.query(
         "SELECT w.id, w.cpus, w.memory_mb, w.gpus, w.slots, w.images, w.rr_seq,"
@@ -69,7 +64,7 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
             if w["used"] < w["slots"] and w["images"]]
     if not free:
         return 0
-    owners = _queued_owners(conn, due)
+    owners = _queued_owners(conn, runnable)
     if not owners:
         return 0
     # Job arrays' %N caps (arrays.py): an array with N reserved or running gets no more.
@@ -90,7 +85,7 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
         if cap is not None and load.get(owner, 0) >= cap:
             del owners[owner]   # at their max_running: their jobs wait
             continue
-        job, w = _next_placeable(conn, owner, free, pending, after, batch, due, caps)
+        job, w = _next_placeable(conn, owner, free, pending, after, batch, runnable, caps)
         if job is None:
             del owners[owner]   # nothing of theirs fits a free worker now
             continue
@@ -115,15 +110,24 @@ def dispatch(conn, now: float, lease_timeout_s: float) -> int:
     return reserved
 
 
+def _runnable(conn, now: float) -> tuple[str, tuple]:
+    """What to AND to a read of the unreserved queue, with its parameters, so
+    it finds only jobs that may start now: every parent succeeded
+    (deps_pending = 0, dependencies.py; on the jobs_queue index) and no retry
+    back-off holds it (retries.due_filter: nothing while no job is in one)."""
+    due_sql, due_params = retries.due_filter(conn, now)
+    return " AND deps_pending = 0" + due_sql, due_params
+
+
 def _next_placeable(conn, owner: str, free: list[dict], pending: dict, after: dict,
-                    batch: int, due: tuple,
+                    batch: int, runnable: tuple,
                     caps: arrays.Caps) -> tuple[dict | None, dict | None]:
     """The owner's oldest queued job some free worker can run now, with that worker."""
     while True:
         if not pending.get(owner):
             if after.get(owner) == "":
                 return None, None  # read to the end already
-            jobs = _queued_batch(conn, free, after.get(owner, ""), batch, owner, due)
+            jobs = _queued_batch(conn, free, after.get(owner, ""), batch, owner, runnable)
             # A whole batch can fit the free workers' combined limits and yet
             # none of them alone (a GPU on one, the memory on another): the
             # next call reads on, so such a head cannot block what is behind it.
@@ -149,7 +153,7 @@ def _next_placeable(conn, owner: str, free: list[dict], pending: dict, after: di
             return job, min(fits, key=lambda w: (w["rr_seq"], w["id"]))
 
 
-def _queued_owners(conn, due: tuple) -> dict[str, dict]:
+def _queued_owners(conn, runnable: tuple) -> dict[str, dict]:
     """Users with unreserved queued jobs -> their oldest job's id ("head"), their
     place in the turn ("rr_seq"), weight and max_running.
 
@@ -159,18 +163,17 @@ def _queued_owners(conn, due: tuple) -> dict[str, dict]:
     q = JobState.QUEUED.value
     rows = conn.query(
         "WITH RECURSIVE owners(owner_id) AS ("
-        " SELECT MIN(owner_id) FROM jobs WHERE worker_id IS NULL AND state = ? AND deps_pending = 0"
-        f"{due[0]}"
+        f" SELECT MIN(owner_id) FROM jobs WHERE worker_id IS NULL AND state = ?{runnable[0]}"
         " UNION ALL"
         " SELECT (SELECT MIN(j.owner_id) FROM jobs j WHERE j.worker_id IS NULL AND j.state = ?"
-        f" AND j.deps_pending = 0{due[0]} AND j.owner_id > owners.owner_id) FROM owners"
+        f"{runnable[0]} AND j.owner_id > owners.owner_id) FROM owners"
         " WHERE owners.owner_id IS NOT NULL)"
         " SELECT owner_id, (SELECT MIN(j.id) FROM jobs j WHERE j.worker_id IS NULL"
-        f" AND j.state = ? AND j.deps_pending = 0{due[0]} AND j.owner_id = owners.owner_id) AS head,"
+        f" AND j.state = ?{runnable[0]} AND j.owner_id = owners.owner_id) AS head,"
         " (SELECT u.rr_seq FROM users u WHERE u.id = owners.owner_id) AS rr_seq,"
         " (SELECT l.weight FROM user_limits l WHERE l.user_id = owners.owner_id) AS weight,"
         " (SELECT l.max_running FROM user_limits l WHERE l.user_id = owners.owner_id) AS max_running"
-        " FROM owners WHERE owner_id IS NOT NULL", (q, *due[1], q, *due[1], q, *due[1]))
+        " FROM owners WHERE owner_id IS NOT NULL", (q, *runnable[1], q, *runnable[1], q, *runnable[1]))
     return {r["owner_id"]: {"head": r["head"], "rr_seq": r["rr_seq"], "weight": r["weight"] or 1.0,
                             "max_running": r["max_running"]} for r in rows}
 
@@ -191,7 +194,7 @@ def _owner_load(conn, live_worker_ids: list[str]) -> dict[str, int]:
 
 
 def _queued_batch(conn, free: list[dict], after: str, limit: int, owner: str,
-                  due: tuple) -> list[dict]:
+                  runnable: tuple) -> list[dict]:
     """The owner's next unreserved queued jobs after id `after` that a free worker could run."""
     # Filtering on the free workers' combined limits keeps a head of jobs no
     # one can run (say gpus=1 with no GPU worker) out of the scan altogether.
@@ -200,9 +203,9 @@ def _queued_batch(conn, free: list[dict], after: str, limit: int, owner: str,
     return conn.query(
         "SELECT id, cpus, memory_mb, gpus, image, array_id, array_max_running FROM jobs"
         " WHERE worker_id IS NULL AND state = ?"
-        f" AND deps_pending = 0{due[0]} AND owner_id = ? AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
+        f"{runnable[0]} AND owner_id = ? AND gpus <= ? AND cpus <= ? AND memory_mb <= ? AND image IN ({placeholders})"
         " AND id > ? ORDER BY id LIMIT ?",
-        (JobState.QUEUED.value, *due[1], owner, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
+        (JobState.QUEUED.value, *runnable[1], owner, max(w["gpus"] for w in free), max(w["cpus"] for w in free),
          max(w["memory_mb"] for w in free), *images, after, limit))
 
 

@@ -32,7 +32,7 @@ help:
 $(VENV)/.installed: setup.cfg pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check --upgrade pip
-	$(PIP) install --quiet --disable-pip-version-check -e '.[test,postgres,worker,vm]'
+	$(PIP) install --quiet --disable-pip-version-check -e '.[test,postgres,worker,vm,s3]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import retention, webhooks
 from .appstate import AppState
-from .blobs import BlobStore, human_size
+from .blobs import human_size, open_blob_store
 from .config import Config, load_config
 from .db import Database, close_conn, open_database
 from .errors import ProxyError
@@ -36,7 +36,7 @@ def create_app(config: Config | None = None) -> Flask:
     _setup_logging(config.log_level)
     db = open_database(config.resolved_database_url)
     db.migrate()
-    blobs = BlobStore(config.data_dir)
+    blobs = open_blob_store(config)
 
     app = Flask(__name__)
     app.extensions["jobcloud"] = AppState(config=config, db=db, blobs=blobs,

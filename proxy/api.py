@@ -99,7 +99,9 @@ def get_logs(job_id):
 
 @bp.route("/jobs/<job_id>/outputs", methods=["GET"])
 def get_outputs(job_id):
-    return send_outputs(store.get_visible_job(get_conn(), job_id, api_user()), app_state().blobs)
+    st = app_state()
+    return send_outputs(store.get_visible_job(get_conn(), job_id, api_user()), st.blobs,
+                        stream=st.config.blob_user_downloads == "stream")
 
 
 @bp.route("/jobs/<job_id>/pin", methods=["POST", "DELETE"])

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from flask import Response
 
 from . import store, wakeups
-from .errors import NotFound, TooManyRequests, ValidationError
+from .errors import BlobStoreUnavailable, NotFound, TooManyRequests, ValidationError
 from .models import JobState, is_lookup_key, iso, new_id
 
 # "A-B" or "N", then optionally "%K". Indices are bounded so a range is never
@@ -538,7 +538,8 @@ def stream_archive(entries: list[ArchiveEntry], blobs, chunk: int = 256 * 1024):
             why = _why_missing(entry)
             if why is None:
                 try:
-                    with zipfile.ZipFile(blobs.path(entry.output_blob)) as inner:
+                    with blobs.open(entry.output_blob) as stored, \
+                            zipfile.ZipFile(stored) as inner:
                         for info in inner.infolist():
                             if info.is_dir():
                                 continue
@@ -554,7 +555,7 @@ def stream_archive(entries: list[ArchiveEntry], blobs, chunk: int = 256 * 1024):
                                 for block in iter(lambda: src.read(chunk), b""):
                                     dst.write(block)
                                     yield sink.drain()
-                except (OSError, zipfile.BadZipFile) as e:
+                except (OSError, zipfile.BadZipFile, BlobStoreUnavailable) as e:
                     why = f"outputs unreadable ({type(e).__name__})"
             if why is not None:
                 missing.append(f"{entry.index}\t{entry.job_id}\t{entry.state}\t{why}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import accounts, datadir, limits, retention, usage, workers
-from .blobs import BlobStore, human_size
+from .blobs import human_size, open_blob_store
 from .config import load_config, store_origin
 from .db import open_database
 from .errors import ProxyError, StoreNotFound
@@ -69,7 +69,7 @@ def proxy_main(argv=None) -> int:
             print(f"requeued or failed {n} job(s)")
         elif args.command == "sweep":
             with db.connection() as conn:
-                done = retention.sweep(conn, BlobStore(cfg.data_dir),
+                done = retention.sweep(conn, open_blob_store(cfg),
                                        default_days=cfg.retention_days)
             print(f"expired the files of {len(done.expired_jobs)} job(s); deleted "
                   f"{len(done.deleted)} file(s), {human_size(done.deleted_bytes)}")

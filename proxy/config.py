@@ -187,6 +187,30 @@ class Config:
     # (asked concurrently): past it, a 503 instead of a request held open.
     package_index_check_timeout_s: float = 20.0
 
+    # Where scripts, datasets and outputs are kept (proxy/blobs.py). Empty: files
+    # under <data_dir>/blobs (one host, or a shared mount). s3://BUCKET/PREFIX:
+    # an S3-compatible object store (proxy/s3blobs.py); then several proxies need
+    # no shared directory, and workers move bytes to and from the store directly
+    # with presigned URLs. The keys come from s3_credentials_file, else boto3's
+    # usual places (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws): never here.
+    blob_url: str = ""
+    # The store's S3 endpoint (SeaweedFS, Ceph radosgw, Garage...); empty: AWS.
+    s3_endpoint_url: str = ""
+    # The endpoint presigned URLs name, when workers and browsers reach the store
+    # at another address than the proxy does; empty: s3_endpoint_url.
+    s3_presign_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    # A TOML file with access_key_id and secret_access_key (mode 600), read once
+    # at start; its path may be logged, its contents never are.
+    s3_credentials_file: str = ""
+    # How long a presigned URL works: a worker's download or upload must start
+    # within it (a refused one is asked again); short limits what a leaked URL gives.
+    blob_presign_ttl_s: int = 900
+    # Users' downloads from the S3 store: "redirect" (to a presigned URL; the
+    # proxy is out of the data path) or "stream" (through the proxy, for stores
+    # the users' browsers cannot reach).
+    blob_user_downloads: str = "redirect"
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -327,6 +351,19 @@ def validate(values: dict) -> Config:
         (cfg.metrics_token == "" or _METRICS_TOKEN.fullmatch(cfg.metrics_token) is not None,
          "metrics_token must be empty or 32 to 256 letters, digits and -._~+/ (a bearer token;"
          " e.g. openssl rand -hex 32)"),
+        (cfg.blob_url == "" or re.fullmatch(
+            r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?", cfg.blob_url)
+         is not None, "blob_url must be empty (files under data_dir) or s3://BUCKET[/PREFIX]"
+         " (bucket: 3-63 lower-case letters, digits, dots, hyphens)"),
+        (all(u == "" or re.fullmatch(r"https?://[^\s/?#]+/?", u) is not None
+             for u in (cfg.s3_endpoint_url, cfg.s3_presign_endpoint_url)),
+         "s3_endpoint_url and s3_presign_endpoint_url must be http(s)://HOST[:PORT]"),
+        (re.fullmatch(r"[a-z0-9-]{1,40}", cfg.s3_region) is not None,
+         "s3_region must be a region name such as us-east-1"),
+        (1 <= cfg.blob_presign_ttl_s <= 7 * 24 * 3600,
+         "blob_presign_ttl_s must be between 1 and 604800 (S3's longest)"),
+        (cfg.blob_user_downloads in ("redirect", "stream"),
+         "blob_user_downloads must be redirect or stream"),
         (cfg.database_url == "" or cfg.database_url.startswith(
             ("sqlite:///", "postgresql://", "postgres://")),
          "database_url must start with sqlite:/// or postgresql://"),

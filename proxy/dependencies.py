@@ -241,19 +241,26 @@ def _cancel_dependents(conn, parent_id: str, final: JobState, now: float) -> Non
 
 # ----------------------------------------------------------------- the worker
 
-def claimed_parents(conn, job: dict) -> list[dict]:
+def claimed_parents(conn, job: dict, presign=None) -> list[dict]:
     """The claim answer's `after`: each parent of a claimed job, the directory
     its outputs go to, and the worker URL of its output archive (None: it
-    left no outputs)."""
+    left no outputs); with `presign` (the S3 store's presign_get), also the
+    archive's presigned `direct_url`."""
     parents = conn.query(
         "SELECT j.id, j.name, j.output_blob, j.output_sha256, j.output_size FROM job_deps d"
         " JOIN jobs j ON j.id = d.parent_id WHERE d.child_id = ? ORDER BY j.id", (job["id"],))
     names = dir_names(parents)
     base = f"/api/v1/worker/jobs/{job['id']}/after"
-    return [{"id": p["id"], "name": names[p["id"]],
-             "outputs": ({"sha256": p["output_sha256"], "size": p["output_size"],
-                          "url": f"{base}/{p['id']}/outputs"} if p["output_blob"] else None)}
-            for p in parents]
+    def outputs(p: dict) -> dict | None:
+        if not p["output_blob"]:
+            return None
+        entry = {"sha256": p["output_sha256"], "size": p["output_size"],
+                 "url": f"{base}/{p['id']}/outputs"}
+        if presign is not None:
+            entry["direct_url"] = presign(p["output_blob"])
+        return entry
+
+    return [{"id": p["id"], "name": names[p["id"]], "outputs": outputs(p)} for p in parents]
 
 
 def dir_names(parents: list[dict]) -> dict[str, str]:

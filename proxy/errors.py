@@ -88,6 +88,15 @@ class StoreUnavailable(ProxyError):
     status = 503
 
 
+class BlobStoreUnavailable(ProxyError):
+    """Raised when the object store behind blob_url (proxy/s3blobs.py) cannot be
+    reached or refuses the proxy's keys: the submission or download is refused
+    whole, nothing half-written."""
+
+    code = "blob_store_unavailable"
+    status = 503
+
+
 class StoreNotFound(ProxyError):
     """Raised when an admin command finds no proxy database where the settings point
     (only `jobcloud-proxy serve`, `init` and `migrate` create one)."""

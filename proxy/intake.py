@@ -100,6 +100,11 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
         # Every check runs before the first commit: a refusal must not leave blobs behind.
         dataset_name = (_display_name(form.filenames.get("dataset", ""), "dataset file name")
                         or "dataset.zip") if dataset is not None else None
+        # Outside the locks: the S3 store finishes its uploads here, which can
+        # take seconds for a large dataset (blobs.py: prepare, then commit).
+        kept = [script, *(f for f in (dataset, reqs) if f is not None)]
+        for upload in kept:
+            blobs.prepare(upload)
         # Dispatched in the same transaction: a worker waiting on a claim is
         # woken with the job already reserved for it (scheduler.dispatch).
         with conn.transaction(lock=PG_DISPATCH_LOCK):
@@ -124,6 +129,8 @@ def submit_job(conn, cfg: Config, blobs: BlobStore, user: dict, stream, content_
                 # Last of the hooks: the array's other jobs are copies of this row.
                 job = arrays.expand(conn, array_plan, job, job["submitted_at"])
             scheduler.dispatch(conn, job["submitted_at"], cfg.lease_timeout_s)
+        for upload in kept:
+            upload.kept = True   # the row names it: form.discard leaves the stored copy
         return get_job(conn, job["id"])
     finally:
         form.discard()

@@ -198,7 +198,7 @@ def record_result(conn, worker: dict, job_id: str, result: Result, output: Store
             stdout_tail=result.stdout, stderr_tail=result.stderr,
             stdout_truncated=int(result.stdout_truncated),
             stderr_truncated=int(result.stderr_truncated),
-            output_blob=output and output.sha256, output_sha256=output and output.sha256,
+            output_blob=output and output.name, output_sha256=output and output.sha256,
             output_size=output and output.size, cpu_seconds=result.cpu_seconds,
             peak_memory_bytes=result.peak_memory_bytes, wall_seconds=result.wall_seconds,
             gpu_seconds=gpu_s, usage_clamped=",".join(clamped) or None,

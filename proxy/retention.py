@@ -58,6 +58,13 @@ MiB = 1024 * 1024
 # Jobs expired, or blobs deleted, per transaction: each is short, so a sweep
 # never holds the write lock (SQLite) or the blob lock long.
 BATCH = 200
+# An S3 object no job names is an orphan once it is this old (queue_orphans):
+# far past any submission or result in flight, and past the longest presigned
+# PUT a worker may still be using (blob_presign_ttl_s is at most 7 days).
+ORPHAN_AGE_S = 8 * DAY_S
+# How often one proxy process lists the store for orphans (a listing reads
+# every object's name: cheap, but not every few minutes in every process).
+ORPHAN_EVERY_S = 6 * 3600
 # "Keep for ever" (retention_days = 0) as a number of days the SQL can subtract.
 FOREVER_DAYS = 10 ** 7
 # A job's stored files; a requirements.txt (requirements.py) is kept like its script.
@@ -256,6 +263,8 @@ class SweepResult:
 
     expired_jobs: list[str] = field(default_factory=list)
     deleted: dict[str, int] = field(default_factory=dict)
+    # S3 objects no job named, queued for deletion (queue_orphans).
+    orphans: int = 0
 
     @property
     def deleted_bytes(self) -> int:
@@ -263,16 +272,21 @@ class SweepResult:
 
 
 def sweep(conn, blobs: BlobStore, *, default_days: int, now: float | None = None,
-          batch: int = BATCH, stop: threading.Event | None = None) -> SweepResult:
+          batch: int = BATCH, stop: threading.Event | None = None,
+          orphans: bool = True) -> SweepResult:
     """Expire every job that is due at `now`, then delete the blobs no job needs.
 
     Args:
         default_days: the configuration's retention_days (0: for ever, unless
             a user's own retention_days says otherwise).
         stop: ends the sweep between two batches when set.
+        orphans: also queue the S3 store's objects no job names that are
+            older than ORPHAN_AGE_S (queue_orphans).
     """
     now = time.time() if now is None else now
     result = SweepResult()
+    if orphans and blobs.direct:
+        result.orphans = queue_orphans(conn, blobs, now=now)
     while not (stop and stop.is_set()):
         expired = expire_due(conn, default_days=default_days, now=now, batch=batch)
         result.expired_jobs += expired
@@ -284,6 +298,34 @@ def sweep(conn, blobs: BlobStore, *, default_days: int, now: float | None = None
         if not deleted and not conn.query_one("SELECT 1 AS x FROM blob_deletions LIMIT 1"):
             break
     return result
+
+
+def queue_orphans(conn, blobs, *, now: float, batch: int = BATCH) -> int:
+    """Queue for deletion the S3 store's objects that no job names and that are
+    older than ORPHAN_AGE_S: an output archive a worker PUT and never posted
+    the result of (it crashed, its lease ran out), or a submission's upload
+    whose row never committed and whose clean-up failed (the store was down).
+
+    Names there are random (s3blobs.py): an object no job names is never
+    named later, except by a submission or result in flight, which is seconds
+    old, not a day. Queued, not deleted: the delete step checks again under
+    the blob lock like any other.
+
+    Returns:
+        How many it queued.
+    """
+    queued = 0
+    names = list(blobs.names_older_than(now - ORPHAN_AGE_S))
+    for start in range(0, len(names), batch):
+        with conn.transaction():
+            for name in names[start:start + batch]:
+                if not is_referenced(conn, name) and conn.execute(
+                        "INSERT INTO blob_deletions (blob, queued_at) VALUES (?, ?)"
+                        " ON CONFLICT DO NOTHING", (name, now)):
+                    queued += 1
+    if queued:
+        log.info("retention: queued %d object(s) no job names", queued)
+    return queued
 
 
 def expire_due(conn, *, default_days: int, now: float, batch: int = BATCH) -> list[str]:
@@ -380,6 +422,7 @@ class Sweeper:
         self.blobs = blobs
         self.default_days = default_days
         self.interval_s = interval_s
+        self._orphans_due = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -412,6 +455,9 @@ class Sweeper:
             delay = self.interval_s
 
     def run_once(self, now: float | None = None) -> SweepResult:
+        orphans = time.monotonic() >= self._orphans_due
+        if orphans:
+            self._orphans_due = time.monotonic() + ORPHAN_EVERY_S
         with self.db.connection() as conn:
             return sweep(conn, self.blobs, default_days=self.default_days, now=now,
-                         stop=self._stop)
+                         stop=self._stop, orphans=orphans)

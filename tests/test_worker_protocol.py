@@ -12,6 +12,10 @@ real proxy app served on a loopback port.
   worker's only heartbeat was the one at start, so nothing else told it.
 - An answer that does not match the protocol raises the worker's
   ProtocolError (MalformedAnswer), never a KeyError or TypeError.
+- With the S3 store (issue 17), a claimed job's inputs carry presigned
+  `direct_url`s, the job says `outputs_upload: "direct"`, and the
+  outputs-upload answer is exactly the worker's UploadTicket; with the local
+  store, neither (tests/test_worker_s3.py moves the bytes).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import os
 import secrets
 import threading
 import typing
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -31,11 +36,11 @@ from werkzeug.serving import make_server
 from proxy import create_app
 from tests.conftest import Users, require, wait_until
 from tests.test_worker_sandbox import IMAGE, docker_ready
-from worker.client import ProtocolError, WorkerClient
+from worker.client import Archive, ProtocolError, WorkerClient
 from worker.config import load_config
 from worker.daemon import Worker
 from worker.errors import MalformedAnswer, WorkerError
-from worker.protocol import ClaimAnswer, HeartbeatAnswer, RegisterAnswer, ResultAnswer
+from worker.protocol import ClaimAnswer, HeartbeatAnswer, RegisterAnswer, ResultAnswer, UploadTicket
 from worker.sandbox import Policy, Sandbox
 
 HEARTBEAT = "/api/v1/worker/heartbeat"
@@ -170,6 +175,8 @@ def test_every_key_the_proxy_answers_is_a_field_the_worker_reads(make_proxy):
     assert_same_keys(session.last(), ClaimAnswer)
     assert [j["id"] for j in claimed.jobs] == [first] and (claimed.cancel, claimed.drain) == ((), False)
     held = claimed.jobs[0]
+    # The local store: bytes through the proxy, both ways.
+    assert held["outputs_upload"] == "proxy" and "direct_url" not in held["script"]
 
     # The orders, as both answers carry them.
     proxy.cancel(first)
@@ -198,6 +205,34 @@ def test_every_key_the_proxy_answers_is_a_field_the_worker_reads(make_proxy):
     assert_same_keys(session.last(), ResultAnswer, inline=False)
     assert (done.job_id, done.state, done.applied, done.claim) == (second, "succeeded", True, None)
     client.deregister()
+
+
+def test_the_s3_stores_transfer_fields_are_fields_the_worker_reads(make_proxy, s3_settings,
+                                                                   tmp_path):
+    proxy = make_proxy(**s3_settings)
+    session = Recorder()
+    client = WorkerClient(proxy.url, session=session, timeout=10)
+    client.register(proxy.enrollment(), "contract-s3", cpus=2, memory_mb=2048, gpus=0, slots=1,
+                    images=[IMAGE])
+    archive = tmp_path / "outputs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("model.txt", "weights")
+    job_id = proxy.call("POST", "/api/v1/jobs", files={
+        "code": (None, "print(1)"), "image": (None, IMAGE),
+        "dataset": ("data.zip", archive.read_bytes(), "application/zip")})["id"]
+
+    [held] = client.claim(max_jobs=1).jobs
+    assert held["id"] == job_id and held["outputs_upload"] == "direct"
+    for key in ("script", "dataset"):
+        # Presigned on the store itself; the proxy's route stays the way to a fresh one.
+        assert held[key]["direct_url"].startswith(s3_settings["s3_endpoint_url"] + "/"), held[key]
+        assert "X-Amz-Signature=" in held[key]["direct_url"]
+        assert held[key]["url"] == f"/api/v1/worker/jobs/{job_id}/{key}"
+
+    ticket = client.outputs_upload(job_id, held["attempt"], Archive.of(archive))
+    assert_same_keys(session.last(), UploadTicket)
+    assert ticket.method == "PUT" and ticket.url.startswith(s3_settings["s3_endpoint_url"] + "/")
+    assert "x-amz-checksum-sha256" in ticket.headers and ticket.expires_in_s > 0
 
 
 # ------------------------------------------------- orders on the claim answer
@@ -278,6 +313,9 @@ JOB = {"id": "j1", "attempt": 1, "image": IMAGE}
 ORDERS = {"cancel": [], "drain": False}
 WHO = {"worker_id": "w1", "secret": "s"}
 DONE = {"job_id": "j1", "state": "succeeded"}
+SOURCE = {"url": "/api/v1/worker/jobs/j1/dataset", "sha256": "0" * 64}
+TICKET = {"url": "http://127.0.0.1:8333/b/o?X-Amz-Signature=s", "method": "PUT",
+          "headers": {"x-amz-checksum-sha256": "c"}, "expires_in_s": 900}
 
 
 @pytest.mark.parametrize("cls, answer, problem", [
@@ -299,6 +337,23 @@ DONE = {"job_id": "j1", "state": "succeeded"}
     (ResultAnswer, {**DONE, "applied": 1}, "true or false"),
     # A claim part without its orders.
     (ResultAnswer, {**DONE, "applied": True, "jobs": [JOB]}, "missing 'cancel'"),
+    # Where a job's bytes come from and go to (issue 17).
+    (ClaimAnswer, {"jobs": [dict(JOB, outputs_upload="elsewhere")], **ORDERS}, "outputs_upload"),
+    (ClaimAnswer, {"jobs": [dict(JOB, script={"url": "/s"})], **ORDERS}, "missing 'sha256'"),
+    (ClaimAnswer, {"jobs": [dict(JOB, script={"url": "/s", "sha256": "AB"})], **ORDERS},
+     "64 hex digits"),
+    (ClaimAnswer, {"jobs": [dict(JOB, dataset=dict(SOURCE, direct_url="/not/absolute"))],
+                   **ORDERS}, "absolute http"),
+    (ClaimAnswer, {"jobs": [dict(JOB, requirements=dict(SOURCE, direct_url="file:///etc/passwd"))],
+                   **ORDERS}, "absolute http"),
+    (ClaimAnswer, {"jobs": [dict(JOB, after=[{"outputs": dict(SOURCE, direct_url=7)}])],
+                   **ORDERS}, r"after\[0\].outputs: 'direct_url' must be a string"),
+    (UploadTicket, {**TICKET, "method": "POST"}, "must be PUT"),
+    (UploadTicket, {**TICKET, "url": "/relative"}, "absolute http"),
+    (UploadTicket, {**TICKET, "headers": {"x-amz-checksum-sha256": 1}}, "map names to strings"),
+    (UploadTicket, {**TICKET, "headers": {"Authorization": "Bearer x"}}, "Authorization"),
+    (UploadTicket, {k: v for k, v in TICKET.items() if k != "expires_in_s"},
+     "missing 'expires_in_s'"),
 ])
 def test_a_malformed_answer_is_a_protocol_error(cls, answer, problem):
     with pytest.raises(MalformedAnswer, match=problem) as info:
@@ -309,6 +364,11 @@ def test_a_malformed_answer_is_a_protocol_error(cls, answer, problem):
 def test_well_formed_answers_parse():
     assert ClaimAnswer.from_json({"jobs": [JOB], "cancel": ["j0"], "drain": True}) == \
         ClaimAnswer(jobs=(JOB,), cancel=("j0",), drain=True)
+    direct = dict(JOB, outputs_upload="direct", script=dict(SOURCE, direct_url=TICKET["url"]),
+                  dataset=None, after=[{"outputs": None}, {"outputs": SOURCE}])
+    assert ClaimAnswer.from_json({"jobs": [direct], **ORDERS}).jobs == (direct,)
+    assert UploadTicket.from_json(TICKET) == UploadTicket(
+        url=TICKET["url"], method="PUT", headers=TICKET["headers"], expires_in_s=900.0)
     assert ResultAnswer.from_json({"job_id": "j1", "state": "failed", "applied": False}).claim is None
 
 

@@ -181,12 +181,14 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 
 def start_cluster(base: Path, *, slots: int, gunicorn_workers: int, proxy_env: dict | None = None,
-                  worker_images: str = IMAGE, **worker_settings) -> Cluster:
+                  worker_images: str = IMAGE, access_log: dict | None = None,
+                  **worker_settings) -> Cluster:
     """The real proxy (1 s heartbeats) with one user and one worker subprocess.
 
     Args:
         proxy_env: JOBCLOUD_* settings for the proxy that win over these defaults.
         worker_images: the worker's allowed images, comma-separated.
+        access_log: start_gunicorn's access_log and access_log_format (none by default).
         worker_settings: more of the worker's settings (JOBCLOUD_WORKER_*).
     """
     port = free_port()
@@ -196,7 +198,8 @@ def start_cluster(base: Path, *, slots: int, gunicorn_workers: int, proxy_env: d
     env.update(proxy_env or {})
     env.pop("JOBCLOUD_CONFIG", None)
     env.pop("JOBCLOUD_DATABASE_URL", None)
-    server = LiveServer(f"http://127.0.0.1:{port}", start_gunicorn(env, port, gunicorn_workers), env,
+    server = LiveServer(f"http://127.0.0.1:{port}",
+                        start_gunicorn(env, port, gunicorn_workers, **(access_log or {})), env,
                         base / "proxy")
     server.admin("user", "add", "alice")
     token = re.search(r"jcu_\S+", server.admin("token", "create", "--user", "alice")).group(0)

@@ -99,7 +99,7 @@ def test_parents_outputs_and_the_dataset_share_one_limit(tmp_path):
         parents.append({"id": f"job-{n}", "name": f"p{n}",
                         "outputs": {"url": f"p{n}.zip", "sha256": sha256_of(served / f"p{n}.zip")}})
 
-    def download(url, dest):
+    def download(url, dest, direct_url=None):
         dest.write_bytes((served / url).read_bytes())
     input_dir, scratch = tmp_path / "input", tmp_path / "scratch"
     input_dir.mkdir()

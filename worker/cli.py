@@ -32,6 +32,9 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    # urllib3 logs each request's whole URL at DEBUG: for a presigned URL of the
+    # object store, its signature (worker/client.py logs only the path).
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         _secure_data_dir(config.data_dir)
     except ForeignOwner as e:

@@ -52,6 +52,25 @@ class LeaseLost(ProtocolError):
     """Raised when the proxy says this worker no longer holds a job (404/409 on a job call)."""
 
 
+class StoreUnreachable(ProxyUnreachable):
+    """Raised when the object store behind a presigned URL cannot be reached,
+    answers 5xx or cuts a body off: as transient as an unreachable proxy, and
+    handled the same way (hence the subclass)."""
+
+
+class StoreRefused(ProtocolError):
+    """Raised when the object store refuses a presigned URL (a 4xx: expired,
+    denied, no such object, or bytes that do not match the signed checksum)."""
+
+
+class OutputsRefused(ProtocolError):
+    """Raised when a job's output archive cannot be delivered by a direct upload:
+    the store refused its bytes, or the proxy refused the upload (too large) or
+    what the store holds (missing, another sha256, not a zip). The job then
+    fails without outputs (worker/runner.py), never with a result that names
+    outputs the store does not hold."""
+
+
 class MalformedAnswer(ProtocolError):
     """Raised when a successful answer does not match the protocol (not JSON, a
     missing field, a wrong type): a proxy of another version."""

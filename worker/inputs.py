@@ -1,7 +1,9 @@
-"""A job's inputs: the script and dataset streamed from the proxy, a dataset
-cache keyed by sha256 (bounded, least recently used evicted), and a safe
-extraction that re-checks every member of the archive with the rule the proxy
-checked it with at intake (jobcloud_archive); the worker never relies on that.
+"""A job's inputs: the script and dataset streamed from the proxy (or from the
+object store, by the claim's presigned URLs), each checked against the claim's
+sha256, a dataset cache keyed by sha256 (bounded, least recently used
+evicted), and a safe extraction that re-checks every member of the archive
+with the rule the proxy checked it with at intake (jobcloud_archive); the
+worker never relies on that.
 """
 from __future__ import annotations
 
@@ -26,6 +28,24 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def fetch_input(download, source: dict, dest: Path, what: str) -> None:
+    """One input of a claimed job (its script, requirements, or a parent's
+    outputs: {"url", "sha256", "direct_url"?}) fetched with
+    `download(url, dest, direct_url=...)` and checked against the claim's
+    sha256, wherever the bytes came from (the proxy, or the object store by a
+    presigned URL): bytes that do not match never reach the job. The dataset
+    goes through DatasetCache.acquire, which checks it as it caches it.
+
+    Raises:
+        InputError: the bytes do not match the claim's sha256 (or it gave none).
+        ProtocolError, LeaseLost, ProxyUnreachable: from `download`.
+    """
+    download(source["url"], dest, direct_url=source.get("direct_url"))
+    # No sha256 in the claim (a proxy of another version) is a mismatch too.
+    if sha256_of(dest) != source.get("sha256"):
+        raise InputError(f"{what} sha256 mismatch")
 
 
 class DatasetCache:
@@ -193,8 +213,9 @@ _PARENT_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def unpack_parent_outputs(parents: list, input_dir: Path, scratch: Path, download,
                           budget: InputBudget) -> None:
-    """Each parent's output archive (the claim's `after`) downloaded with
-    `download(url, dest)` and unpacked into input_dir/after/<name>/ under the
+    """Each parent's output archive (the claim's `after`) fetched with
+    `download(url, dest, direct_url=...)` (fetch_input: checked against its
+    sha256) and unpacked into input_dir/after/<name>/ under the
     dataset's archive rule, all of them within the job's one `budget`; a
     parent without outputs gets an empty directory.
 
@@ -223,10 +244,7 @@ def unpack_parent_outputs(parents: list, input_dir: Path, scratch: Path, downloa
             continue
         archive = scratch / f"after-{n}.zip"
         try:
-            download(outputs["url"], archive)
-            expected = outputs.get("sha256")
-            if expected and sha256_of(archive) != expected:
-                raise InputError(f"outputs of job {parent.get('id')}: sha256 mismatch")
+            fetch_input(download, outputs, archive, f"outputs of job {parent.get('id')}")
             budget.unpack(archive, dest, f"outputs of job {parent.get('id')}")
         finally:
             archive.unlink(missing_ok=True)

@@ -17,10 +17,14 @@ Each `from_json` raises `MalformedAnswer` for an answer that does not match
 (not an object, a missing key, a wrong type), instead of a KeyError or
 TypeError somewhere in a loop. Claimed jobs stay dicts, read by the runner,
 whose thread turns a missing field into a failed result; only what the daemon
-reads before that thread starts (id, attempt, image) is checked here.
+reads before that thread starts (id, attempt, image) is checked here, and what
+says where the job's bytes go (each input's `url`, `sha256` and optional
+`direct_url`, the job's `outputs_upload`): the client acts on those without
+asking, so a proxy of another version must not steer it anywhere odd.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import MalformedAnswer
@@ -28,6 +32,16 @@ from .errors import MalformedAnswer
 # Metadata of a field that holds a part of the answer read by a dataclass of
 # its own: its keys sit at the top level of the JSON, next to the other fields.
 INLINE = {"inline": True}
+
+# A claimed job's `outputs_upload`: how its output archive goes up. "proxy":
+# in the result's multipart body (the local-directory store, and any job whose
+# claim does not say); "direct": by a presigned PUT to the S3 store
+# (WorkerClient.post_result), the proxy only checking what arrived.
+OUTPUTS_VIA_PROXY = "proxy"
+OUTPUTS_DIRECT = "direct"
+OUTPUTS_UPLOAD_MODES = (OUTPUTS_VIA_PROXY, OUTPUTS_DIRECT)
+# A claimed job's inputs, each {"url", "sha256", "size", "direct_url"?} or null.
+INPUT_KEYS = ("script", "dataset", "requirements")
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,35 @@ class ResultAnswer:
                    applied=_bool(answer, "applied", what), claim=claim)
 
 
+@dataclass(frozen=True)
+class UploadTicket:
+    """POST /api/v1/worker/jobs/<id>/outputs-upload: where to PUT the job's
+    output archive in the object store, with exactly these headers (they carry
+    the archive's sha256, so the store itself refuses other bytes), within
+    `expires_in_s`."""
+    url: str
+    method: str
+    headers: dict[str, str]
+    expires_in_s: float
+
+    @classmethod
+    def from_json(cls, answer) -> UploadTicket:
+        what = "outputs-upload answer"
+        answer = _object(answer, what)
+        method = _str(answer, "method", what)
+        if method != "PUT":
+            raise MalformedAnswer(f"{what}: 'method' must be PUT, got {method!r}")
+        headers = _get(answer, "headers", what)
+        if not isinstance(headers, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise MalformedAnswer(f"{what}: 'headers' must map names to strings")
+        if any(k.lower() == "authorization" for k in headers):
+            # The URL's signature is the credential; no header may carry another.
+            raise MalformedAnswer(f"{what}: 'headers' must not carry an Authorization header")
+        return cls(url=_absolute_url(answer, "url", what), method=method, headers=dict(headers),
+                   expires_in_s=_positive(answer, "expires_in_s", what))
+
+
 # ------------------------------------------------------------------ field readers
 
 def _object(answer, what: str) -> dict:
@@ -161,4 +204,46 @@ def _jobs(answer: dict, what: str) -> tuple[dict, ...]:
         if isinstance(attempt, bool) or not isinstance(attempt, int):
             raise MalformedAnswer(f"{what}: job {job['id']}: 'attempt' must be an integer, "
                                   f"got {attempt!r}")
+        _transfers(job, f"{what}: job {job['id']}")
     return tuple(value)
+
+
+def _transfers(job: dict, what: str) -> None:
+    """Check where a claimed job's bytes come from and go to: each input (and
+    each parent's outputs) a proxy route with the sha256 the download is
+    checked against, and maybe a presigned URL on the store; the outputs'
+    upload mode."""
+    mode = job.get("outputs_upload", OUTPUTS_VIA_PROXY)
+    if mode not in OUTPUTS_UPLOAD_MODES:
+        raise MalformedAnswer(f"{what}: 'outputs_upload' must be one of "
+                              f"{', '.join(OUTPUTS_UPLOAD_MODES)}, got {mode!r}")
+    sources = [(key, job.get(key)) for key in INPUT_KEYS]
+    after = job.get("after") or []
+    if not isinstance(after, list):
+        raise MalformedAnswer(f"{what}: 'after' must be a list, got {after!r}")
+    for n, parent in enumerate(after):
+        parent = _object(parent, f"{what}: after[{n}]")
+        sources.append((f"after[{n}].outputs", parent.get("outputs")))
+    for key, source in sources:
+        if source is None:
+            continue
+        where = f"{what}: {key}"
+        source = _object(source, where)
+        _str(source, "url", where)
+        sha256 = _str(source, "sha256", where)
+        if not _SHA256.fullmatch(sha256):
+            raise MalformedAnswer(f"{where}: 'sha256' must be 64 hex digits, got {sha256!r}")
+        if source.get("direct_url") is not None:
+            _absolute_url(source, "direct_url", where)
+
+
+def _absolute_url(answer: dict, key: str, what: str) -> str:
+    value = _str(answer, key, what)
+    if not _ABSOLUTE_URL.match(value):
+        raise MalformedAnswer(f"{what}: {key!r} must be an absolute http(s) URL")
+    return value
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A presigned URL: its own host, since it is fetched without the proxy's credentials.
+_ABSOLUTE_URL = re.compile(r"https?://[^/\s?#]+(/|$)")

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 from . import arrays
-from .client import WorkerClient
+from .client import Archive, WorkerClient
 from .config import WorkerConfig
-from .errors import (EnvBuildError, InputError, LeaseLost, MalformedAnswer, ProtocolError,
-                     ProxyUnreachable, SandboxError)
-from .inputs import DatasetCache, InputBudget, sha256_of, unpack_parent_outputs
+from .errors import (EnvBuildError, InputError, LeaseLost, MalformedAnswer, OutputsRefused,
+                     ProtocolError, ProxyUnreachable, SandboxError)
+from .inputs import DatasetCache, InputBudget, fetch_input, unpack_parent_outputs
 from .jobdisk import JobDisk, make_job_dir, mounts_under, unmount
 from .logs import LogShipper, LogStream
 from .outputs import Collected, collect_outputs
 from .prestart import Prestarter, shape_of
-from .protocol import ClaimAnswer
+from .protocol import OUTPUTS_DIRECT, OUTPUTS_VIA_PROXY, ClaimAnswer
 from .pyenv import DEFAULT_INDEX_URL, Env, EnvCache, environment_spec
 from .sandbox import JobSpec, Outcome, Sandbox, Waiting
 from .trees import remove_tree
@@ -207,12 +207,8 @@ class JobRunner(threading.Thread):
                                         max_files=self.config.output_max_files)
         except Exception as e:  # whatever the job's tree does, the job ends, not the worker
             log.exception("job %s: collecting its outputs failed", self.job_id)
-            result = self._outcome_result(outcome, streams, None)
-            reason = f"output collection failed: {_why(e)}"
-            result["failure_reason"] = "; ".join(filter(None, [result.get("failure_reason"), reason]))
-            if result["state"] == "succeeded":
-                result["state"] = "failed"
-            return result, None
+            return failed_with(self._outcome_result(outcome, streams, None),
+                               f"output collection failed: {_why(e)}"), None
         return self._outcome_result(outcome, streams, collected), archive if collected else None
 
     def _keep(self, container) -> None:
@@ -245,18 +241,13 @@ class JobRunner(threading.Thread):
 
     def _fetch_inputs(self, input_dir: Path) -> None:
         script = input_dir / "main.py"
-        self.client.download(self.job["script"]["url"], script)
-        expected = self.job["script"].get("sha256")
-        if expected and sha256_of(script) != expected:
-            raise InputError("script sha256 mismatch")
+        fetch_input(self.client.download, self.job["script"], script, "script")
         os.chmod(script, 0o644)
         requirements = self.job.get("requirements")
         if requirements:
             # Also the job's to read, at /job/input/requirements.txt.
             path = input_dir / "requirements.txt"
-            self.client.download(requirements["url"], path)
-            if sha256_of(path) != requirements.get("sha256"):
-                raise InputError("requirements sha256 mismatch")
+            fetch_input(self.client.download, requirements, path, "requirements")
             os.chmod(path, 0o644)
         # A job array's parameters row, at /job/input/params.json.
         arrays.write_params(self.job.get("array"), input_dir)
@@ -272,7 +263,9 @@ class JobRunner(threading.Thread):
         data_dir = input_dir / "data"
         data_dir.mkdir(mode=0o755)
         os.chmod(data_dir, 0o755)
-        path = self.cache.acquire(dataset["sha256"], lambda dest: self.client.download(dataset["url"], dest))
+        # The cache checks it against the claim's sha256 as it keeps it.
+        path = self.cache.acquire(dataset["sha256"], lambda dest: self.client.download(
+            dataset["url"], dest, direct_url=dataset.get("direct_url")))
         try:
             budget.unpack(path, data_dir, "dataset")
         finally:
@@ -341,6 +334,19 @@ class JobRunner(threading.Thread):
         return {k: v for k, v in result.items() if v is not None}
 
     def _post_result(self, result: dict, archive: Path | None) -> None:
+        """Post the result until the proxy takes or refuses it; a direct upload's
+        archive refused (OutputsRefused: the store refused its bytes, or the
+        proxy what the store holds) turns it into a failed result without
+        outputs, posted the same way: never a result naming outputs that the
+        store does not hold, and never a job left running until its lease
+        runs out."""
+        upload = self.job.get("outputs_upload") or OUTPUTS_VIA_PROXY
+        outputs = archive
+        if archive is not None and upload == OUTPUTS_DIRECT:
+            try:
+                outputs = Archive.of(archive)   # hashed once, whatever the number of tries
+            except OSError as e:
+                result, outputs = _without_outputs(result, _why(e)), None
         tries = 0
         while True:
             try:
@@ -348,7 +354,8 @@ class JobRunner(threading.Thread):
                 if self._shipper is not None and not self._shipper.flush():
                     raise ProxyUnreachable("log chunks not delivered yet")
                 want = self.successors.want() if self.successors else 0
-                answer = self.client.post_result(self.job_id, dict(result, claim_next=want), archive)
+                answer = self.client.post_result(self.job_id, dict(result, claim_next=want), outputs,
+                                                 upload=upload)
                 log.info("job %s: %s (applied=%s)", self.job_id, answer.state, answer.applied)
                 # Even without jobs: the claim part carries cancel and drain orders.
                 if answer.claim is not None and self.successors:
@@ -361,6 +368,9 @@ class JobRunner(threading.Thread):
                 if self.giving_up.wait(delay):
                     log.warning("job %s: worker stopping; result not delivered", self.job_id)
                     return
+            except OutputsRefused as e:
+                log.warning("job %s: outputs not delivered: %s", self.job_id, e)
+                result, outputs = _without_outputs(result, str(e)), None
             except MalformedAnswer as e:
                 # A 2xx: the result is in. Any job claimed with it is not known
                 # here; its lease runs out and it is requeued.
@@ -388,6 +398,21 @@ def remove_job_dirs(jobs_dir: Path) -> None:
         remove_tree(jobs_dir)
     except OSError as e:
         log.error("could not remove what an earlier run left in %s: %s", jobs_dir, e)
+
+
+def failed_with(result: dict, reason: str) -> dict:
+    """The result with `reason` added to its failure reason; a success becomes a failure."""
+    result = dict(result, failure_reason="; ".join(filter(None, [result.get("failure_reason"),
+                                                                 reason])))
+    if result["state"] == "succeeded":
+        result["state"] = "failed"
+    return result
+
+
+def _without_outputs(result: dict, why: str) -> dict:
+    """A result whose outputs could not be delivered: failed, naming none."""
+    return failed_with({k: v for k, v in result.items() if k != "outputs"},
+                       f"outputs not delivered: {why}")
 
 
 def _why(error: Exception) -> str:

@@ -6,8 +6,8 @@ builders.py holds what they all share.
 """
 from __future__ import annotations
 
-from .builders import (ARRAY_ID, ERROR, EVENT_STREAM, JOB_ID, RESUME, SUBMIT_FORM, USAGE_PARAMS,
-                       USER, USER_NAME, USER_PARAM, answer, errors, json_body, op)
+from .builders import (ARRAY_ID, ERROR, EVENT_STREAM, JOB_ID, RESUME, STORE_REDIRECT, SUBMIT_FORM,
+                       USAGE_PARAMS, USER, USER_NAME, USER_PARAM, answer, errors, json_body, op)
 
 JOB_EVENTS = ("A job's state and output as Server-Sent Events: `state` (the Job, when it changes, "
               "with truncated: {stdout, stderr}), `attempt` (requeued: output starts again), "
@@ -36,7 +36,7 @@ def api_paths() -> dict:
                                                  {"$ref": "#/components/schemas/JobArray"}]},
                                       "Accepted, durable: the Job, or with `array`/`params` the "
                                       "JobArray (Location: /api/v1/arrays/{id})"),
-                        **errors(400, 401, 413, 415, 429),
+                        **errors(400, 401, 413, 415, 429, 503),
                         # A job no live worker and no scaler VM shape could run (proxy/capacity.py).
                         "400": answer(ERROR, "A field is invalid, or `no_capacity`: no live worker "
                                       "and no VM shape the scaler reported has the image, CPUs, "
@@ -68,7 +68,7 @@ def api_paths() -> dict:
         "/api/v1/jobs/{job_id}/outputs": {"get": op(
             "Download the output archive (zip attachment)", USER,
             {"200": {"description": "zip", "content": {"application/zip": {}}},
-             **errors(401, 404, 410)},
+             "307": STORE_REDIRECT, **errors(401, 404, 410, 503)},
             params=[JOB_ID])},
         # Retention (proxy/retention.py): a pinned job's files are kept until unpinned.
         "/api/v1/jobs/{job_id}/pin": {

@@ -25,7 +25,11 @@ ERROR_TEXT = {400: "Invalid request", 401: "Missing or invalid credentials", 403
               410: "Deleted by retention (`expired`)",
               413: "Upload too large, or past the storage quota (`storage_quota_exceeded`)",
               415: "Wrong content type",
-              429: "Over a per-user count or rate limit", 503: "Store unavailable"}
+              429: "Over a per-user count or rate limit",
+              503: "Store unavailable (the database, or `blob_store_unavailable`: the S3 store)"}
+# A download from the S3 blob store (blob_url = s3://...; proxy/downloads.py).
+STORE_REDIRECT = {"description": "With the S3 blob store: the file is at the presigned URL in"
+                                 " Location (valid blob_presign_ttl_s; no credentials needed)"}
 
 # The browser pages are part of the served surface too: documented so the
 # document lists every route, with the session cookie and a form CSRF token.

@@ -6,8 +6,8 @@ every route the app serves (tests/test_openapi.py checks both ways).
 """
 from __future__ import annotations
 
-from .builders import (ARRAY_ID, EVENT_STREAM, JOB_ID, REDIRECT, RESUME, SUBMIT_FORM,
-                       USAGE_PARAMS, USER, USER_PARAM, op, page, page_errors)
+from .builders import (ARRAY_ID, EVENT_STREAM, JOB_ID, REDIRECT, RESUME, STORE_REDIRECT,
+                       SUBMIT_FORM, USAGE_PARAMS, USER, USER_PARAM, op, page, page_errors)
 
 
 def page_paths() -> dict:
@@ -53,7 +53,8 @@ def page_paths() -> dict:
         "/jobs/{job_id}/outputs": {"get": {**page("Download the output archive", params=[JOB_ID]),
                                            "responses": {"200": {"description": "zip attachment",
                                                                  "content": {"application/zip": {}}},
-                                                         "302": REDIRECT, **page_errors(404, 410)}}},
+                                                         "302": REDIRECT, "307": STORE_REDIRECT,
+                                                         **page_errors(404, 410, 503)}}},
         "/arrays/{array_id}": {"get": page("A job array: counts per state, its jobs by index "
                                            "(kept current by polling its JSON)",
                                            params=[ARRAY_ID], errors=[404])},

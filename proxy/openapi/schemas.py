@@ -245,14 +245,22 @@ SCHEMAS = {
         "requirements": {"type": ["object", "null"],
                          "description": "a JobInput (the normalised requirements.txt), or null"},
         "package_index_url": {"type": "string",
-                              "description": "the index to download the requirements' wheels from"}}},
+                              "description": "the index to download the requirements' wheels from"},
+        "outputs_upload": {"type": "string", "enum": ["direct", "proxy"],
+                           "description": "direct: PUT the output archive to the S3 store "
+                                          "(outputs-upload) and name it in the JSON result; "
+                                          "proxy: post it with the result (multipart)"}}},
     "JobEnv": {"type": "object", "required": ["job_id", "env"], "properties": {
         "job_id": {"type": "string"},
         "env": {"type": "object", "additionalProperties": {"type": "string"},
                 "description": "the job's own environment variables, names to values"}}},
     "JobInput": {"type": "object", "required": ["sha256", "size", "url"], "properties": {
         "sha256": {"type": "string"}, "size": {"type": "integer"},
-        "url": {"type": "string", "description": "where this worker downloads it, while it holds the job"}}},
+        "url": {"type": "string", "description": "where this worker downloads it, while it holds the job"},
+        "direct_url": {"type": "string", "description": "with the S3 blob store: a presigned URL "
+                       "to GET it from the store itself, without credentials, for "
+                       "blob_presign_ttl_s; once refused (expired), `url` answers 307 to a "
+                       "fresh one"}}},
     # The worker's answers (worker/protocol.py reads each into one dataclass).
     "RegisterAnswer": {"type": "object", "required": [
         "worker_id", "secret", "heartbeat_interval_s", "lease_timeout_s"], "properties": {
@@ -293,6 +301,11 @@ SCHEMAS = {
         "gpu_seconds": {**USAGE, "description": "stored as at most the job's gpus times the"
                         " seconds since its claim (so 0 for a CPU job)"},
         "disk_full": {"type": "boolean", "description": "the job filled its disk quota"},
+        "outputs_upload": {"type": ["object", "null"], "required": ["sha256", "size"],
+                           "description": "the output archive PUT to the S3 store "
+                                          "(outputs-upload), checked before the result is taken",
+                           "properties": {"sha256": {"type": "string"},
+                                          "size": {"type": "integer", "minimum": 1}}},
         "env_build_s": {**USAGE, "description": "seconds building the requirements' environment"},
         "env_cached": {"type": ["boolean", "null"],
                        "description": "the requirements' environment was cached on the worker"},

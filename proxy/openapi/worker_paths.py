@@ -7,7 +7,7 @@ learns of it.
 """
 from __future__ import annotations
 
-from .builders import ENROLL, JOB_ID, WORKER, answer, errors, json_body, op
+from .builders import ENROLL, JOB_ID, STORE_REDIRECT, WORKER, answer, errors, json_body, op
 
 
 def worker_paths() -> dict:
@@ -39,20 +39,22 @@ def worker_paths() -> dict:
         "/api/v1/worker/jobs/{job_id}/script": {"get": op(
             "Download the script of a job this worker holds", WORKER,
             {"200": {"description": "the script", "content": {"text/x-python": {}}},
-             **errors(401, 404)}, params=[JOB_ID], tag="worker")},
+             "307": STORE_REDIRECT, **errors(401, 404, 503)}, params=[JOB_ID], tag="worker")},
         "/api/v1/worker/jobs/{job_id}/dataset": {"get": op(
             "Download the dataset of a job this worker holds", WORKER,
-            {"200": {"description": "zip", "content": {"application/zip": {}}}, **errors(401, 404)},
+            {"200": {"description": "zip", "content": {"application/zip": {}}},
+             "307": STORE_REDIRECT, **errors(401, 404, 503)},
             params=[JOB_ID], tag="worker")},
         "/api/v1/worker/jobs/{job_id}/requirements": {"get": op(
             "Download the normalised requirements.txt of a job this worker holds", WORKER,
-            {"200": {"description": "text", "content": {"text/plain": {}}}, **errors(401, 404)},
+            {"200": {"description": "text", "content": {"text/plain": {}}},
+             "307": STORE_REDIRECT, **errors(401, 404, 503)},
             params=[JOB_ID], tag="worker")},
         "/api/v1/worker/jobs/{job_id}/after/{parent_id}/outputs": {"get": op(
             "Download the output archive of a parent of a job this worker holds (its claim's "
             "`after`); 410 parent_expired: retention deleted it, the job fails", WORKER,
             {"200": {"description": "zip", "content": {"application/zip": {}}},
-             **errors(401, 404, 410)},
+             "307": STORE_REDIRECT, **errors(401, 404, 410, 503)},
             params=[JOB_ID, {"name": "parent_id", "in": "path", "required": True,
                              "schema": {"type": "string", "maxLength": 64}}], tag="worker")},
         "/api/v1/worker/jobs/{job_id}/logs": {"post": op(
@@ -63,11 +65,32 @@ def worker_paths() -> dict:
                                            "stream": {"type": "string", "enum": ["stdout", "stderr"]},
                                            "offset": {"type": "integer", "minimum": 0},
                                            "data": {"type": "string"}}}), tag="worker")},
+        "/api/v1/worker/jobs/{job_id}/outputs-upload": {"post": op(
+            "With the S3 blob store (the claim's outputs_upload is \"direct\"): a presigned PUT "
+            "for this try's output archive of exactly `size` bytes hashing to `sha256` (the "
+            "store refuses other bytes); then post the result with outputs_upload {sha256, "
+            "size}. 400 direct_upload_unavailable: the proxy keeps files itself (post the "
+            "archive with the result)", WORKER,
+            {"200": answer({"type": "object", "required": ["url", "method", "headers",
+                                                           "expires_in_s"], "properties": {
+                "url": {"type": "string"}, "method": {"type": "string", "enum": ["PUT"]},
+                "headers": {"type": "object", "additionalProperties": {"type": "string"},
+                            "description": "send exactly these with the PUT"},
+                "expires_in_s": {"type": "integer"}}}),
+             **errors(400, 401, 404, 409, 413)}, params=[JOB_ID],
+            body=json_body({"type": "object", "required": ["attempt", "sha256", "size"],
+                            "properties": {"attempt": {"type": "integer"},
+                                           "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                           "size": {"type": "integer", "minimum": 1}}}),
+            tag="worker")},
         "/api/v1/worker/jobs/{job_id}/result": {"post": op(
             "Post the final result (JSON, or multipart: result + outputs zip); idempotent. With "
-            "claim_next > 0 it also claims, and answers as a claim does too", WORKER,
+            "claim_next > 0 it also claims, and answers as a claim does too. With the S3 blob "
+            "store the archive is PUT first (outputs-upload) and the JSON result names it "
+            "(outputs_upload); 400 outputs_missing, outputs_mismatch, invalid_outputs: the "
+            "store does not hold that archive", WORKER,
             {"200": answer({"$ref": "#/components/schemas/ResultAnswer"}),
-             **errors(400, 401, 404, 409, 413)}, params=[JOB_ID],
+             **errors(400, 401, 404, 409, 413, 503)}, params=[JOB_ID],
             body={"required": True, "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
                 "multipart/form-data": {"schema": {"type": "object", "properties": {

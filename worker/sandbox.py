@@ -198,7 +198,10 @@ class Sandbox:
         """Remove containers of an earlier run of this worker, waiting ones
         included; returns their job ids ("waiting" for a container that had none)."""
         try:
-            found = self.docker.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={self.owner}"})
+            # ignore_removed: docker-py inspects each listed container; one
+            # removed in between (its own --rm, a stopping worker's) is not an error.
+            found = self.docker.containers.list(all=True, ignore_removed=True,
+                                                filters={"label": f"{LABEL_WORKER}={self.owner}"})
             for c in found:
                 try:
                     c.remove(force=True)

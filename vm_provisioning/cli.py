@@ -56,8 +56,22 @@ def cmd_list(scaler: Scaler, config: ScalerConfig, args) -> int:
         return EXIT_OK
     print(f"{'NAME':<14} {'HOST':<24} {'STATE':<9} {'WORKER':<14} {'RUNNING':>7} {'AGE':>8}")
     for r in rows:
-        print(f"{r['name']:<14} {r['host']:<24} {r['state']:<9} {(r['worker'] or '-'):<14} "
+        state = "lost" if r["lost"] else r["state"]
+        print(f"{r['name']:<14} {r['host']:<24} {state:<9} {(r['worker'] or '-'):<14} "
               f"{r['running']:>7} {_age(r['age_s']):>8}")
+    return EXIT_OK
+
+
+def cmd_hosts(scaler: Scaler, config: ScalerConfig, args) -> int:
+    rows = scaler.host_status()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    print(f"{'HOST':<40} {'STATE':<11} {'VMS':>4} {'VCPUS':>5} {'MEMORY':>8} {'ROOM':>5} {'LOST':>4}  STORAGE")
+    for r in rows:
+        room = "-" if r["room"] is None else str(r["room"])
+        print(f"{r['uri']:<40} {'up' if r['reachable'] else 'unreachable':<11} {r['vms']:>4} "
+              f"{r['vcpus']:>5} {r['memory_mb']:>6}Mi {room:>5} {r['lost']:>4}  {r['storage']}")
     return EXIT_OK
 
 
@@ -182,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="our VMs: host, state, worker, running jobs, age")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_list)
+    p = sub.add_parser("hosts", help="each libvirt host: reachable, our VMs, vCPUs and memory, room left")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_hosts)
     p = sub.add_parser("scale", help="add or retire VMs so that N stay")
     p.add_argument("--to", type=int, required=True, metavar="N")
     _wait_flags(p)

@@ -39,8 +39,25 @@ class ScalerConfig:
     guest_proxy_url: str = ""
     # An admin's API token (`jobcloud token create --user admin`): the scaler is admin-only.
     admin_token: str = ""
-    # Hypervisor hosts; new VMs go to the one running the fewest of ours.
+    # Hypervisor hosts; new VMs go to the one with room running the fewest of ours.
     libvirt_uris: tuple[str, ...] = ("qemu:///system",)
+    # Empty: clones are qemu-img files in state_dir, beside the template (one host, or
+    # hosts sharing both paths). A name: the template and every clone are volumes of the
+    # libvirt storage pool of that name on each host, uploaded over the libvirt
+    # connection, so qemu+ssh:// and qemu+tls:// hosts need no shared filesystem.
+    storage_pool: str = ""
+    # Where a missing storage_pool is created as a dir pool; empty: /var/lib/libvirt/images/<pool>.
+    pool_dir: str = ""
+    # Per-host room, 0 for no limit: VMs of ours, their vCPUs and their memory on one host.
+    host_max_vms: int = 0
+    host_max_vcpus: int = 0
+    host_max_memory_mb: int = 0
+    # A host whose libvirt connection has failed this long has its VMs' workers revoked
+    # (their jobs requeue) as a vanished VM's are; 0: at the first failed pass.
+    host_lost_after_s: float = 60.0
+    # libvirt keepalive interval (3 unanswered in a row drop the connection), so a host
+    # that stops answering fails a pass in seconds instead of hanging it; 0: off.
+    libvirt_keepalive_s: int = 5
     # kvm where hardware virtualization works, qemu (software emulation) where it does not;
     # auto asks libvirt whether this host offers kvm. Override where KVM is offered but hangs.
     domain_type: str = "auto"
@@ -74,6 +91,10 @@ class ScalerConfig:
     # Seconds an HTTP call to the proxy may take.
     http_timeout_s: float = 15.0
     log_level: str = "INFO"
+
+    @property
+    def resolved_pool_dir(self) -> str:
+        return self.pool_dir or f"/var/lib/libvirt/images/{self.storage_pool}"
 
     @property
     def resolved_guest_proxy_url(self) -> str:
@@ -130,7 +151,7 @@ def validate(cfg: ScalerConfig) -> ScalerConfig:
         ConfigError: the first value out of range, in one sentence.
     """
     floats = ("queue_per_worker", "cooldown_s", "idle_time_s", "boot_timeout_s",
-              "shutdown_timeout_s", "interval_s", "http_timeout_s")
+              "shutdown_timeout_s", "interval_s", "http_timeout_s", "host_lost_after_s")
     checks = [
         (all(math.isfinite(getattr(cfg, f)) and getattr(cfg, f) >= 0 for f in floats),
          f"{', '.join(floats)} must be finite and not negative"),
@@ -144,6 +165,18 @@ def validate(cfg: ScalerConfig) -> ScalerConfig:
         # More idle VMs than max_vms could never be kept: every pass would want more.
         (0 <= cfg.idle_vms <= cfg.max_vms, "idle_vms must satisfy 0 <= idle_vms <= max_vms"),
         (1 <= cfg.step <= 1000, "step must be between 1 and 1000"),
+        (min(cfg.host_max_vms, cfg.host_max_vcpus, cfg.host_max_memory_mb) >= 0,
+         "host_max_vms, host_max_vcpus and host_max_memory_mb must not be negative (0: no limit)"),
+        # A per-host limit one VM does not fit under would leave every host full for good.
+        (cfg.host_max_vcpus == 0 or cfg.host_max_vcpus >= cfg.vcpus,
+         "host_max_vcpus must be 0 (no limit) or at least vcpus"),
+        (cfg.host_max_memory_mb == 0 or cfg.host_max_memory_mb >= cfg.memory_mb,
+         "host_max_memory_mb must be 0 (no limit) or at least memory_mb"),
+        # libvirt's own rule for pool names, less what a shell or a path would trip on.
+        (cfg.storage_pool == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.storage_pool)
+         is not None, "storage_pool must be empty or 1-64 letters, digits, '.', '_' or '-'"),
+        (cfg.pool_dir == "" or os.path.isabs(cfg.pool_dir), "pool_dir must be an absolute path"),
+        (0 <= cfg.libvirt_keepalive_s <= 3600, "libvirt_keepalive_s must be between 0 and 3600"),
         (cfg.interval_s > 0 and cfg.http_timeout_s > 0, "interval_s and http_timeout_s must be positive"),
         # Each VM's enrollment token expires boot_timeout_s after its creation (plus a margin).
         (cfg.boot_timeout_s <= 86400, "boot_timeout_s must be at most 86400 (a day)"),

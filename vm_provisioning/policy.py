@@ -24,7 +24,13 @@ The rules (defaults in config.py):
   below `idle_vms` idle ones. A VM with a running job is never stopped:
   draining waits for its jobs.
 - hosts: a VM whose host is not reachable this pass (or no longer configured) is
-  left as it is by every rule; the scaler logs it.
+  left as it is by every rule; the scaler logs it. A host that has not answered
+  for `host_lost_after_s` is down: its VMs are `lost` as a vanished VM is (their
+  workers revoked, so their jobs requeue), held as `stopping` and no longer counted
+  toward `max_vms`, and removed when the host answers again.
+- per host: a new VM goes to the reachable host with room (`host_max_vms`,
+  `host_max_vcpus`, `host_max_memory_mb`; 0: no limit) that runs the fewest of
+  ours; with no room anywhere a wanted VM is a `hold`.
 - reconcile: a VM whose worker has not registered within `boot_timeout_s` is
   replaced; a VM whose domain vanished or stopped is removed and its worker
   revoked (its jobs requeue); our domains and files with no record are leftovers
@@ -51,7 +57,7 @@ class Action(str, Enum):
     DRAIN = "drain"          # ask its worker to take no more jobs
     STOP = "stop"            # its worker runs nothing: shut the VM down
     REMOVE = "remove"        # destroy, undefine, delete its files, revoke its credentials
-    LOST = "lost"            # its domain vanished or stopped: revoke its worker, delete its files
+    LOST = "lost"            # its domain vanished or stopped, or its host is down: revoke its worker
     CLEANUP = "cleanup"      # a leftover domain or file with no record
 
 
@@ -66,6 +72,8 @@ class Decision:
 
 
 GOING = (VMState.DRAINING.value, VMState.STOPPING.value)
+# A host's room when no per-host limit is set: more than max_vms can ever ask for.
+NO_LIMIT = 10**6
 
 
 def staying(records) -> list[VMRecord]:
@@ -76,6 +84,51 @@ def staying(records) -> list[VMRecord]:
 def on_hosts(records, hosts: set[str] | None) -> list[VMRecord]:
     """The records on `hosts` (None: all): what a pass can act on."""
     return [r for r in records if hosts is None or r.host_uri in hosts]
+
+
+def held(records) -> list[VMRecord]:
+    """The VMs that count toward max_vms: all but those lost with their host."""
+    return [r for r in records if not r.lost]
+
+
+def host_use(cfg: ScalerConfig, records, uri: str) -> dict:
+    """What our VMs take of one host: vms, vcpus, memory_mb."""
+    mine = [r for r in records if r.host_uri == uri]
+    return {"vms": len(mine), "vcpus": sum(r.vcpus or cfg.vcpus for r in mine),
+            "memory_mb": sum(r.memory_mb or cfg.memory_mb for r in mine)}
+
+
+def host_room(cfg: ScalerConfig, records, hosts) -> dict[str, int]:
+    """How many more VMs of the configured shape each of `hosts` takes (NO_LIMIT: no limit set)."""
+    room = {}
+    for uri in hosts:
+        use = host_use(cfg, records, uri)
+        fits = [NO_LIMIT]
+        if cfg.host_max_vms:
+            fits.append(cfg.host_max_vms - use["vms"])
+        if cfg.host_max_vcpus:
+            fits.append((cfg.host_max_vcpus - use["vcpus"]) // cfg.vcpus)
+        if cfg.host_max_memory_mb:
+            fits.append((cfg.host_max_memory_mb - use["memory_mb"]) // cfg.memory_mb)
+        room[uri] = max(0, min(fits))
+    return room
+
+
+def place(cfg: ScalerConfig, records, hosts) -> str | None:
+    """The host a new VM goes to: of `hosts` with room, the one running the fewest
+    of ours (then by URI, so placement is repeatable); None when none has room."""
+    room = host_room(cfg, records, hosts)
+    fits = [uri for uri in sorted(room) if room[uri] > 0]
+    if not fits:
+        return None
+    return min(fits, key=lambda uri: host_use(cfg, records, uri)["vms"])
+
+
+def host_limits(cfg: ScalerConfig) -> str:
+    """The per-host limits, as a decision's reason names them."""
+    set_ = [f"{name}={getattr(cfg, name)}" for name in ("host_max_vms", "host_max_vcpus",
+                                                         "host_max_memory_mb") if getattr(cfg, name)]
+    return ", ".join(set_) or "no per-host limit"
 
 
 def scale_up(cfg: ScalerConfig, records: list[VMRecord], queue: QueueView, *, now: float,
@@ -152,7 +205,7 @@ def _add(cfg: ScalerConfig, records: list[VMRecord], queue: QueueView, wanted: i
     out = [Decision(Action.RESUME, name, f"{why}: it is up and runs nothing")
            for name in resumable(on_hosts(records, hosts), queue)[:wanted]]
     wanted -= len(out)
-    room = cfg.max_vms - len(records)
+    room = cfg.max_vms - len(held(records))
     if wanted <= 0:
         return out
     if room <= 0:
@@ -160,6 +213,12 @@ def _add(cfg: ScalerConfig, records: list[VMRecord], queue: QueueView, wanted: i
                                                   f"(draining and stopping VMs count)")]
     if cooldown > 0:
         return out + [Decision(Action.HOLD, None, f"{why}, but cooling down for {cooldown:.0f} s more")]
+    if hosts is not None:
+        on_hosts_room = sum(host_room(cfg, records, hosts).values())
+        if on_hosts_room <= 0:
+            where = "every reachable host is full" if hosts else "no host is reachable"
+            return out + [Decision(Action.HOLD, None, f"{why}, but {where} ({host_limits(cfg)})")]
+        room = min(room, on_hosts_room)
     return out + [Decision(Action.CREATE, None, why) for _ in range(min(wanted, room))]
 
 
@@ -211,7 +270,9 @@ def retirements(cfg: ScalerConfig, records: list[VMRecord], workers: dict[str, W
     out = []
     for r in on_hosts(records, hosts):
         w = workers.get(r.name)
-        if r.state == VMState.DRAINING.value:
+        if r.lost:
+            out.append(Decision(Action.REMOVE, r.name, "its host answers again"))
+        elif r.state == VMState.DRAINING.value:
             if w is not None and w.state == "active":
                 out.append(Decision(Action.DRAIN, r.name, "its worker registered after the drain"))
             elif w is None or w.running == 0:
@@ -227,17 +288,24 @@ def retirements(cfg: ScalerConfig, records: list[VMRecord], workers: dict[str, W
 
 def reconcile(cfg: ScalerConfig, records: list[VMRecord], workers: dict[str, WorkerView],
               domains: dict[str, set[str]], active: set[str], files: dict[str, list[str]],
-              *, now: float) -> list[Decision]:
+              *, now: float, down: dict[str, float] | None = None) -> list[Decision]:
     """Compare the records with libvirt and the proxy.
 
     Args:
         domains: host URI -> names of our domains defined there.
         active: names of our domains that are running.
-        files: VM name -> paths in the state dir that belong to that name.
+        files: VM name -> paths in the state dir (or its host's pool) that belong to that name.
+        down: host URI -> seconds it has not answered, for the hosts down for good.
     """
     out = []
+    down = down or {}
     known = {r.name for r in records}
     for r in records:
+        if r.host_uri in down:
+            if not r.lost:
+                out.append(Decision(Action.LOST, r.name, f"its host {r.host_uri} has not answered "
+                                                         f"for {down[r.host_uri]:.0f} s"))
+            continue
         defined = r.name in domains.get(r.host_uri, set())
         if r.state == VMState.STOPPING.value:
             continue    # retirements() finishes it, whether or not the domain is still there

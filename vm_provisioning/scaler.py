@@ -12,13 +12,16 @@ like each admin command, holds the state file's lock (`_locked`), so an admin's
 Nothing in a pass blocks on a guest: draining and shutting down are states a VM
 moves through over several passes, so one slow VM never holds up the others.
 A host whose libvirt connection fails is left out of the passes (its VMs stay
-as they are) until it can be reopened; the other hosts carry on.
+as they are) until it can be reopened; the other hosts carry on. One that has
+not answered for `host_lost_after_s` is down: its VMs are lost as a vanished
+VM is (their workers revoked, their jobs requeued), and removed once it answers.
+Where clones and the template live (state dir or each host's storage pool) is
+storage.py's business.
 """
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -26,22 +29,19 @@ from pathlib import Path
 
 from jobcloud_datadir import ForeignOwner, make_private
 
-from . import domain, policy
+from . import domain, policy, storage
 from .config import ScalerConfig, validate
 from .errors import ConfigError, LibvirtUnreachable, TemplateMissing, UnknownVM, VMError
 from .libvirt_host import Host, open_hosts
 from .policy import Action, Decision
 from .proxy_client import ProxyClient, QueueView
-from .seed import Identity, write_seed
+from .seed import Identity
 from .state import ScalerState, StateStore, VMRecord, VMState
+from .storage import CONSOLE_SUFFIX, DISK_SUFFIX, SEED_SUFFIX, linked_clone  # noqa: F401 (imported from here)
 from .template import load_manifest
 
 log = logging.getLogger("vm_provisioning.scaler")
 
-# Files a VM owns in the state dir, by suffix after its name.
-DISK_SUFFIX = ".qcow2"
-SEED_SUFFIX = "-seed.iso"
-CONSOLE_SUFFIX = "-console.log"
 # The console log of a VM that never registered is kept under this name for diagnosis;
 # the newest few only, since a template that never boots fails every boot_timeout_s.
 FAILED_CONSOLE_SUFFIX = "-console.failed.log"
@@ -58,7 +58,8 @@ class Look:
     hosts: set[str]                 # the URIs reachable this pass
     domains: dict[str, set[str]]    # URI -> our domains there (recorded, or carrying our id)
     active: set[str]                # names of those that run
-    files: dict[str, list[str]]     # leftover candidates: VM name -> its paths in the state dir
+    files: dict[str, list[str]]     # leftover candidates: VM name -> its paths (state dir, pools)
+    down: dict[str, float]          # URI -> seconds unanswered, for hosts down for good
 
 
 class Scaler:
@@ -78,12 +79,16 @@ class Scaler:
     def __init__(self, config: ScalerConfig, *, hosts: list[Host] | None = None,
                  proxy: ProxyClient | None = None, clock=time.time):
         self.config = validate(config)
-        self.hosts = {h.uri: h for h in (hosts if hosts is not None else open_hosts(config.libvirt_uris))}
+        self.hosts = {h.uri: h for h in (hosts if hosts is not None else open_hosts(
+            config.libvirt_uris, config.libvirt_keepalive_s))}
         self.proxy = proxy or ProxyClient(config.proxy_url, config.admin_token, config.http_timeout_s)
         self.clock = clock
         self.store = StateStore(config.state_dir)
         _secure_state_dir(config.state_dir)
         self._domain_types: dict[str, str] = {}
+        self.storage = storage.for_config(self.config)
+        # URI -> when this scaler first found it unreachable (since it last answered).
+        self._unreachable_since: dict[str, float] = {}
         # Passes run_forever has finished, failed ones included: lets a caller
         # wait for the daemon to have looked, instead of sleeping.
         self.passes = 0
@@ -114,7 +119,7 @@ class Scaler:
 
     def _autoscale(self, state: ScalerState, queue: QueueView, now: float,
                    hosts: set[str]) -> list[Decision]:
-        look = self._look(state, hosts)
+        look = self._look(state, hosts, now)
         decisions = self._reconcile(state, queue, now, look)
         if decisions:
             # What was just done changed the queue (a lost worker's jobs requeued).
@@ -137,7 +142,8 @@ class Scaler:
     # -------------------------------------------------------------- admin commands
 
     def list_vms(self) -> list[dict]:
-        """Our VMs with their worker's view: name, host, state, worker, running, age_s."""
+        """Our VMs with their worker's view: name, host, state, worker, running, age_s;
+        lost: its host stopped answering (it is removed when the host answers again)."""
         queue = self.proxy.queue()
         now = self.clock()
         state = self.store.load()
@@ -146,7 +152,8 @@ class Scaler:
             w = queue.workers.get(r.name)
             rows.append({"name": r.name, "host": r.host_uri, "state": r.state,
                          "worker": w.name if w else None, "worker_state": w.state if w else None,
-                         "running": w.running if w else 0, "age_s": now - r.created_at})
+                         "running": w.running if w else 0, "age_s": now - r.created_at,
+                         "lost": r.lost})
         return rows
 
     def scale_to(self, n: int | None = None, *, delta: int | None = None) -> list[Decision]:
@@ -217,7 +224,7 @@ class Scaler:
         """Run reconcile and retirement steps until `names` are gone or `timeout_s`
         passes; returns those left."""
         def step(state, queue, now, hosts):
-            look = self._look(state, hosts)
+            look = self._look(state, hosts, now)
             return self._reconcile(state, queue, now, look) + \
                 self._advance_retirements(state, queue, now, look)
 
@@ -255,7 +262,7 @@ class Scaler:
     def _reconcile(self, state: ScalerState, queue: QueueView, now: float, look: Look) -> list[Decision]:
         return self._execute(state, policy.reconcile(
             self.config, list(state.vms.values()), queue.workers, look.domains, look.active,
-            look.files, now=now), now, queue)
+            look.files, now=now, down=look.down), now, queue)
 
     def _advance_retirements(self, state: ScalerState, queue: QueueView, now: float,
                              look: Look) -> list[Decision]:
@@ -291,6 +298,8 @@ class Scaler:
                 d = self._stop(record, d, now)
                 if d is None:
                     continue
+            elif d.action is Action.LOST and record.host_uri in self._down(now):
+                self._abandon(record, queue, now)
             elif d.action in (Action.REMOVE, Action.LOST):
                 self._remove(state, record, queue)
             elif d.action is Action.REPLACE:
@@ -309,14 +318,15 @@ class Scaler:
         cfg = self.config
         template = Path(cfg.template_dir)
         manifest = load_manifest(template)
-        host = self._least_loaded_host(state)
+        host = self._place(state)
         name = domain.new_name(cfg.name_prefix)
-        paths = self._paths(name)
+        paths = self.storage.paths(host, name)
         record = VMRecord(name=name, uuid=domain.new_uuid(), host_uri=host.uri, mac=domain.new_mac(),
-                          disk=str(paths["disk"]), seed=str(paths["seed"]),
-                          console_log=str(paths["console"]), created_at=now, state_since=now)
+                          disk=paths.disk, seed=paths.seed, console_log=paths.console,
+                          created_at=now, state_since=now, vcpus=cfg.vcpus, memory_mb=cfg.memory_mb)
         try:
-            linked_clone(template / manifest["disk"], paths["disk"])
+            boot = self.storage.boot_files(host, template, manifest)
+            self.storage.clone(host, paths, boot, manifest)
             record.enrollment_id, token = self.proxy.create_enrollment(
                 f"vm {name}", cfg.boot_timeout_s + ENROLLMENT_MARGIN_S)
             # Recorded as soon as it holds something to undo: after a crash from here
@@ -324,23 +334,25 @@ class Scaler:
             # token and deletes the files, instead of an unknown domain or token.
             state.vms[name] = record
             self.store.save(state)
-            write_seed(paths["seed"], Identity(
+            self.storage.put_seed(host, paths, Identity(
                 instance_id=record.uuid, hostname=name, worker_name=name,
                 proxy_url=cfg.resolved_guest_proxy_url, enrollment_token=token,
                 slots=cfg.worker_slots))
             host.define_and_start(domain.domain_xml(domain.DomainSpec(
                 name=name, uuid=record.uuid, mac=record.mac,
                 domain_type=self._domain_type(host), memory_mb=cfg.memory_mb, vcpus=cfg.vcpus,
-                disk=record.disk, seed=record.seed,
-                kernel=str((template / manifest["kernel"]).resolve()),
-                initrd=str((template / manifest["initrd"]).resolve()),
+                disk=record.disk, seed=record.seed, kernel=boot.kernel, initrd=boot.initrd,
                 cmdline=manifest["cmdline"], console_log=record.console_log,
                 scaler_id=state.scaler_id)))
         except BaseException:
-            # Files first: they are local and cannot fail to go; the token is the
-            # proxy's, and one that cannot be revoked now expires by itself.
+            # Files first: in the state dir they cannot fail to go (in a pool they are
+            # leftovers for a later pass if they do); the token is the proxy's, and one
+            # that cannot be revoked now expires by itself.
             state.vms.pop(name, None)
-            self._delete_files(record)
+            try:
+                self.storage.delete(host, record)
+            except VMError as e:
+                log.warning("could not delete the files of %s (a later pass does): %s", name, e)
             if record.enrollment_id:
                 try:
                     self.proxy.revoke_enrollment(record.enrollment_id)
@@ -394,18 +406,27 @@ class Scaler:
             self.proxy.worker_action(worker_id, "revoke")
         host.destroy_and_undefine(record.name)
         if keep_console:
-            self._keep_console(record)
-        self._delete_files(record)
+            self._keep_console(host, record)
+        self.storage.delete(host, record)
         if record.enrollment_id:
             self.proxy.revoke_enrollment(record.enrollment_id)
         state.vms.pop(record.name, None)
 
-    def _keep_console(self, record: VMRecord) -> None:
-        console = Path(record.console_log)
-        if not console.exists():
+    def _abandon(self, record: VMRecord, queue: QueueView, now: float) -> None:
+        """A VM whose host stopped answering: its worker is revoked now, so its jobs
+        requeue as a vanished VM's do, and its token too; its domain and files are
+        removed when the host answers again (retirements' REMOVE)."""
+        worker_id = self._worker_id(record, queue)
+        if worker_id:
+            self.proxy.worker_action(worker_id, "revoke")
+        if record.enrollment_id:
+            self.proxy.revoke_enrollment(record.enrollment_id)
+        self._set_state(record, VMState.STOPPING, now, lost=True)
+
+    def _keep_console(self, host: Host, record: VMRecord) -> None:
+        kept = Path(self.config.state_dir) / (record.name + FAILED_CONSOLE_SUFFIX)
+        if not self.storage.keep_console(host, record, kept):
             return
-        kept = console.with_name(record.name + FAILED_CONSOLE_SUFFIX)
-        console.replace(kept)
         os.utime(kept)      # newest first below means most recently failed
         pattern = self.config.name_prefix + "*" + FAILED_CONSOLE_SUFFIX
         failed = sorted(Path(self.config.state_dir).glob(pattern), key=lambda p: p.stat().st_mtime,
@@ -413,16 +434,13 @@ class Scaler:
         for old in failed[KEEP_FAILED_CONSOLES:]:
             old.unlink(missing_ok=True)
 
-    @staticmethod
-    def _delete_files(record: VMRecord) -> None:
-        for path in (record.disk, record.seed, record.console_log):
-            Path(path).unlink(missing_ok=True)
-
     def _cleanup(self, state: ScalerState, name: str) -> None:
         """Remove a leftover: its domain only where it carries this scaler's id."""
         for host in self.hosts.values():
             if host.reachable and domain.scaler_id_of(host.domain_xml(name)) == state.scaler_id:
                 host.destroy_and_undefine(name)
+            if host.reachable:
+                self.storage.cleanup(host, name)
         for path in self._paths(name).values():
             path.unlink(missing_ok=True)
         Path(self.config.state_dir, name + SEED_SUFFIX + ".partial").unlink(missing_ok=True)
@@ -443,7 +461,13 @@ class Scaler:
     def _reachable(self, state: ScalerState, now: float) -> set[str]:
         """The hosts connected now (lost connections reopened when due); the VMs on
         the others are logged, and every step leaves them as they are."""
-        hosts = {uri for uri, host in self.hosts.items() if host.reconnect_if_due(now)}
+        hosts = set()
+        for uri, host in self.hosts.items():
+            if host.reconnect_if_due(now):
+                hosts.add(uri)
+                self._unreachable_since.pop(uri, None)
+            else:
+                self._unreachable_since.setdefault(uri, now)
         for r in state.vms.values():
             if r.host_uri not in hosts:
                 log.warning("%s is on %s, which is %s: left as it is", r.name, r.host_uri,
@@ -453,7 +477,13 @@ class Scaler:
     def _host_trouble(self, uri: str) -> str:
         return "unreachable" if uri in self.hosts else "not in libvirt_uris"
 
-    def _look(self, state: ScalerState, hosts: set[str]) -> Look:
+    def _down(self, now: float) -> dict[str, float]:
+        """Configured hosts unreachable for host_lost_after_s: URI -> seconds unanswered."""
+        return {uri: now - since for uri, since in self._unreachable_since.items()
+                if uri in self.hosts and not self.hosts[uri].reachable
+                and now - since >= self.config.host_lost_after_s}
+
+    def _look(self, state: ScalerState, hosts: set[str], now: float) -> Look:
         """Our domains on the reachable hosts, and our files in the state dir.
 
         A domain named like ours is ours when a record names it or it carries this
@@ -461,8 +491,9 @@ class Scaler:
         leftover candidates only when every configured host was seen: a file's
         domain may be on a host that was not.
         """
-        look = Look(hosts=set(hosts), domains={}, active=set(), files={})
+        look = Look(hosts=set(hosts), domains={}, active=set(), files={}, down={})
         seen: set[str] = set()
+        files = self._our_files()
         for uri in sorted(hosts):
             host = self.hosts[uri]
             try:
@@ -470,15 +501,20 @@ class Scaler:
                 ours = {n for n in names if n in state.vms
                         or domain.scaler_id_of(host.domain_xml(n)) == state.scaler_id}
                 active = {n for n in ours if host.is_active(n)}
+                pooled = self.storage.leftovers(host, self.config.name_prefix)
             except LibvirtUnreachable as e:
                 log.warning("%s: left out of this pass", e)
                 look.hosts.discard(uri)
+                self._unreachable_since.setdefault(uri, now)
                 continue
             look.domains[uri] = ours
             look.active |= active
             seen |= names
+            for name, paths in pooled.items():
+                files.setdefault(name, []).extend(paths)
         if look.hosts == set(self.hosts):
-            look.files = {n: p for n, p in self._our_files().items() if n not in seen}
+            look.files = {n: p for n, p in files.items() if n not in seen}
+        look.down = self._down(now)
         return look
 
     def _queue(self) -> QueueView:
@@ -511,15 +547,38 @@ class Scaler:
         return {"disk": root / (name + DISK_SUFFIX), "seed": root / (name + SEED_SUFFIX),
                 "console": root / (name + CONSOLE_SUFFIX)}
 
-    def _least_loaded_host(self, state: ScalerState) -> Host:
-        load = {uri: 0 for uri, host in self.hosts.items() if host.reachable}
-        if not load:
+    def _place(self, state: ScalerState) -> Host:
+        """The host the next VM goes to (policy.place).
+
+        Raises:
+            LibvirtUnreachable: no host is reachable.
+            VMError: none of them has room.
+        """
+        reachable = {uri for uri, host in self.hosts.items() if host.reachable}
+        if not reachable:
             raise LibvirtUnreachable("no libvirt host is reachable: "
                                      f"{', '.join(sorted(self.hosts))}")
-        for r in state.vms.values():
-            if r.host_uri in load:
-                load[r.host_uri] += 1
-        return self.hosts[min(load, key=lambda uri: (load[uri], uri))]
+        uri = policy.place(self.config, list(state.vms.values()), reachable)
+        if uri is None:
+            raise VMError(f"no reachable host has room for another VM "
+                          f"({policy.host_limits(self.config)})")
+        return self.hosts[uri]
+
+    def host_status(self) -> list[dict]:
+        """Each configured host: reachable or not (reopened if due), where its clones
+        live, what our VMs take of it, and the room left (None: no per-host limit)."""
+        now = self.clock()
+        records = list(self.store.load().vms.values())
+        rows = []
+        for uri in sorted(self.hosts):
+            host = self.hosts[uri]
+            reachable = host.reconnect_if_due(now)
+            room = policy.host_room(self.config, records, [uri])[uri]
+            rows.append({"uri": uri, "reachable": reachable, "storage": self.storage.describe(host),
+                         **policy.host_use(self.config, records, uri),
+                         "lost": sum(1 for r in records if r.host_uri == uri and r.lost),
+                         "room": None if room >= policy.NO_LIMIT else room})
+        return rows
 
     def _domain_type(self, host: Host) -> str:
         if host.uri not in self._domain_types:
@@ -562,29 +621,3 @@ def _secure_state_dir(state_dir: str) -> None:
         log.warning("state dir %s: removed group/other access from %d file(s) and directories",
                     state_dir, tightened)
 
-
-def linked_clone(base: Path, clone: Path) -> None:
-    """A qcow2 overlay on `base`: instant and ~200 KB whatever the template's size.
-
-    qemu-img rather than libvirt's storage-volume API: the clone sits next to its
-    seed and console log in the state dir, with no libvirt storage pool to define
-    and keep in step, and `-F` pins the backing format so QEMU never probes it.
-    The base is opened read-only and never written: every write lands in the clone.
-
-    Raises:
-        TemplateMissing: the template disk is not there.
-        VMError: qemu-img failed.
-    """
-    base = Path(base).resolve()
-    if not base.is_file():
-        raise TemplateMissing(f"the template disk {base} is missing: run jobcloud-vm build-template")
-    clone.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base),
-                               "-F", "qcow2", str(clone)], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise VMError("qemu-img is not installed: apt-get install qemu-utils") from None
-    if done.returncode != 0:
-        raise VMError(f"qemu-img could not clone {base}: {done.stderr.strip()[-300:]}")
-    # Whatever the umask: the clone will hold its worker's secret.
-    clone.chmod(0o600)

@@ -45,6 +45,13 @@ class VMRecord:
     state_since: float = 0.0
     enrollment_id: str | None = None
     worker_id: str | None = None
+    # Its shape when it was made (0: unknown, a record from before they were kept):
+    # what it takes of its host's room.
+    vcpus: int = 0
+    memory_mb: int = 0
+    # Its host stopped answering and its worker was revoked: removed once the host
+    # answers again (it is `stopping` meanwhile).
+    lost: bool = False
 
 
 def new_scaler_id() -> str:

@@ -26,6 +26,8 @@ are removed.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -102,11 +104,32 @@ def build_template(out_dir: Path = DEFAULT_DIR, images=DEFAULT_IMAGES, *,
     image_ids = _image_ids(list(images))
     inputs = _inputs(suite, mirror, image_ids, headroom_bytes)
     input_hash = _sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
-    if not force:
-        current = _current(out_dir, input_hash)
-        if current is not None:
-            log.info("template in %s is up to date (%s)", out_dir, input_hash[:12])
-            return current
+    with _build_lock(out_dir):
+        if not force:
+            current = _current(out_dir, input_hash)
+            if current is not None:
+                log.info("template in %s is up to date (%s)", out_dir, input_hash[:12])
+                return current
+        return _build(out_dir, cache_dir, image_ids, inputs, input_hash, suite, mirror,
+                      headroom_bytes)
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path):
+    """One build of a template dir at a time: two builds would write the same
+    `.partial` files. The second (another `build-template`, or test files run in
+    parallel) waits, then finds the first one's template current."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(out_dir: Path, cache_dir: Path, image_ids: dict, inputs: dict, input_hash: str,
+           suite: str, mirror: str, headroom_bytes: int) -> dict:
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -407,9 +407,14 @@ def rec(name: str, host: str, vcpus: int = 0, memory_mb: int = 0, lost: bool = F
     ({"host_max_memory_mb": 4096}, [rec("a", "h1", memory_mb=1024), rec("b", "h2")],
      {"h1": 2, "h2": 1}),
     ({"host_max_vms": 3, "host_max_memory_mb": 8192}, [], {"h1": 3, "h2": 3}),
+    # Hosts that differ: an entry over the defaults for its host only.
+    ({"host_max_vms": 3, "host_limits": ("h2 vms=1 memory_mb=16384",)},
+     [rec("a", "h2")], {"h1": 3, "h2": 0}),
+    ({"host_limits": ("h1 vcpus=8", "h2 memory_mb=4096")}, [rec("a", "h1", vcpus=2)],
+     {"h1": 3, "h2": 2}),
 ])
 def test_host_room(limits, records, expected):
-    cfg = ScalerConfig(vcpus=2, memory_mb=1536, **limits)
+    cfg = ScalerConfig(vcpus=2, memory_mb=1536, libvirt_uris=("h1", "h2"), **limits)
     assert policy.host_room(cfg, records, ["h1", "h2"]) == expected
 
 
@@ -438,10 +443,19 @@ def test_placement_picks_a_host_with_room_and_lost_vms_leave_max_vms():
     ({"storage_pool": "p", "pool_dir": "relative/dir"}, "pool_dir"),
     ({"libvirt_keepalive_s": "-1"}, "libvirt_keepalive_s"),
     ({"host_lost_after_s": "inf"}, "host_lost_after_s"),
+    ({"host_limits": "qemu:///system"}, "is not \"URI vms=N"),
+    ({"host_limits": "qemu:///system vms=2 disks=3"}, "is not \"URI vms=N"),
+    ({"host_limits": "qemu:///system vms=-2"}, "is not \"URI vms=N"),
+    ({"host_limits": "qemu:///system vms=1, qemu:///system vms=2"}, "is not \"URI vms=N"),
+    ({"host_limits": "qemu+ssh://elsewhere/system vms=1"}, "not one of libvirt_uris"),
+    ({"host_limits": "qemu:///system vcpus=1", "vcpus": "2"}, "vcpus for qemu:///system"),
+    ({"host_limits": "qemu:///system memory_mb=100"}, "memory_mb for qemu:///system"),
 ])
 def test_multihost_settings_are_validated(values, message):
     with pytest.raises(ConfigError, match=message):
         load_config(env={}, overrides=values)
-    cfg = load_config(env={"JOBCLOUD_VM_STORAGE_POOL": "jobcloud", "JOBCLOUD_VM_HOST_MAX_VMS": "3"})
+    cfg = load_config(env={"JOBCLOUD_VM_STORAGE_POOL": "jobcloud", "JOBCLOUD_VM_HOST_MAX_VMS": "3",
+                           "JOBCLOUD_VM_HOST_LIMITS": "qemu:///system vms=5 vcpus=16"})
+    assert cfg.limits_for("qemu:///system") == {"vms": 5, "vcpus": 16, "memory_mb": 0}
     assert (cfg.storage_pool, cfg.resolved_pool_dir, cfg.host_max_vms) == \
         ("jobcloud", "/var/lib/libvirt/images/jobcloud", 3)

@@ -52,6 +52,10 @@ class ScalerConfig:
     host_max_vms: int = 0
     host_max_vcpus: int = 0
     host_max_memory_mb: int = 0
+    # Where hosts differ: "URI vms=N vcpus=N memory_mb=N" (any of the three), one entry
+    # per host, over the host_max_* above for that host (a list in the file; in the
+    # environment, comma-separated entries).
+    host_limits: tuple[str, ...] = ()
     # A host whose libvirt connection has failed this long has its VMs' workers revoked
     # (their jobs requeue) as a vanished VM's are; 0: at the first failed pass.
     host_lost_after_s: float = 60.0
@@ -92,6 +96,13 @@ class ScalerConfig:
     http_timeout_s: float = 15.0
     log_level: str = "INFO"
 
+    def limits_for(self, uri: str) -> dict[str, int]:
+        """The room of one host: {"vms", "vcpus", "memory_mb"} (0: no limit)."""
+        limits = {"vms": self.host_max_vms, "vcpus": self.host_max_vcpus,
+                  "memory_mb": self.host_max_memory_mb}
+        limits.update(parse_host_limits(self.host_limits).get(uri, {}))
+        return limits
+
     @property
     def resolved_pool_dir(self) -> str:
         return self.pool_dir or f"/var/lib/libvirt/images/{self.storage_pool}"
@@ -101,6 +112,48 @@ class ScalerConfig:
         if self.guest_proxy_url:
             return self.guest_proxy_url.rstrip("/")
         return guest_url_for(self.proxy_url)
+
+
+HOST_LIMIT_KEYS = ("vms", "vcpus", "memory_mb")
+
+
+def parse_host_limits(entries) -> dict[str, dict[str, int]]:
+    """host_limits' entries as URI -> {key: number}.
+
+    Raises:
+        ValueError: an entry that is not "URI key=N ...", an unknown key, a
+            number that is not a whole number >= 0, or a URI given twice.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        uri, *pairs = entry.split()
+        if not pairs or uri in out:
+            raise ValueError(entry)
+        limits = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in HOST_LIMIT_KEYS or key in limits or not value.isdigit():
+                raise ValueError(entry)
+            limits[key] = int(value)
+        out[uri] = limits
+    return out
+
+
+def _host_limits_problem(cfg) -> str | None:
+    """Why host_limits is wrong, in one sentence; None when it is right."""
+    try:
+        limits = parse_host_limits(cfg.host_limits)
+    except ValueError as e:
+        return (f"host_limits: {str(e)[:120]!r} is not \"URI vms=N vcpus=N memory_mb=N\" (any of"
+                " the three, whole numbers, one entry per host)")
+    for uri, room in limits.items():
+        if uri not in cfg.libvirt_uris:
+            return f"host_limits names {uri}, which is not one of libvirt_uris"
+        if room.get("vcpus") and room["vcpus"] < cfg.vcpus:
+            return f"host_limits: vcpus for {uri} must be 0 (no limit) or at least vcpus"
+        if room.get("memory_mb") and room["memory_mb"] < cfg.memory_mb:
+            return f"host_limits: memory_mb for {uri} must be 0 (no limit) or at least memory_mb"
+    return None
 
 
 def guest_url_for(proxy_url: str) -> str:
@@ -176,6 +229,7 @@ def validate(cfg: ScalerConfig) -> ScalerConfig:
         (cfg.storage_pool == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.storage_pool)
          is not None, "storage_pool must be empty or 1-64 letters, digits, '.', '_' or '-'"),
         (cfg.pool_dir == "" or os.path.isabs(cfg.pool_dir), "pool_dir must be an absolute path"),
+        (_host_limits_problem(cfg) is None, _host_limits_problem(cfg) or ""),
         (0 <= cfg.libvirt_keepalive_s <= 3600, "libvirt_keepalive_s must be between 0 and 3600"),
         (cfg.interval_s > 0 and cfg.http_timeout_s > 0, "interval_s and http_timeout_s must be positive"),
         # Each VM's enrollment token expires boot_timeout_s after its creation (plus a margin).

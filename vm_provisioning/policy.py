@@ -103,13 +103,14 @@ def host_room(cfg: ScalerConfig, records, hosts) -> dict[str, int]:
     room = {}
     for uri in hosts:
         use = host_use(cfg, records, uri)
+        limits = cfg.limits_for(uri)
         fits = [NO_LIMIT]
-        if cfg.host_max_vms:
-            fits.append(cfg.host_max_vms - use["vms"])
-        if cfg.host_max_vcpus:
-            fits.append((cfg.host_max_vcpus - use["vcpus"]) // cfg.vcpus)
-        if cfg.host_max_memory_mb:
-            fits.append((cfg.host_max_memory_mb - use["memory_mb"]) // cfg.memory_mb)
+        if limits["vms"]:
+            fits.append(limits["vms"] - use["vms"])
+        if limits["vcpus"]:
+            fits.append((limits["vcpus"] - use["vcpus"]) // cfg.vcpus)
+        if limits["memory_mb"]:
+            fits.append((limits["memory_mb"] - use["memory_mb"]) // cfg.memory_mb)
         room[uri] = max(0, min(fits))
     return room
 
@@ -128,6 +129,7 @@ def host_limits(cfg: ScalerConfig) -> str:
     """The per-host limits, as a decision's reason names them."""
     set_ = [f"{name}={getattr(cfg, name)}" for name in ("host_max_vms", "host_max_vcpus",
                                                          "host_max_memory_mb") if getattr(cfg, name)]
+    set_ += [f"host_limits {entry}" for entry in cfg.host_limits]
     return ", ".join(set_) or "no per-host limit"
 
 

@@ -450,6 +450,7 @@ def test_placement_picks_a_host_with_room_and_lost_vms_leave_max_vms():
     ({"host_limits": "qemu+ssh://elsewhere/system vms=1"}, "not one of libvirt_uris"),
     ({"host_limits": "qemu:///system vcpus=1", "vcpus": "2"}, "vcpus for qemu:///system"),
     ({"host_limits": "qemu:///system memory_mb=100"}, "memory_mb for qemu:///system"),
+    ({"libvirt_uris": "qemu:///system,qemu+ssh://root@vm2/system"}, "needs storage_pool"),
 ])
 def test_multihost_settings_are_validated(values, message):
     with pytest.raises(ConfigError, match=message):

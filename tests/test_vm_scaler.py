@@ -194,7 +194,7 @@ def test_domain_xml_is_accepted_by_libvirt(host):
 
 def test_config_precedence_flags_over_env_over_file(tmp_path):
     f = tmp_path / "vm.toml"
-    f.write_text('[vm]\nmax_vms = 7\nmin_vms = 1\nlibvirt_uris = ["qemu:///system", "qemu+ssh://h2/system"]\n')
+    f.write_text('[vm]\nmax_vms = 7\nmin_vms = 1\nlibvirt_uris = ["qemu:///system", "qemu+ssh://h2/system"]\nstorage_pool = "jobcloud"\n')
     cfg = load_config(env={"JOBCLOUD_VM_MAX_VMS": "5", "JOBCLOUD_VM_DOMAIN_TYPE": "qemu"},
                       overrides={"max_vms": "6", "step": None}, config_file=str(f))
     assert (cfg.max_vms, cfg.min_vms, cfg.domain_type, cfg.step) == (6, 1, "qemu", 1)

@@ -230,6 +230,11 @@ def validate(cfg: ScalerConfig) -> ScalerConfig:
          is not None, "storage_pool must be empty or 1-64 letters, digits, '.', '_' or '-'"),
         (cfg.pool_dir == "" or os.path.isabs(cfg.pool_dir), "pool_dir must be an absolute path"),
         (_host_limits_problem(cfg) is None, _host_limits_problem(cfg) or ""),
+        # Files in state_dir exist on this machine only: a remote host could not
+        # open the template or the clones (nor should they share a mount).
+        (cfg.storage_pool or not any(urlsplit(u).hostname for u in cfg.libvirt_uris),
+         "a remote libvirt host (qemu+ssh://HOST/..., qemu+tls://HOST/...) needs storage_pool:"
+         " the template and the clones are volumes of that pool on each host"),
         (0 <= cfg.libvirt_keepalive_s <= 3600, "libvirt_keepalive_s must be between 0 and 3600"),
         (cfg.interval_s > 0 and cfg.http_timeout_s > 0, "interval_s and http_timeout_s must be positive"),
         # Each VM's enrollment token expires boot_timeout_s after its creation (plus a margin).

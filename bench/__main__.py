@@ -17,6 +17,7 @@ from . import (
     claim,
     idle,
     loadtest,
+    s3,
     slowloris,
     status,
     submit,
@@ -50,6 +51,7 @@ BENCHMARKS = {
     "slowloris": ("300 slowloris connections", slowloris.run),
     "warm-start": ("Pre-started sandboxes and crun vs cold starts", warmstart.run),
     "arrays": ("A 10,000-job array: submission and claims with it queued", arrays.run),
+    "s3": ("The S3 blob store vs the local directory: uploads, downloads, claims", s3.run),
 }
 
 INTRO = """# Performance
@@ -123,6 +125,8 @@ def parse_args(argv):
     p.add_argument("--load-clients", type=int, default=200, help="locust users for load")
     p.add_argument("--load-duration", type=float, default=60, help="load window, s")
     p.add_argument("--upload-mib", type=int, default=1024, help="dataset size for upload, MiB")
+    p.add_argument("--s3-rounds", type=int, default=3,
+                   help="rounds of each backend for s3 (median and range)")
     p.add_argument("--archive-mib", type=int, default=2048,
                    help="data in each dataset shape for archive, MiB (2 GiB: the upload limit)")
     p.add_argument("--idle-workers", type=int, default=1000,

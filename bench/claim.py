@@ -117,10 +117,15 @@ def register_workers(proxy: Proxy, count: int) -> list[str]:
     return secrets
 
 
-def measure(opts, scenario: Scenario) -> tuple[LoadResult, dict]:
-    """One round of one scenario on a fresh proxy; returns the load and what the feeder saw."""
+def measure(opts, scenario: Scenario, make_proxy=Proxy) -> tuple[LoadResult, dict]:
+    """One round of one scenario on a fresh proxy; returns the load and what the feeder saw.
+
+    Args:
+        make_proxy: builds the proxy from the temp root (`s3` passes one with
+            the S3 blob store).
+    """
     workers = opts.processes * opts.threads
-    with Proxy(opts.tmp) as proxy:
+    with make_proxy(opts.tmp) as proxy:
         owner = proxy.add_user("alice")
         feeder = Feeder(proxy, owner, scenario.depth)
         if scenario.blocked:

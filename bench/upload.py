@@ -53,6 +53,32 @@ def dd_copy(src: str, dest: str) -> float:
     return time.monotonic() - t0
 
 
+def send_dataset(proxy: Proxy, user, dataset: str) -> tuple[dict, float, RssSampler, int]:
+    """Submit a job with `dataset` streamed from its file while the proxy's RSS is sampled.
+
+    Returns:
+        (the 201 answer, seconds from sent to 201, the sampler, the body's length)
+    Raises:
+        BenchError: the proxy refused it, or stored another size.
+    """
+    size = os.path.getsize(dataset)
+    form = StreamedJobForm(b"print('train')\n", dataset)
+    try:
+        with RssSampler(proxy) as rss:
+            t0 = time.monotonic()
+            response = requests.post(proxy.url + "/api/v1/jobs", data=form, timeout=900,
+                                     headers=dict(user.auth, **{"Content-Type": form.content_type}))
+            upload_s = time.monotonic() - t0
+    finally:
+        form.close()
+    if response.status_code != 201:
+        raise BenchError(f"upload answered {response.status_code}: {response.text[:300]}")
+    stored = response.json()["dataset"]["size"]
+    if stored != size:
+        raise BenchError(f"sent a {size}-byte dataset, the proxy stored {stored} bytes")
+    return response.json(), upload_s, rss, len(form)
+
+
 def run(opts) -> tuple[list[Row], list[str], dict]:
     with Proxy(opts.tmp) as proxy:
         user = proxy.add_user("alice")
@@ -64,24 +90,11 @@ def run(opts) -> tuple[list[Row], list[str], dict]:
         dataset = str(proxy.dir / "dataset.zip")
         size = make_dataset(dataset, opts.upload_bytes)
         proxy.start()
-        form = StreamedJobForm(b"print('train')\n", dataset)
-        try:
-            with RssSampler(proxy) as rss:
-                t0 = time.monotonic()
-                response = requests.post(proxy.url + "/api/v1/jobs", data=form, timeout=900,
-                                         headers=dict(user.auth, **{"Content-Type": form.content_type}))
-                upload_s = time.monotonic() - t0
-        finally:
-            form.close()
-        if response.status_code != 201:
-            raise BenchError(f"upload answered {response.status_code}: {response.text[:300]}")
-        stored = response.json()["dataset"]["size"]
-        if stored != size:
-            raise BenchError(f"sent a {size}-byte dataset, the proxy stored {stored} bytes")
+        _, upload_s, rss, body_bytes = send_dataset(proxy, user, dataset)
         growth, pid = rss.growth()
         dd_s = dd_copy(dataset, str(proxy.dir / "data" / "dd-copy"))
-    body_mb = len(form) / 1e6
-    raw = {"dataset_bytes": size, "body_bytes": len(form), "upload_s": round(upload_s, 2),
+    body_mb = body_bytes / 1e6
+    raw = {"dataset_bytes": size, "body_bytes": body_bytes, "upload_s": round(upload_s, 2),
            "upload_mb_s": round(body_mb / upload_s, 1), "dd_s": round(dd_s, 2),
            "dd_mb_s": round(size / 1e6 / dd_s, 1), "rss_growth_bytes": growth,
            "rss_growth_pid": pid, "rss_baseline": rss.baseline, "rss_peak": rss.peak,

@@ -30,6 +30,8 @@ command -v mkfs.ext4 >/dev/null 2>&1 || [[ -x /usr/sbin/mkfs.ext4 || -x /sbin/mk
 command -v crun >/dev/null 2>&1 || need+=(crun)
 # The code editor's bundle is built with npm from the registry (scripts/build-editor.sh).
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+# `python -m bench s3` reads the bytes the proxy sent from the kernel's TCP counters (ss).
+command -v ss >/dev/null 2>&1 || need+=(iproute2)
 
 if ((${#need[@]} == 0)); then
     exit 0

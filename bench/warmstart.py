@@ -155,18 +155,19 @@ def _batch(opts, deadline: float) -> dict:
     rounds = {"cold": [], "warm": []}
     for _ in range(ROUNDS):
         for mode, env in (("cold", COLD), ("warm", WARM)):
-            with cluster(opts, slots=BATCH_SLOTS, worker_env=env) as (jobs, worker, _proxy):
+            with cluster(opts, slots=BATCH_SLOTS, worker_env=env) as (jobs, worker, proxy):
                 if mode == "warm":
                     _ready(worker, BATCH_SLOTS, deadline)
                 jobs.run(deadline)   # warm-up: the first job of a worker pays for caches
                 if mode == "warm":
                     _ready(worker, BATCH_SLOTS, deadline)
-                before = _cpu()
+                before = _cpu(worker, proxy)
                 result = jobs.batch(BATCH, deadline)
-                after = _cpu()
+                after = _cpu(worker, proxy)
                 result["cores_busy"] = round((after["busy"] - before["busy"]) / result["seconds"], 2)
-                result["engine_cpu_ms_per_job"] = round(
-                    (after["engine"] - before["engine"]) * 1000 / BATCH, 1)
+                for part in ("engine", "worker", "proxy", "containers"):
+                    result[f"{part}_cpu_ms_per_job"] = round(
+                        (after[part] - before[part]) * 1000 / BATCH, 1)
                 rounds[mode].append(result)
     out = {"rounds": rounds}
     for mode in rounds:
@@ -175,14 +176,34 @@ def _batch(opts, deadline: float) -> dict:
     return out
 
 
-def _cpu() -> dict:
-    """CPU seconds so far: the whole machine's busy time, and dockerd's + containerd's."""
+def _cpu(worker, proxy) -> dict:
+    """CPU seconds so far: the whole machine's busy time; dockerd's + containerd's;
+    the worker's, with the children it waited for (mkfs.ext4, mount, umount);
+    the proxy's (gunicorn and its workers); and all containers' (the engine's
+    cgroup, where a cgroup v1 cpuacct hierarchy has one: other containers on
+    this machine included)."""
     t = psutil.cpu_times()
     engine = 0.0
     for p in psutil.process_iter(["name", "cpu_times"]):
         if p.info["name"] in ("dockerd", "containerd") and p.info["cpu_times"]:
             engine += p.info["cpu_times"].user + p.info["cpu_times"].system
-    return {"busy": t.user + t.nice + t.system + t.irq + t.softirq + t.steal, "engine": engine}
+    w = psutil.Process(worker.proc.pid).cpu_times()
+    served = 0.0
+    main = psutil.Process(proxy.proc.pid)
+    for p in [main, *main.children(recursive=True)]:
+        try:
+            c = p.cpu_times()
+            served += c.user + c.system
+        except psutil.NoSuchProcess:
+            continue
+    try:
+        with open("/sys/fs/cgroup/cpuacct/docker/cpuacct.usage") as f:
+            containers = int(f.read()) / 1e9
+    except (OSError, ValueError):
+        containers = 0.0
+    return {"busy": t.user + t.nice + t.system + t.irq + t.softirq + t.steal, "engine": engine,
+            "worker": w.user + w.system + w.children_user + w.children_system, "proxy": served,
+            "containers": containers}
 
 
 # ------------------------------------------------------- 3. claim → user code
@@ -263,6 +284,12 @@ def _rows(raw: dict) -> list[Row]:
     return rows
 
 
+def _per_round(b: dict, part: str) -> str:
+    key = f"{part}_cpu_ms_per_job"
+    return " / ".join(", ".join(f"{r.get(key, 0):.0f}" for r in b["rounds"][mode])
+                      for mode in ("cold", "warm"))
+
+
 def _notes(raw: dict) -> list[str]:
     t, b, c = raw["trivial"], raw["batch"], raw["claim"]
 
@@ -281,7 +308,8 @@ def _notes(raw: dict) -> list[str]:
         " every 10 ms until final. Two proxies and two 1-slot workers, one per mode, up side by"
         " side; before each measurement the pre-starting worker's waiting container is up, so"
         " nothing of an earlier measurement is made in its background (the job's own slot"
-        " replacement is, from the job's start on).",
+        " replacement is, from the job's start on). Workers run with their defaults otherwise"
+        " (the engine's runtime, runc, for waiting and cold containers alike).",
         f"Phases, p50: prestart off: {phases('cold')}; prestart on: {phases('warm')}. Docker's"
         f" events after the claim, prestart off (ms): {events(t['cold_engine_p50_ms'])}; bare runs,"
         f" after their create: {events(t['bare_engine_p50_ms'])}.",
@@ -293,9 +321,13 @@ def _notes(raw: dict) -> list[str]:
         + f"; {b['speedup']}× in all. Cores busy (of 2, the whole machine) during the rounds: off "
         + ", ".join(f"{r['cores_busy']:.2f}" for r in b["rounds"]["cold"]) + "; on "
         + ", ".join(f"{r['cores_busy']:.2f}" for r in b["rounds"]["warm"])
-        + "; dockerd + containerd CPU per job (ms; the shims and runc are not counted): off "
-        + ", ".join(f"{r['engine_cpu_ms_per_job']:.0f}" for r in b["rounds"]["cold"]) + "; on "
-        + ", ".join(f"{r['engine_cpu_ms_per_job']:.0f}" for r in b["rounds"]["warm"]) + ".",
+        + "; CPU per job (ms), off then on, per round: dockerd + containerd "
+        + _per_round(b, "engine") + "; the worker with its mkfs/mount/umount "
+        + _per_round(b, "worker") + "; the proxy (the batch's own polling of the job list"
+        " included) " + _per_round(b, "proxy") + "; all containers' cgroups (other"
+        " containers on the machine included) " + _per_round(b, "containers")
+        + "; the shims and the OCI runtime's own processes are not counted here"
+        " (docs/PERFORMANCE.md, \"Warm starts\", for a perf breakdown).",
         f"Claim → user code: {CLAIM_JOBS} jobs per runtime and mode after {WARMUPS} warm-up ones;"
         " the script's first line prints time.time(), taken against the job's started_at"
         " (stamped by the proxy when the worker's claim took it, ms), so Python's own start-up"

@@ -29,9 +29,17 @@ from tests.test_worker_sandbox import (
 )
 from worker import jobdisk
 from worker.config import load_config
-from worker.errors import ConfigError
+from worker.errors import ConfigError, SandboxError
 from worker.jobdisk import mounts_under
-from worker.sandbox import LABEL_JOB, LABEL_PRESTART, LABEL_WORKER
+from worker.sandbox import (
+    LABEL_JOB,
+    LABEL_PRESTART,
+    LABEL_WORKER,
+    JobSpec,
+    Policy,
+    Sandbox,
+    launch_order,
+)
 
 # Printed by every job here: which container it is, what it was given, what it sees.
 PROBE = r'''
@@ -54,7 +62,22 @@ def listing(top):
         found += [os.path.join(root, n) for n in dirs + files]
     return sorted(found)
 pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+try:
+    open("/probe-root-write", "w")
+    root_writable = True
+except OSError:
+    root_writable = False
+import socket
+try:
+    localhost = socket.getaddrinfo("localhost", 80, socket.AF_INET)[0][4][0]
+except OSError as e:
+    localhost = str(e)
 print("PROBE " + json.dumps({
+    "caps": status["CapEff"].strip(), "no_new_privs": status["NoNewPrivs"].strip(),
+    "seccomp": status["Seccomp"].strip(), "root_writable": root_writable, "localhost": localhost,
+    "interfaces": sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:]),
+    "pids_max": first("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
     "container": container, "memory": memory, "cpu": cpu.split(),
     "env": dict(os.environ), "cwd": os.getcwd(), "uid": os.getuid(), "gid": os.getgid(),
     "pid": os.getpid(), "argv": open("/proc/self/cmdline").read().split("\0"),
@@ -136,6 +159,83 @@ def one_waiting(client, cluster) -> str:
     return wait_until(up, timeout=60, what="a waiting container")[0]
 
 
+def test_prestart_runtime_is_the_engines_default_unless_set_and_is_validated():
+    assert load_config([], env=BASE_ENV).prestart_runtime == ""
+    env = dict(BASE_ENV, JOBCLOUD_WORKER_PRESTART_RUNTIME="crun")
+    assert load_config([], env=env).prestart_runtime == "crun"
+    with pytest.raises(ConfigError, match="prestart_runtime"):
+        load_config([], env=dict(BASE_ENV, JOBCLOUD_WORKER_PRESTART_RUNTIME="cr un"))
+
+
+def test_a_launch_order_holds_argv_and_environment_and_refuses_a_nul():
+    order = launch_order(["python3", "-u", "a b"], {"A": "1=2", "B": "", "C": "é\n"})
+    assert order.split(b"\0") == [b"3", b"python3", b"-u", b"a b", b"A=1=2", b"B=", "C=é\n".encode()]
+    with pytest.raises(SandboxError, match="NUL"):
+        launch_order(["python3"], {"A": "x\0B=injected"})
+
+
+def test_waiting_sandboxes_run_under_prestart_runtime_and_cold_ones_do_not(tmp_path, docker_client):
+    require_crun(docker_client)
+    c = start_cluster(tmp_path / "prt", slots=1, gunicorn_workers=2, prestart="true",
+                      prestart_runtime="crun", name=f"prt-{os.getpid()}")
+    try:
+        waiting = one_waiting(docker_client, c)
+        # No runtime named for its image in `runtimes`: prestart_runtime's.
+        assert docker_client.containers.get(waiting).attrs["HostConfig"]["Runtime"] == "crun"
+        job = c.run(PROBE, memory_mb=192, cpus=0.5)
+        assert job["state"] == "succeeded", (job, c.logs(job["id"], "stderr"))
+        seen = probe(c, job)
+        assert seen["container"] == waiting
+        assert int(seen["memory"]) == 192 * 1024 * 1024
+        assert int(seen["cpu"][0]) * 2 == int(seen["cpu"][1])
+        assert seen["pids_max"] == "256" and seen["uid"] == 700_000 and seen["root_writable"] is False
+        assert (seen["caps"], seen["no_new_privs"], seen["seccomp"]) == ("0000000000000000", "1", "2")
+        assert seen["interfaces"] == ["lo"] and seen["localhost"] == "127.0.0.1"
+        if jobdisk.check_available() is None:
+            # Another disk size than the waiting container's: the job runs cold, under
+            # the engine's default runtime.
+            one_waiting(docker_client, c)
+            job_id = c.submit(PROBE + "import time\nprint('running', flush=True)\ntime.sleep(60)",
+                              disk_mb=64)
+            wait_until(lambda: "running" in c.logs(job_id)["data"], timeout=60, what="the job to start")
+            cold = docker_client.containers.get(probe(c, {"id": job_id})["container"])
+            assert LABEL_PRESTART not in cold.labels
+            assert cold.attrs["HostConfig"]["Runtime"] == docker_client.info()["DefaultRuntime"]
+            requests.post(f"{c.server.url}/api/v1/jobs/{job_id}/cancel", headers=c.headers, timeout=10)
+            assert c.wait(job_id, timeout=15)["state"] == "cancelled"
+    finally:
+        stop_worker(c.worker)
+        stop_gunicorn(c.server.proc)
+
+
+def test_a_prestart_runtime_that_cannot_make_a_container_falls_back_to_the_default(tmp_path, docker_client):
+    """A registered runtime may still fail on a host (crun 1.8 on a hybrid cgroup
+    host, docs/PERFORMANCE.md): the waiting container is made under the engine's
+    default instead, and so are the next ones. A name the engine lacks fails the
+    create the same way."""
+    sandbox = Sandbox(docker_client, owner=f"prestart-rt-{os.getpid()}", policy=Policy(
+        pids_limit=64, tmpfs_mb=16, nofile=256, fsize_bytes=1 << 20,
+        prestart_runtime="jobcloud-no-such-runtime"))
+    default = docker_client.info()["DefaultRuntime"]
+    made = []
+    try:
+        for n in range(2):
+            input_dir, output_dir = tmp_path / f"in{n}", tmp_path / f"out{n}"
+            input_dir.mkdir(mode=0o755)
+            output_dir.mkdir(mode=0o777)
+            shape = JobSpec(job_id=f"rt{n}-{os.getpid()}", attempt=0, image=IMAGE, cpus=1.0,
+                            memory_mb=128, gpus=0, timeout_s=0)
+            made.append(sandbox.prestart(shape, input_dir, output_dir))
+            container = docker_client.containers.get(made[-1].container.id)
+            assert container.attrs["HostConfig"]["Runtime"] == default
+            assert container.status == "running"
+        assert sandbox.prestart_runtime == ""
+    finally:
+        for waiting in made:
+            sandbox.discard(waiting)
+    assert not docker_client.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={sandbox.owner}"})
+
+
 def test_a_waiting_sandbox_gets_its_jobs_inputs_and_limits_runs_once_and_is_removed(warm, docker_client):
     waiting = one_waiting(docker_client, warm)
     buf = io.BytesIO()
@@ -212,9 +312,14 @@ def test_a_shape_that_does_not_fit_runs_cold_and_sees_what_a_waiting_one_sees(wa
     # The one that did not fit is removed, and the next one waits in the last job's shape.
     wait_until(lambda: not exists(docker_client, waiting), timeout=30, what="the unfit container to go")
     one_waiting(docker_client, warm)
-    # A job sees the same in a waiting container as in one made for it.
-    for key in ("cwd", "uid", "gid", "pid", "argv", "memory", "cpu", "pids", "fds"):
+    # A job sees the same in a waiting container as in one made for it, whichever
+    # runtime each runs under (crun for waiting ones where the engine has it).
+    for key in ("cwd", "uid", "gid", "pid", "argv", "memory", "cpu", "pids", "fds", "caps",
+                "no_new_privs", "seccomp", "root_writable", "localhost", "interfaces", "pids_max"):
         assert seen_warm[key] == seen_cold[key], (key, seen_warm[key], seen_cold[key])
+    assert (seen_warm["caps"], seen_warm["no_new_privs"], seen_warm["root_writable"]) == \
+        ("0000000000000000", "1", False), seen_warm
+    assert seen_warm["interfaces"] == ["lo"] and seen_warm["localhost"] == "127.0.0.1", seen_warm
     for env in (seen_warm["env"], seen_cold["env"]):
         env.pop("JOBCLOUD_JOB_ID")
     assert seen_warm["env"] == seen_cold["env"]

@@ -266,6 +266,33 @@ print(open("/proc/net/dev").read())
     assert "eth0" not in out
 
 
+def test_the_engines_networking_is_left_out_and_localhost_still_resolves(cluster):
+    # network_disabled: no hook of the engine's runs for the container (its
+    # libnetwork-setkey re-executes dockerd, the largest CPU cost of a short
+    # job), so no /etc/hosts or /etc/resolv.conf of Docker's; the job's own
+    # loopback works and "localhost" resolves from the worker's hosts file.
+    code = """
+import socket
+print("localhost", socket.getaddrinfo("localhost", 80, socket.AF_INET)[0][4][0])
+server = socket.socket(); server.bind(("localhost", 0)); server.listen()
+client = socket.create_connection(server.getsockname(), timeout=3)
+client.sendall(b"hi"); print("loopback", server.accept()[0].recv(2))
+print("resolv", repr(open("/etc/resolv.conf").read()))
+for line in open("/proc/self/mountinfo"):
+    fields = line.split()
+    if fields[4] in ("/etc/hosts", "/etc/resolv.conf"):
+        print("mounted", fields[4], fields[3])
+"""
+    job = cluster.run(code)
+    out = cluster.logs(job["id"])["data"]
+    assert job["state"] == "succeeded", (job, cluster.logs(job["id"], "stderr")["data"])
+    assert "localhost 127.0.0.1" in out and "loopback b'hi'" in out, out
+    assert "nameserver" not in out, out
+    [hosts] = [line.split()[2] for line in out.splitlines() if line.startswith("mounted /etc/hosts ")]
+    assert hosts.endswith("/etc/hosts") and "/containers/" not in hosts, out
+    assert "mounted /etc/resolv.conf" not in out, out
+
+
 def test_filesystem_privileges_and_environment(cluster):
     code = """
 import os

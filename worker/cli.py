@@ -15,7 +15,7 @@ from .client import WorkerClient
 from .config import load_config
 from .daemon import Worker
 from .errors import EXIT_CONFIG, EXIT_DOCKER, ConfigError
-from .sandbox import Policy, Sandbox
+from .sandbox import Policy, Sandbox, write_hosts_file
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,17 @@ def main(argv=None) -> int:
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         _secure_data_dir(config.data_dir)
-    except ForeignOwner as e:
+        hosts_file = write_hosts_file(config.data_path)
+    except (ForeignOwner, OSError) as e:
         print(f"jobcloud-worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         engine = docker.from_env(timeout=60)
+        if engine.api.base_url.startswith("http+docker://"):
+            # The engine's unix socket: no HTTP proxy or .netrc applies, and looking
+            # them up in the environment on every engine call was a tenth of the
+            # worker's CPU per job.
+            engine.api.trust_env = False
         engine.ping()
     except docker.errors.DockerException as e:
         print(f"jobcloud-worker: cannot reach the Docker engine ({e}); "
@@ -50,10 +56,26 @@ def main(argv=None) -> int:
     sandbox = Sandbox(engine, owner=config.name, policy=Policy(
         pids_limit=config.pids_limit, tmpfs_mb=config.tmpfs_mb, nofile=config.nofile,
         fsize_bytes=config.fsize_bytes, runtimes=config.runtimes,
-        user=f"{config.job_uid}:{config.job_uid}"))
+        user=f"{config.job_uid}:{config.job_uid}", hosts_file=hosts_file,
+        prestart_runtime=_registered(engine, config.prestart_runtime)))
     worker = Worker(config, WorkerClient(config.proxy_url), sandbox)
     worker.install_signal_handlers()
     return worker.work()
+
+
+def _registered(engine, runtime: str) -> str:
+    """`runtime` when the engine has it registered, else "" (its default)."""
+    if not runtime:
+        return ""
+    try:
+        registered = engine.info().get("Runtimes") or {}
+    except docker.errors.DockerException as e:
+        log.warning("cannot list the engine's runtimes (%s); waiting containers take its default", e)
+        return ""
+    if runtime not in registered:
+        log.info("the engine has no %s runtime; waiting containers take its default", runtime)
+        return ""
+    return runtime
 
 
 def _secure_data_dir(data_dir: str) -> None:

@@ -83,6 +83,14 @@ class WorkerConfig:
     # default (issue 16); off for a worker that must hold nothing while idle
     # (each free slot then holds a started container, a job dir and its disk).
     prestart: bool = True
+    # The OCI runtime of waiting containers, when the engine has it registered
+    # and the image has none in `runtimes`; empty: the engine's default (runc).
+    # "crun" (scripts/docker-up.sh registers it where installed) starts a
+    # container on about half runc's CPU, but crun 1.8 (Debian 12) bind-mounts
+    # /job/output without the nosuid,nodev of the job's disk, which runc keeps
+    # (docs/SECURITY.md): so not by default. A waiting container that cannot be
+    # made under it is made under the engine's default, and so are the next ones.
+    prestart_runtime: str = ""
     # Where jobs' requirements wheels are downloaded from (a PEP 503/691
     # simple index). Empty: the index the proxy's claim names (its
     # package_index_url), else PyPI. Set it for a mirror near this worker.
@@ -235,6 +243,8 @@ def _validate(values: dict) -> WorkerConfig:
          + ", ".join(sorted(set(cfg.runtimes) - set(cfg.images)))),
         (all(RUNTIME_NAME.fullmatch(r) for r in cfg.runtimes.values()),
          "runtimes: a runtime name is letters, digits, '_', '.', '-' (as in dockerd's config)"),
+        (cfg.prestart_runtime == "" or RUNTIME_NAME.fullmatch(cfg.prestart_runtime) is not None,
+         "prestart_runtime must be empty or a runtime name: letters, digits, '_', '.', '-'"),
         (1 <= cfg.default_disk_mb <= 2**24, "default_disk_mb must be between 1 and 16777216"),
         (cfg.package_index_url == "" or re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?",
                                                      cfg.package_index_url) is not None,

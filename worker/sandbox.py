@@ -1,7 +1,8 @@
 """Running one job's script in a locked-down Docker container.
 
 What the container gets, and why:
-- no network (`network_mode="none"`), a read-only root filesystem, a small
+- no network (`network_mode="none"`, and the engine's networking skipped
+  altogether: `network_disabled`, see `_lockdown`), a read-only root filesystem, a small
   tmpfs for /tmp, the job's input directory read-only at /job/input (the
   script is /job/input/main.py, the dataset is unpacked under
   /job/input/data) and one writable directory, /job/output, which is also the
@@ -30,7 +31,6 @@ Docker errors are translated here into `SandboxError`.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import threading
@@ -43,6 +43,7 @@ from typing import Callable
 import docker
 import docker.errors
 import requests
+from docker.models.containers import _create_container_args
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from .config import DEFAULT_JOB_UID
@@ -64,21 +65,34 @@ LABEL_ATTEMPT = "jobcloud.attempt"
 # On containers started before their job: the start-up sweep removes them with the rest.
 LABEL_PRESTART = "jobcloud.prestart"
 COMMAND = ["python3", "-u", SCRIPT_PATH]
+# A container with the engine's networking disabled gets no /etc/hosts of
+# Docker's; this one (the lines Docker writes for network "none") keeps
+# "localhost" resolving for jobs that serve or connect on their own loopback.
+HOSTS_MOUNT = "/etc/hosts"
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 # The pipe a waiting container's launcher reads its job from; removed before
 # the script starts, so the job never sees it.
 LAUNCH_PIPE = ".jobcloud-launch"
 # Process 1 of a waiting container: blocks opening the pipe until the worker
-# opens it to write, reads the job's argv and environment, and becomes the job.
+# opens it to write, reads the job's argv and environment (`launch_order`),
+# and becomes the job. Nothing but `os`, which the interpreter has loaded
+# already: importing json cost the launcher as much CPU as its whole start.
 LAUNCHER = (
-    "import json, os\n"
+    "import os\n"
     f"with open('{INPUT_MOUNT}/{LAUNCH_PIPE}', 'rb') as f:\n"
-    "    order = json.loads(f.read())\n"
-    "env = dict(os.environ)\n"
-    "env.update(order['env'])\n"
-    "os.execvpe(order['argv'][0], order['argv'], env)\n")
+    "    order = f.read().split(b'\\0')\n"
+    "argc = int(order[0])\n"
+    "argv = order[1:1 + argc]\n"
+    "env = dict(os.environb)\n"
+    "env.update(item.split(b'=', 1) for item in order[1 + argc:])\n"
+    "os.execvpe(argv[0], argv, env)\n")
 # How long a release waits for a launcher that has not opened its pipe yet
 # (one started a moment ago); past it the container is given up for a cold one.
 RELEASE_WAIT_S = 10.0
+# How often, meanwhile, the engine is asked whether it still runs (an inspect
+# each: looking at every retry cost the engine and the worker more CPU than
+# the wait itself on a busy worker).
+RELEASE_LOOK_S = 0.25
 # How often the run loop looks at the clock, the stop flag and the cgroup counters.
 POLL_S = 0.1
 # More often in a job's first moments: a job of a few tens of ms ends, its
@@ -99,6 +113,13 @@ class Policy:
     runtimes: dict[str, str] = field(default_factory=dict)
     # "uid:gid" the job runs as: no account on the host (config.job_uid).
     user: str = f"{DEFAULT_JOB_UID}:{DEFAULT_JOB_UID}"
+    # The runtime of waiting containers whose image has none in `runtimes`
+    # (the worker's prestart_runtime, when the engine has it); empty: the
+    # engine's default.
+    prestart_runtime: str = ""
+    # Host file mounted read-only at /etc/hosts (`write_hosts_file`); empty:
+    # the image's own, where "localhost" may not resolve.
+    hosts_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -166,6 +187,10 @@ class Sandbox:
         self.docker = client
         self.owner = owner
         self.policy = policy
+        # Cleared when a waiting container cannot be made under it: the next
+        # ones take the engine's default (a registered runtime may still be
+        # unable to start containers on this host).
+        self.prestart_runtime = policy.prestart_runtime
 
     # ------------------------------------------------------------ engine facts
 
@@ -232,19 +257,37 @@ class Sandbox:
         pipe = input_dir / LAUNCH_PIPE
         os.mkfifo(pipe, 0o644)
         os.chmod(pipe, 0o644)  # the job's uid reads it; only the worker writes
+        runtime = self.prestart_runtime if shape.image not in self.policy.runtimes else ""
+        if not runtime:
+            return self._make_waiting(shape, kwargs, input_dir, output_dir)
+        try:
+            return self._make_waiting(shape, dict(kwargs, runtime=runtime), input_dir, output_dir)
+        except SandboxError as e:
+            first = e
+        # Once more under the engine's default: if that works, the runtime is at
+        # fault (registered, yet unable to start a container on this host).
+        waiting = self._make_waiting(shape, kwargs, input_dir, output_dir)
+        self.prestart_runtime = ""
+        log.warning("a waiting container cannot be made under %s (%s); waiting containers "
+                    "take the engine's default runtime from now on", runtime, first)
+        return waiting
+
+    def _make_waiting(self, shape: JobSpec, kwargs: dict, input_dir: Path, output_dir: Path) -> Waiting:
         try:
             # -I -S: no site, no user paths, no PYTHON* variables: the launcher is the
             # image's interpreter alone, and starts in a few ms less.
-            container = self.docker.containers.create(shape.image, ["python3", "-I", "-S", "-c", LAUNCHER],
-                                                      **kwargs)
+            container = self._new_container(shape.image, ["python3", "-I", "-S", "-c", LAUNCHER], kwargs)
         except docker.errors.ImageNotFound as e:
             raise SandboxError(f"image {shape.image} is not available on this worker") from e
         except docker.errors.DockerException as e:
             raise SandboxError(f"cannot create a waiting container: {e}") from e
+        stream = None
         try:
             stream = self._attach(container)
             self._start(container)
         except SandboxError:
+            if stream is not None:
+                _close(stream)
             self._remove(container)
             raise
         return Waiting(container=container, stream=stream, image=shape.image, cpus=shape.cpus,
@@ -335,7 +378,7 @@ class Sandbox:
             # What the launcher used while it waited is not the job's.
             usage.exclude_so_far()
             since = time.time()
-            self._send_order(waiting, {"argv": COMMAND, "env": job_environment(spec)})
+            self._send_order(waiting, launch_order(COMMAND, job_environment(spec)))
         except SandboxError as e:
             log.warning("job %s: the waiting container cannot take it (%s); starting a new one",
                         spec.job_id, e)
@@ -359,24 +402,29 @@ class Sandbox:
         except docker.errors.DockerException as e:
             raise SandboxError(f"cannot change its limits: {e}") from e
 
-    def _send_order(self, waiting: Waiting, order: dict) -> None:
+    def _send_order(self, waiting: Waiting, order: bytes) -> None:
         """Write the launcher's order into its pipe, removing the pipe's name first."""
         pipe = waiting.input_dir / LAUNCH_PIPE
-        deadline = time.monotonic() + RELEASE_WAIT_S
+        now = time.monotonic()
+        deadline, look = now + RELEASE_WAIT_S, now + RELEASE_LOOK_S
         while True:
             try:
                 # Non-blocking: ENXIO while no reader has the pipe open yet.
                 fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
                 break
             except OSError as e:
-                if e.errno != errno.ENXIO or time.monotonic() > deadline or not self._running(waiting):
+                now = time.monotonic()
+                gone = now > look and not self._running(waiting)
+                if e.errno != errno.ENXIO or now > deadline or gone:
                     raise SandboxError(f"its launcher is not waiting ({e.strerror})") from e
+                if now > look:
+                    look = now + RELEASE_LOOK_S
                 time.sleep(0.005)
         try:
             # Unlinked while both ends are open: the launcher reads on, the job never sees it.
             pipe.unlink()
             os.set_blocking(fd, True)
-            os.write(fd, json.dumps(order).encode())
+            os.write(fd, order)
         except OSError as e:
             raise SandboxError(f"cannot hand the job to its launcher ({e.strerror})") from e
         finally:
@@ -398,12 +446,23 @@ class Sandbox:
 
     def _create(self, spec: JobSpec, input_dir: Path, output_dir: Path):
         try:
-            return self.docker.containers.create(
-                spec.image, list(spec.command or COMMAND), **self._lockdown(spec, input_dir, output_dir))
+            return self._new_container(spec.image, list(spec.command or COMMAND),
+                                       self._lockdown(spec, input_dir, output_dir))
         except docker.errors.ImageNotFound as e:
             raise SandboxError(f"image {spec.image} is not available on this worker") from e
         except docker.errors.DockerException as e:
             raise SandboxError(f"cannot create the job container: {e}") from e
+
+    def _new_container(self, image: str, command: list[str], kwargs: dict):
+        """docker-py's `containers.create` without the inspect it sends after the
+        create: the id and name are all a run needs before the container ends
+        (an engine call less per container, in dockerd and in the worker).
+        `_create_container_args` is the same translation of the arguments that
+        `create` uses (docker-py is pinned below 8 in setup.cfg)."""
+        args = _create_container_args(dict(kwargs, image=image, command=command,
+                                           version=self.docker.api._version))
+        created = self.docker.api.create_container(**args)
+        return self.docker.containers.prepare_model({"Id": created["Id"], "Name": "/" + kwargs["name"]})
 
     def _lockdown(self, spec: JobSpec, input_dir: Path, output_dir: Path) -> dict:
         p = self.policy
@@ -416,6 +475,15 @@ class Sandbox:
             hostname="job",
             environment=job_environment(spec),
             network_mode="none",
+            # The container still gets a network namespace of its own with only
+            # its loopback, brought up by the OCI runtime, as with "none" alone;
+            # what this skips is the engine's networking for it, chiefly the
+            # prestart hook that re-executes dockerd (libnetwork-setkey), which
+            # was the largest single CPU cost of a trivial job: 150-180 ms of
+            # the 350-400 ms the engine, the shim and runc spent per container
+            # (docs/PERFORMANCE.md, "Warm starts"). It also leaves out Docker's
+            # /etc/resolv.conf (the host's resolver, unreachable anyway).
+            network_disabled=True,
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={p.tmpfs_mb}m,mode=1777"},
             mounts=[Mount(INPUT_MOUNT, str(input_dir), type="bind", read_only=True),
@@ -434,6 +502,8 @@ class Sandbox:
             stdin_open=False,
             tty=False,
         )
+        if p.hosts_file:
+            kwargs["mounts"].append(Mount(HOSTS_MOUNT, p.hosts_file, type="bind", read_only=True))
         if spec.image in p.runtimes:
             kwargs["runtime"] = p.runtimes[spec.image]
         if spec.env_dir is not None:
@@ -532,6 +602,38 @@ class Sandbox:
             pass
         except docker.errors.DockerException as e:
             log.error("could not remove container %s: %s", container.name, e)
+
+
+def launch_order(argv: list[str], env: dict) -> bytes:
+    """What a waiting container's launcher reads (LAUNCHER): the argument
+    count, the arguments, then NAME=value for each variable, NUL-separated.
+
+    Raises:
+        SandboxError: one of them holds a NUL (execve could not pass it, and
+            it would split the order): the job runs in a new container.
+    """
+    items = [str(len(argv)), *argv, *(f"{name}={value}" for name, value in env.items())]
+    if any("\0" in item for item in items):
+        raise SandboxError("an argument or environment variable holds a NUL")
+    return "\0".join(items).encode()
+
+
+def write_hosts_file(data_dir: Path) -> str:
+    """Write the containers' /etc/hosts (HOSTS) under the worker's data
+    directory, in etc/ (the data directory's own files are made private at
+    each start; the job's uid must read this one); returns its path.
+
+    Raises:
+        OSError: it could not be written.
+    """
+    directory = data_dir / "etc"
+    directory.mkdir(mode=0o755, exist_ok=True)
+    path = directory / "hosts"
+    tmp = directory / "hosts.tmp"
+    tmp.write_text(HOSTS)
+    os.chmod(tmp, 0o644)   # the job's uid reads it through the mount
+    os.replace(tmp, path)
+    return str(path)
 
 
 def _nothing() -> None:

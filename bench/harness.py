@@ -141,11 +141,13 @@ class Proxy:
 
     # ---------------------------------------------------------------- the server
 
-    def start(self, settings: dict | None = None) -> None:
+    def start(self, settings: dict | None = None, root: Path | None = None) -> None:
         """Start gunicorn with the default config and wait for /healthz.
 
         Args:
             settings: JOBCLOUD_* environment for the proxy on top of the defaults.
+            root: another tree of the code to run (bench warm-start's baseline:
+                an earlier commit, extracted), instead of this one.
         """
         env = dict(os.environ, JOBCLOUD_DATA_DIR=self.config.data_dir,
                    JOBCLOUD_BIND=f"127.0.0.1:{self.port}")
@@ -155,13 +157,16 @@ class Proxy:
         if self.config.database_url:
             env["JOBCLOUD_DATABASE_URL"] = self.config.database_url
         env.update(settings or {})
+        if root is not None:
+            env["PYTHONPATH"] = str(root)
         # The access log stays on (the default config logs every request to
         # stdout); it goes to a file in the temp dir, as it would to journald.
         self.log = open(self.dir / "gunicorn.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "python:proxy.gunicorn_conf",
              "proxy:create_app()"],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=root or ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():
             if self.proc.poll() is not None:

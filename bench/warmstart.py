@@ -5,8 +5,11 @@ Three parts, each side by side on the same machine at the same time:
 1. a trivial job, submit → final state visible, against a bare `docker run`:
    triples (bare, job on a worker with prestart off, job on one with it on),
    interleaved, each job's phases from its own timestamps;
-2. 40 trivial jobs on one worker with 2 slots: jobs/s with prestart off and
-   on, in alternating rounds, a fresh proxy and worker each;
+2. 40 trivial jobs on one worker with 2 slots: jobs/s of today's code (the
+   proxy and worker of BASELINE, the commit issue 16 was filed against,
+   extracted with `git archive`: the issue's "today's figure"), and of this
+   code with prestart off and on, in alternating rounds, a fresh proxy and
+   worker each;
 3. claim → the first line of user code, for runc and crun, cold and
    pre-started: the job prints time.time() first, against its started_at
    (the proxy's claim stamp; one clock, one machine).
@@ -20,13 +23,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import threading
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import psutil
 
-from .harness import BenchError
+from .harness import ROOT, BenchError
 from .load import percentile
 from .report import Row
 from .worker import BARE, FINAL, IMAGE, _bare_phases, _engine_phases, _ts, bare_run, cluster
@@ -35,7 +40,9 @@ from .worker import BARE, FINAL, IMAGE, _bare_phases, _engine_phases, _ts, bare_
 TARGET_RATIO = 0.8
 PAIRS = 20
 WARMUPS = 2
-# 40 jobs on 2 slots, prestart on at least 1.5× prestart off, same run.
+# 40 jobs on 2 slots, prestart on at least 1.5× today's code, same run. Today's
+# code: the commit issue 16 was filed against (the last before its work began).
+BASELINE = "afa0de8"
 BATCH = 40
 BATCH_SLOTS = 2
 ROUNDS = 2
@@ -152,28 +159,48 @@ def _waiting(worker) -> list[str]:
 # ------------------------------------------------------------ 2. throughput
 
 def _batch(opts, deadline: float) -> dict:
-    rounds = {"cold": [], "warm": []}
-    for _ in range(ROUNDS):
-        for mode, env in (("cold", COLD), ("warm", WARM)):
-            with cluster(opts, slots=BATCH_SLOTS, worker_env=env) as (jobs, worker, proxy):
-                if mode == "warm":
-                    _ready(worker, BATCH_SLOTS, deadline)
-                jobs.run(deadline)   # warm-up: the first job of a worker pays for caches
-                if mode == "warm":
-                    _ready(worker, BATCH_SLOTS, deadline)
-                before = _cpu(worker, proxy)
-                result = jobs.batch(BATCH, deadline)
-                after = _cpu(worker, proxy)
-                result["cores_busy"] = round((after["busy"] - before["busy"]) / result["seconds"], 2)
-                for part in ("engine", "worker", "proxy", "containers"):
-                    result[f"{part}_cpu_ms_per_job"] = round(
-                        (after[part] - before[part]) * 1000 / BATCH, 1)
-                rounds[mode].append(result)
-    out = {"rounds": rounds}
+    rounds = {"today": [], "cold": [], "warm": []}
+    with tempfile.TemporaryDirectory(prefix="jobcloud-baseline-", dir=opts.tmp) as tree:
+        baseline = _extract(BASELINE, Path(tree))
+        for _ in range(ROUNDS):
+            for mode in rounds:
+                _batch_round(opts, deadline, mode, baseline, rounds)
+    out = {"rounds": rounds, "baseline": BASELINE}
     for mode in rounds:
         out[f"{mode}_jobs_per_s"] = round(sum(r["jobs_per_s"] for r in rounds[mode]) / ROUNDS, 3)
-    out["speedup"] = round(out["warm_jobs_per_s"] / out["cold_jobs_per_s"], 3)
+    out["speedup"] = round(out["warm_jobs_per_s"] / out["today_jobs_per_s"], 3)
+    out["speedup_vs_off"] = round(out["warm_jobs_per_s"] / out["cold_jobs_per_s"], 3)
     return out
+
+
+def _extract(rev: str, dest: Path) -> Path:
+    """The tree of commit `rev`, extracted under `dest` (no checkout of this one touched)."""
+    archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT,
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise BenchError(f"cannot extract the baseline {rev}: "
+                         f"{archive.stderr.decode(errors='replace')[:300]}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def _batch_round(opts, deadline: float, mode: str, baseline: Path, rounds: dict) -> None:
+    env = {"cold": COLD, "warm": WARM}.get(mode)   # today's code has no such setting
+    root = baseline if mode == "today" else None
+    with cluster(opts, slots=BATCH_SLOTS, worker_env=env, root=root) as (jobs, worker, proxy):
+        if mode == "warm":
+            _ready(worker, BATCH_SLOTS, deadline)
+        jobs.run(deadline)   # warm-up: the first job of a worker pays for caches
+        if mode == "warm":
+            _ready(worker, BATCH_SLOTS, deadline)
+        before = _cpu(worker, proxy)
+        result = jobs.batch(BATCH, deadline)
+        after = _cpu(worker, proxy)
+        result["cores_busy"] = round((after["busy"] - before["busy"]) / result["seconds"], 2)
+        for part in ("engine", "worker", "proxy", "containers"):
+            result[f"{part}_cpu_ms_per_job"] = round(
+                (after[part] - before[part]) * 1000 / BATCH, 1)
+        rounds[mode].append(result)
 
 
 def _cpu(worker, proxy) -> dict:
@@ -268,9 +295,12 @@ def _rows(raw: dict) -> list[Row]:
         Row("Job / bare, p50, prestart off", t["cold_ratio_p50"], "×"),
         Row("Job / bare, p50, prestart on", t["warm_ratio_p50"], "×", f"≤ {TARGET_RATIO}",
             t["warm_ratio_p50"] / TARGET_RATIO, "target", t["warm_ratio_p50"] <= TARGET_RATIO),
-        Row(f"{BATCH} jobs, {BATCH_SLOTS} slots, prestart off", b["cold_jobs_per_s"], "jobs/s"),
+        Row(f"{BATCH} jobs, {BATCH_SLOTS} slots, today's code ({b['baseline']})",
+            b["today_jobs_per_s"], "jobs/s"),
+        Row(f"{BATCH} jobs, {BATCH_SLOTS} slots, prestart off", b["cold_jobs_per_s"], "jobs/s",
+            "", b["cold_jobs_per_s"] / b["today_jobs_per_s"], "today"),
         Row(f"{BATCH} jobs, {BATCH_SLOTS} slots, prestart on", b["warm_jobs_per_s"], "jobs/s",
-            f"≥ {TARGET_SPEEDUP}× prestart off", b["speedup"], "prestart off",
+            f"≥ {TARGET_SPEEDUP}× today's code", b["speedup"], "today",
             b["speedup"] >= TARGET_SPEEDUP),
     ]
     for runtime in RUNTIMES:
@@ -287,7 +317,7 @@ def _rows(raw: dict) -> list[Row]:
 def _per_round(b: dict, part: str) -> str:
     key = f"{part}_cpu_ms_per_job"
     return " / ".join(", ".join(f"{r.get(key, 0):.0f}" for r in b["rounds"][mode])
-                      for mode in ("cold", "warm"))
+                      for mode in ("today", "cold", "warm"))
 
 
 def _notes(raw: dict) -> list[str]:
@@ -315,13 +345,18 @@ def _notes(raw: dict) -> list[str]:
         f" after their create: {events(t['bare_engine_p50_ms'])}.",
         f"Throughput: {BATCH} trivial jobs submitted back to back to one worker with"
         f" {BATCH_SLOTS} slots after one warm-up job, first POST → last final state; {ROUNDS}"
-        " alternating rounds per mode, a fresh proxy and worker each; jobs/s per round: off "
+        f" alternating rounds per mode (today's code: the proxy and worker of {b['baseline']},"
+        " extracted by `git archive`; this code with prestart off; with it on), a fresh proxy"
+        " and worker each; jobs/s per round: today "
+        + ", ".join(f"{r['jobs_per_s']:.2f}" for r in b["rounds"]["today"]) + "; off "
         + ", ".join(f"{r['jobs_per_s']:.2f}" for r in b["rounds"]["cold"]) + "; on "
         + ", ".join(f"{r['jobs_per_s']:.2f}" for r in b["rounds"]["warm"])
-        + f"; {b['speedup']}× in all. Cores busy (of 2, the whole machine) during the rounds: off "
+        + f"; on vs today {b['speedup']}×, on vs off {b['speedup_vs_off']}×. Cores busy (of 2,"
+        " the whole machine) during the rounds: today "
+        + ", ".join(f"{r['cores_busy']:.2f}" for r in b["rounds"]["today"]) + "; off "
         + ", ".join(f"{r['cores_busy']:.2f}" for r in b["rounds"]["cold"]) + "; on "
         + ", ".join(f"{r['cores_busy']:.2f}" for r in b["rounds"]["warm"])
-        + "; CPU per job (ms), off then on, per round: dockerd + containerd "
+        + "; CPU per job (ms), today / off / on, per round: dockerd + containerd "
         + _per_round(b, "engine") + "; the worker with its mkfs/mount/umount "
         + _per_round(b, "worker") + "; the proxy (the batch's own polling of the job list"
         " included) " + _per_round(b, "proxy") + "; all containers' cgroups (other"

@@ -211,14 +211,15 @@ def _stats(values: list[float]) -> dict:
 # ---------------------------------------------------------------- the cluster
 
 @contextmanager
-def cluster(opts, *, slots: int, worker_env: dict | None = None):
+def cluster(opts, *, slots: int, worker_env: dict | None = None, root=None):
     """A proxy with one user, and one worker with `slots` slots (and `worker_env`:
-    JOBCLOUD_WORKER_* settings); yields (jobs, worker, proxy)."""
+    JOBCLOUD_WORKER_* settings); yields (jobs, worker, proxy). `root`: run the
+    proxy and the worker from that tree of the code (an earlier commit)."""
     with Proxy(opts.tmp) as proxy:
         owner = proxy.add_user("alice")
         enrollment = proxy.enrollment_token()
-        proxy.start(PROXY_SETTINGS)
-        with LocalWorker(proxy, enrollment, slots, env=worker_env) as worker:
+        proxy.start(PROXY_SETTINGS, root=root)
+        with LocalWorker(proxy, enrollment, slots, env=worker_env, root=root) as worker:
             yield Jobs(proxy.port, owner.auth, worker), worker, proxy
 
 
@@ -232,8 +233,10 @@ class LocalWorker:
     """
 
     def __init__(self, proxy: Proxy, enrollment: str, slots: int, *, name: str | None = None,
-                 url: str | None = None, env: dict | None = None):
+                 url: str | None = None, env: dict | None = None, root=None):
         self.proxy = proxy
+        # Another tree of the code to run the worker from (an earlier commit).
+        self.root = root
         self.name = name or f"bench-{os.getpid()}-{secrets.token_hex(3)}"
         self.data_dir = proxy.dir / (self.name if name else "worker")
         self.log_path = proxy.dir / f"{self.name if name else 'worker'}.log"
@@ -247,6 +250,8 @@ class LocalWorker:
                         JOBCLOUD_WORKER_LOG_LEVEL="INFO")
         self.env.update(env or {})
         self.env.pop("JOBCLOUD_WORKER_CONFIG", None)
+        if root is not None:
+            self.env["PYTHONPATH"] = str(root)
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -270,8 +275,8 @@ class LocalWorker:
         """Start the process (again, after a kill: same name, same data dir)."""
         if self._log is None or self._log.closed:
             self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli"], cwd=ROOT, env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli"], cwd=self.root or ROOT,
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
         """kill -9: no deregistration, containers left running."""

@@ -267,11 +267,12 @@ class S3BlobStore:
             hit = self._presigned.get(cache_key)
             if hit is not None and hit[1] - now > self.presign_ttl_s * PRESIGN_REUSE:
                 return hit[0]
-        if self.signer is not None and not download_name and not mimetype:
-            url = self._signed_get(params["Key"])
-        else:
-            url = self.presigner.generate_presigned_url("get_object", Params=params,
-                                                        ExpiresIn=self.presign_ttl_s)
+        with _store_errors(self, "signing a download URL"):
+            if self.signer is not None and not download_name and not mimetype:
+                url = self._signed_get(params["Key"])
+            else:
+                url = self.presigner.generate_presigned_url("get_object", Params=params,
+                                                            ExpiresIn=self.presign_ttl_s)
         with self._presigned_lock:
             if len(self._presigned) >= PRESIGN_CACHE_MAX:
                 self._presigned.clear()
@@ -299,10 +300,11 @@ class S3BlobStore:
             {"url", "method", "headers", "expires_in_s"} for the worker.
         """
         checksum = _b64(sha256)
-        url = self.presigner.generate_presigned_url(
-            "put_object", ExpiresIn=self.presign_ttl_s,
-            Params={"Bucket": self.bucket, "Key": self.key(name), "ChecksumSHA256": checksum,
-                    "ContentType": "application/zip"})
+        with _store_errors(self, "signing an upload URL"):
+            url = self.presigner.generate_presigned_url(
+                "put_object", ExpiresIn=self.presign_ttl_s,
+                Params={"Bucket": self.bucket, "Key": self.key(name), "ChecksumSHA256": checksum,
+                        "ContentType": "application/zip"})
         return {"url": url, "method": "PUT", "expires_in_s": self.presign_ttl_s,
                 "headers": {"x-amz-checksum-sha256": checksum, "Content-Type": "application/zip",
                             "Content-Length": str(size)}}
@@ -464,7 +466,7 @@ class _Multipart:
 def _store_errors(store: S3BlobStore, doing: str, missing: type | None = None):
     """botocore's errors as ours: a missing object as `missing` (when given),
     anything else as BlobStoreUnavailable (503) naming the store, not the keys."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         yield
@@ -478,6 +480,11 @@ def _store_errors(store: S3BlobStore, doing: str, missing: type | None = None):
             f"the blob store ({store.endpoint}, bucket {store.bucket}) refused {doing}: {code}"
             + (" (the bucket does not exist)" if code == "NoSuchBucket" else ""),
         ) from None
+    except NoCredentialsError:
+        log.warning("blob store %s: %s failed: no keys", store.endpoint, doing)
+        raise BlobStoreUnavailable(
+            f"the proxy has no keys for the blob store ({doing}): set s3_credentials_file, or"
+            " AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the proxy") from None
     except BotoCoreError as e:
         log.warning("blob store %s: %s failed: %s", store.endpoint, doing, type(e).__name__)
         raise BlobStoreUnavailable(

@@ -254,3 +254,19 @@ def _zip(content: bytes) -> bytes:
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("out.txt", content)
     return buf.getvalue()
+
+
+def test_no_keys_anywhere_is_a_503_when_a_url_is_signed_not_a_500(tmp_path, monkeypatch):
+    # No credentials file, no AWS_* variables, no ~/.aws: boto3 finds no keys.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = S3BlobStore.from_config(load_config(env={}, overrides={
+        "data_dir": str(tmp_path / "d"), "blob_url": "s3://bucket/x",
+        "s3_endpoint_url": f"http://127.0.0.1:{free_port()}"}))
+    with pytest.raises(BlobStoreUnavailable, match="signing a download URL"):
+        store.presign_get("ab" * 32)
+    with pytest.raises(BlobStoreUnavailable, match="signing an upload URL"):
+        store.presign_put("ab" * 32, "cd" * 32, 10)

@@ -352,9 +352,10 @@ def validate(values: dict) -> Config:
          "metrics_token must be empty or 32 to 256 letters, digits and -._~+/ (a bearer token;"
          " e.g. openssl rand -hex 32)"),
         (cfg.blob_url == "" or re.fullmatch(
-            r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?", cfg.blob_url)
+            r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9_./-]*)?", cfg.blob_url)
          is not None, "blob_url must be empty (files under data_dir) or s3://BUCKET[/PREFIX]"
-         " (bucket: 3-63 lower-case letters, digits, dots, hyphens)"),
+         " (bucket: 3-63 lower-case letters, digits, dots, hyphens; prefix: letters, digits,"
+         " '_', '.', '-', '/': nothing a URL would have to escape)"),
         (all(u == "" or re.fullmatch(r"https?://[^\s/?#]+/?", u) is not None
              for u in (cfg.s3_endpoint_url, cfg.s3_presign_endpoint_url)),
          "s3_endpoint_url and s3_presign_endpoint_url must be http(s)://HOST[:PORT]"),

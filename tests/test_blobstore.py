@@ -240,6 +240,7 @@ def test_a_bad_credentials_file_is_refused_at_start_without_its_contents(tmp_pat
 @pytest.mark.parametrize("setting, value, message", [
     ("blob_url", "http://bucket/x", "blob_url must be empty"),
     ("blob_url", "s3://UPPER/x", "blob_url must be empty"),
+    ("blob_url", "s3://bucket/a(b)", "nothing a URL would have to escape"),
     ("s3_endpoint_url", "ftp://host", "s3_endpoint_url"),
     ("blob_presign_ttl_s", 0, "blob_presign_ttl_s"),
     ("blob_user_downloads", "proxy", "blob_user_downloads must be redirect or stream"),

@@ -24,12 +24,13 @@ from flask import Blueprint, current_app, g, jsonify, request
 from . import accounts, arrays, dependencies, jobenv, leases, retention, retries, wakeups, workers
 from .appstate import app_state
 from .auth import bearer_token
+from .blobs import human_size, is_blob_name
 from .db import close_conn, get_conn
 from .downloads import send_blob
-from .blobs import human_size
 from .errors import NotFound, TooLarge, Unauthorized, ValidationError
 from .jsonbody import integer, json_object, number
 from .models import FINAL_VALUES, LEFT_OUT_REASONS, JobState, WorkerState
+from .s3blobs import output_name
 from .uploads import FormSpec, parse_form
 
 bp = Blueprint("worker_api", __name__, url_prefix="/api/v1")
@@ -231,9 +232,7 @@ def outputs_upload(job_id):
     attempt = integer(body, "attempt", lo=1, hi=2**31 - 1, code="invalid_attempt",
                       message="attempt must be a positive integer")
     sha256, size = _announced_archive(body)
-    if not st.blobs.direct:
-        raise ValidationError("this proxy keeps files in its own directory: post the output"
-                              " archive with the result", code="direct_upload_unavailable")
+    _require_direct_store(st.blobs)
     if size > st.config.max_output_bytes:
         raise TooLarge("the output archive is larger than the limit of "
                        f"{human_size(st.config.max_output_bytes)}", code="too_large")
@@ -244,17 +243,21 @@ def outputs_upload(job_id):
 def _announced_archive(body: dict) -> tuple[str, int]:
     """(sha256, size) of an output archive a worker names (outputs-upload, result)."""
     sha256 = body.get("sha256")
-    if not isinstance(sha256, str) or len(sha256) != 64 or \
-            any(c not in "0123456789abcdef" for c in sha256):
+    if not isinstance(sha256, str) or not is_blob_name(sha256):
         raise ValidationError("sha256 must be 64 lower-case hex digits", code="invalid_outputs")
     size = integer(body, "size", lo=1, hi=MAX_USAGE, code="invalid_outputs",
                    message=f"size must be a whole number between 1 and {MAX_USAGE}")
     return sha256, size
 
 
-def _output_name(job_id: str, attempt: int, sha256: str) -> str:
-    from .s3blobs import output_name
+def _require_direct_store(blobs) -> None:
+    """Raises ValidationError: the proxy keeps files itself (no presigned uploads)."""
+    if not blobs.direct:
+        raise ValidationError("this proxy keeps files in its own directory: post the output"
+                              " archive with the result", code="direct_upload_unavailable")
 
+
+def _output_name(job_id: str, attempt: int, sha256: str) -> str:
     return output_name(str(current_app.secret_key).encode(), job_id, attempt, sha256)
 
 
@@ -287,10 +290,7 @@ def post_result(job_id):
         if result.get("outputs_upload") is not None:
             if not isinstance(result["outputs_upload"], dict):
                 raise ValidationError("outputs_upload must be an object", code="invalid_outputs")
-            if not st.blobs.direct:
-                raise ValidationError("this proxy keeps files in its own directory: post the"
-                                      " output archive with the result",
-                                      code="direct_upload_unavailable")
+            _require_direct_store(st.blobs)
             direct = _announced_archive(result["outputs_upload"])
     else:
         form = parse_form(request.stream, request.headers.get("Content-Type"), FormSpec(

@@ -188,6 +188,12 @@ def test_a_cloned_vm_registers_and_runs_a_job_in_docker(template, qemu, cluster)
 
 # ------------------------------------------------- the autoscaler's whole story
 
+def run_prefix(base: str) -> str:
+    """A name prefix of this run's own: another run of the suite may share
+    qemu:///system, and its VMs must not count as this run's (nor be removed by it)."""
+    return f"{base}{secrets.token_hex(2)}-"
+
+
 def our_domains(qemu, prefix: str) -> list[str]:
     return sorted(d.name() for d in qemu.listAllDomains() if domain.is_our_name(d.name(), prefix))
 
@@ -229,7 +235,7 @@ def test_autoscaler_clones_on_demand_retires_idle_and_replaces_a_destroyed_vm(
     """min 0: no VM until a job queues; then a clone runs it; after idle_time the VM
     is drained and removed (no domain, no disk); a VM destroyed mid-job loses its
     worker, the job requeues and finishes on a new VM."""
-    prefix = "jce2e-"
+    prefix = run_prefix("jce2e")
     scaler, stop_autoscaler = start_autoscaler(
         cluster, qemu, prefix, queue_per_worker=1.0, min_vms=0, max_vms=1, step=1, cooldown_s=0,
         idle_time_s=20)
@@ -292,7 +298,7 @@ def test_an_idle_vm_kept_warm_starts_a_job_without_a_boot_and_is_replaced(templa
     starts on that VM's worker while no other VM exists, a replacement is cloned
     once the job holds the first; once both are idle, the one beyond idle_vms is
     retired after idle_time and the other stays."""
-    prefix = "jcwarm-"
+    prefix = run_prefix("jcwarm")
     scaler, stop_autoscaler = start_autoscaler(
         cluster, qemu, prefix, min_vms=0, max_vms=2, idle_vms=1, step=1,
         # one job for one worker is not over the threshold: only idle_vms adds the replacement

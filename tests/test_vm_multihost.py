@@ -47,7 +47,9 @@ from vm_provisioning.state import VMRecord
 from vm_provisioning.storage import HASH_SUFFIX, PoolStorage
 
 SYSTEM = "qemu:///system"
-PREFIX = "jmh-"         # not the other VM tests' jc-: they may share qemu:///system
+# Not the other VM tests' prefixes, and this run's own: another run of the suite may
+# share qemu:///system, and the teardown removes every domain with this prefix.
+PREFIX = f"jmh{secrets.token_hex(2)}-"
 KEEPALIVE_S = 1
 # A TCG boot takes 40-140 s here, more on a loaded machine.
 

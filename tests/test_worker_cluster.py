@@ -38,13 +38,14 @@ def clusters(tmp_path, docker_client):
     def start(**kw) -> Cluster:
         c = start_cluster(tmp_path / f"c{len(started)}", gunicorn_workers=2, **kw)
         c.extra = []  # more worker processes a test starts
+        c.first = c.worker  # tests point c.worker at another process: this one is stopped too
         c.names = {c.worker_env["JOBCLOUD_WORKER_NAME"]}  # worker names, for the cleanup
         started.append(c)
         return c
 
     yield start
     for c in started:
-        for proc in [c.worker, *c.extra]:
+        for proc in {id(p): p for p in (c.first, c.worker, *c.extra)}.values():
             stop_worker(proc)
         stop_gunicorn(c.server.proc)
     for name in set().union(*(c.names for c in started)):

@@ -29,6 +29,27 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# Files whose tests take minutes (real VMs under emulation, the soak, the fuzzers), in
+# the order they start. With `--dist loadfile` a file runs whole in one process, and a
+# long one handed out last is a tail the other processes sit idle through.
+SLOW_FILES_FIRST = ("test_vm_e2e.py", "test_soak.py", "test_fuzz.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow files first, then the others by how many tests they hold (as xdist
+    would); a file's tests stay together and in their own order (the sort is stable).
+    scripts/run-tests.sh passes --no-loadscope-reorder so xdist keeps this order."""
+    per_file: dict[Path, int] = {}
+    for item in items:
+        per_file[item.path] = per_file.get(item.path, 0) + 1
+
+    def rank(item):
+        name = item.path.name
+        first = SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+        return first, -per_file[item.path], str(item.path)
+    items.sort(key=rank)
+
+
 def require(condition: bool, reason: str) -> None:
     """Skip locally, fail under CI, when a real component the test needs is missing."""
     if condition:

@@ -71,6 +71,16 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
         time.sleep(interval)
 
 
+def register_worker(url: str, enrollment: str, name: str = "w") -> dict:
+    """Register a worker over HTTP, as worker/client.py does; returns its auth headers."""
+    r = requests.post(f"{url}/api/v1/workers/register", timeout=30,
+                      headers={"Authorization": f"Bearer {enrollment}"},
+                      json={"name": name, "cpus": 2, "memory_mb": 4096, "gpus": 0, "slots": 1,
+                            "images": ["jobcloud/python"]})
+    assert r.status_code == 201, r.text
+    return {"Authorization": "Bearer " + r.json()["secret"]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -132,7 +132,7 @@ def test_empty_streams_say_so_and_the_dashboard_shows_times_as_job_pages_do(page
     import requests
     from playwright.sync_api import expect
 
-    from tests.test_cli import register_worker
+    from tests.conftest import register_worker
 
     url = live_server.url
     one_time = re.search(r"one-time password: (\S+)",

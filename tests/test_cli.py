@@ -13,7 +13,7 @@ import requests
 
 from proxy.accesslog import is_worker_protocol
 from proxy.db import open_database
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, register_worker, wait_until
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,16 +197,6 @@ def test_an_admin_command_refuses_an_empty_postgresql_database(pg_url, tmp_path)
 
 def _log_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
-
-
-def register_worker(url: str, enrollment: str, name: str = "w") -> dict:
-    """Register a worker over HTTP, as worker/client.py does; returns its auth headers."""
-    r = requests.post(f"{url}/api/v1/workers/register", timeout=30,
-                      headers={"Authorization": f"Bearer {enrollment}"},
-                      json={"name": name, "cpus": 2, "memory_mb": 4096, "gpus": 0, "slots": 1,
-                            "images": ["jobcloud/python"]})
-    assert r.status_code == 201, r.text
-    return {"Authorization": "Bearer " + r.json()["secret"]}
 
 
 def _worker_protocol_calls(url: str, enrollment: str) -> None:

@@ -23,7 +23,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, require, start_gunicorn, stop_gunicorn
+from tests.conftest import (
+    free_port,
+    register_worker,
+    require,
+    start_gunicorn,
+    stop_gunicorn,
+)
 
 NOBODY = 65534
 
@@ -87,12 +93,7 @@ def served():
                           files={"dataset": ("data.zip", _zip(**{"a.csv": "x,y\n1,2\n"}))})
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
-        r = requests.post(f"{url}/api/v1/workers/register", timeout=30,
-                          headers={"Authorization": f"Bearer {enrollment}"},
-                          json={"name": "w", "cpus": 2, "memory_mb": 4096, "gpus": 0, "slots": 1,
-                                "images": ["jobcloud/python"]})
-        assert r.status_code == 201, r.text
-        worker = {"Authorization": "Bearer " + r.json()["secret"]}
+        worker = register_worker(url, enrollment)
         r = requests.post(f"{url}/api/v1/worker/claim", headers=worker, timeout=30,
                           json={"max_jobs": 1, "wait_s": 0})
         [job] = r.json()["jobs"]

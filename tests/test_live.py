@@ -17,7 +17,8 @@ import pytest
 import requests
 
 from proxy import begin_shutdown, create_app, live, store, workers
-from tests.conftest import LiveServer, Users, free_port, login, start_gunicorn, stop_gunicorn
+from tests.conftest import (LiveServer, Users, free_port, login, register_worker, start_gunicorn,
+                            stop_gunicorn)
 from tests.test_api import ProtocolWorker, alice, submit  # noqa: F401  (fixture)
 
 JSON = {"Accept": "application/json"}
@@ -510,10 +511,7 @@ def test_sse_through_gunicorn(gunicorn_server):
     r = requests.post(f"{url}/api/v1/jobs", headers=user, files={"code": (None, "print(1)")}, timeout=10)
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
-    r = requests.post(f"{url}/api/v1/workers/register", headers={"Authorization": f"Bearer {enrollment}"},
-                      json={"name": "w", "cpus": 2, "memory_mb": 4096, "gpus": 0, "slots": 1,
-                            "images": ["jobcloud/python"]}, timeout=10)
-    w = {"Authorization": f"Bearer {r.json()['secret']}"}
+    w = register_worker(url, enrollment)
     [claimed] = requests.post(f"{url}/api/v1/worker/claim", headers=w, json={"max_jobs": 1},
                               timeout=40).json()["jobs"]
 

@@ -22,7 +22,14 @@ import requests
 
 from proxy import create_app
 from proxy.config import load_config
-from tests.conftest import Users, free_port, start_gunicorn, stop_gunicorn, wait_until
+from tests.conftest import (
+    Users,
+    free_port,
+    register_worker,
+    start_gunicorn,
+    stop_gunicorn,
+    wait_until,
+)
 from tests.test_webhooks import Receiver
 
 pytestmark = [pytest.mark.live, pytest.mark.postgres]
@@ -88,12 +95,7 @@ def test_two_proxies_with_separate_data_dirs_serve_one_cluster(cluster, s3_serve
     job_id = r.json()["id"]
 
     # A worker of B's claims it and gets its inputs from the store.
-    r = requests.post(f"{b.url}/api/v1/workers/register", timeout=30,
-                      headers={"Authorization": f"Bearer {enrollment}"},
-                      json={"name": "w1", "cpus": 2, "memory_mb": 2048, "gpus": 0, "slots": 1,
-                            "images": ["jobcloud/python"]})
-    assert r.status_code == 201, r.text
-    worker = {"Authorization": f"Bearer {r.json()['secret']}"}
+    worker = register_worker(b.url, enrollment, "w1")
     r = requests.post(f"{b.url}/api/v1/worker/claim", headers=worker, timeout=30,
                       json={"max_jobs": 1, "wait_s": 5})
     [job] = r.json()["jobs"]

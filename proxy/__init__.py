@@ -91,6 +91,24 @@ def begin_shutdown(app: Flask) -> None:
         sweeper.stop(timeout=0)
 
 
+def close_app(app: Flask) -> None:
+    """Stop this app's background threads, then close its store.
+
+    For code that builds apps inside a longer-lived process (the tests make
+    hundreds): a webhook sender or sweeper left running would use the store after
+    it was closed, opening it again. Joins the threads: a webhook attempt in
+    flight ends within webhook_timeout_s, a sweep after its batch.
+    """
+    state = app.extensions["jobcloud"]
+    state.stopping.set()
+    for name in ("jobcloud_webhooks", "jobcloud_retention"):
+        worker = app.extensions.get(name)
+        if worker is not None:
+            worker.stop()
+    state.wakeups.close()
+    state.db.close()
+
+
 def _secret_key(db: Database) -> str:
     # Shared by every process and instance through the database, so a session
     # cookie made by one gunicorn worker is valid in all of them.

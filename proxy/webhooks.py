@@ -231,6 +231,8 @@ class Deliverer:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self.db.closed:
+                return   # the app was closed (tests make many): nothing left to send for
             try:
                 busy = self.run_once()
             except Exception:  # the loop boundary: log, keep delivering

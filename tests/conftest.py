@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 import requests
 
 from bench.harness import pg_bin
-from proxy import accounts, create_app
+from proxy import accounts, close_app, create_app
 from proxy.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,24 @@ def pytest_collection_modifyitems(config, items):
         first = SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
         return first, -per_file[item.path], str(item.path)
     items.sort(key=rank)
+
+
+# A proxy app's background threads, by name (proxy/webhooks.py, proxy/retention.py).
+APP_THREADS = ("webhooks", "retention")
+
+
+@pytest.fixture(autouse=True)
+def no_app_thread_left_running():
+    """Fails the test that leaves an app's webhook sender or sweeper running (close_app
+    stops them). One left behind opens its store again after the test dropped it, and
+    logs a traceback every 30 s into later tests: CPython 3.11 formats tracebacks with
+    ast.parse, which races a concurrent ast.parse (werkzeug compiling the next app's
+    routes) into "SystemError: AST constructor recursion depth mismatch"."""
+    before = {t for t in threading.enumerate() if t.name in APP_THREADS}
+    yield
+    left = sorted(t.name for t in threading.enumerate()
+                  if t.name in APP_THREADS and t not in before and t.is_alive())
+    assert not left, f"an app's {', '.join(left)} thread still runs: close_app(app) after the test"
 
 
 def require(condition: bool, reason: str) -> None:
@@ -186,7 +205,7 @@ def make_config(tmp_path):
 def app(make_config):
     application = create_app(make_config())
     yield application
-    application.extensions["jobcloud"].db.close()
+    close_app(application)
 
 
 @pytest.fixture
@@ -200,7 +219,7 @@ def make_app(make_config, database_url):
         return application
     yield make
     for application in made:
-        application.extensions["jobcloud"].db.close()
+        close_app(application)
 
 
 @pytest.fixture

@@ -304,11 +304,11 @@ METRICS_TOKEN = "m" * 40
 
 @pytest.fixture
 def metrics_app(make_config):
-    from proxy import create_app
+    from proxy import close_app, create_app
 
     application = create_app(make_config(metrics_token=METRICS_TOKEN))
     yield application
-    application.extensions["jobcloud"].db.close()
+    close_app(application)
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer " + "x" * 40, "Bearer " + METRICS_TOKEN[:-1],

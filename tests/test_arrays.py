@@ -20,7 +20,7 @@ from itertools import pairwise
 import pytest
 import requests
 
-from proxy import arrays, create_app, retention, retries
+from proxy import arrays, close_app, create_app, retention, retries
 from tests.conftest import require, stop_gunicorn, wait_until
 from tests.test_browser import console_errors, first_login, page  # noqa: F401  (fixtures)
 from tests.test_dispatch import CODE, Hub, zip_bytes
@@ -288,7 +288,7 @@ def test_a_try_failing_while_cancel_all_marks_it_is_not_retried(pg_url, make_con
         row = hub.row(job["id"])
         assert (row["state"], row["retries_used"], row["cancel_requested"]) == ("failed", 0, 1)
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_fetch_all_is_one_zip_by_index_with_the_missing_listed(hub):

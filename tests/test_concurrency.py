@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy import create_app
+from proxy import close_app, create_app
 from proxy.config import load_config
 from tests.conftest import Users, free_port, start_gunicorn, stop_gunicorn
 from worker.client import LeaseLost, WorkerClient
@@ -97,7 +97,7 @@ def claim_through_flask(name, database_url, data_dir, enrollment, user_token, ba
             barrier.wait(timeout=60)
             return work_until_queue_empty(claim, finish, queue_empty, seed=name)
         finally:
-            app.extensions["jobcloud"].db.close()
+            close_app(app)
 
     _report(results, name, body)
 
@@ -222,7 +222,7 @@ def store_app(make_config):
 
     yield open_app
     for app in apps:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 # ------------------------------------------------------------------------ tests

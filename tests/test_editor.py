@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import create_app, job_templates
+from proxy import close_app, create_app, job_templates
 from tests.conftest import Users, csrf_from, login, require
 from tests.test_worker_e2e import ML_IMAGE, iris_like_csv, ml_cluster  # noqa: F401  (fixture)
 
@@ -68,7 +68,7 @@ def test_templates_are_offered_only_for_images_the_proxy_has(make_config):
     assert "data-image=" not in page and 'id="template-' not in page
     assert '<option value="jobcloud/python" selected>' in page and "jobcloud/ml" not in page
     assert [t["key"] for t in job_templates.load((ML_IMAGE,))] == ["pytorch", "sklearn", "opencv"]
-    app.extensions["jobcloud"].db.close()
+    close_app(app)
 
 
 def test_editor_build_without_a_reachable_registry_warns_and_succeeds(tmp_path):

@@ -21,7 +21,7 @@ import sys
 import pytest
 import requests
 
-from proxy import create_app
+from proxy import close_app, create_app
 from proxy.jobenv import RESERVED_NAMES
 from tests.conftest import (LiveServer, Users, csrf_from, free_port, login, require,
                             stop_gunicorn, wait_until)
@@ -142,7 +142,7 @@ def test_bad_env_is_a_clear_400_that_quotes_no_value(make_config):
         assert r.status_code == 413 and "'env'" in r.json["detail"], r.json
         assert client.get("/api/v1/jobs", headers=alice["headers"]).json["jobs"] == []
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_every_name_the_worker_sets_is_reserved_and_wins_anyway():

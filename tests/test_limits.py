@@ -7,11 +7,11 @@ from tests.test_dispatch import Hub
 
 @pytest.fixture
 def hub(database_url, make_config):
-    from proxy import create_app
+    from proxy import close_app, create_app
 
     app = create_app(make_config(database_url=database_url))
     yield Hub(app)
-    app.extensions["jobcloud"].db.close()
+    close_app(app)
 
 
 def set_limits(hub, name, user=None, **changes):
@@ -102,7 +102,7 @@ def test_admin_cli_sets_limits_that_the_api_enforces(tmp_path):
     import sys
     from pathlib import Path
 
-    from proxy import create_app
+    from proxy import close_app, create_app
     from proxy.config import load_config
     from tests.conftest import Users
 
@@ -121,4 +121,4 @@ def test_admin_cli_sets_limits_that_the_api_enforces(tmp_path):
                                    content_type="multipart/form-data")
         assert r.status_code == 400 and "max_cpus = 1.5" in r.get_json()["detail"]
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from proxy import begin_shutdown, create_app, live, store, workers
+from proxy import begin_shutdown, close_app, create_app, live, store, workers
 from tests.conftest import (LiveServer, Users, free_port, login, register_worker, start_gunicorn,
                             stop_gunicorn)
 from tests.test_api import ProtocolWorker, alice, submit  # noqa: F401  (fixture)
@@ -351,7 +351,7 @@ def test_user_stream_reads_through_indexes_in_one_query(make_config):
                 expected |= {"jobs_owner_finished", "jobs_owner"}
             assert expected <= indexes, plan
             assert not any(d.startswith("SCAN jobs") for d in plan), plan
-    app.extensions["jobcloud"].db.close()
+    close_app(app)
 
 
 # ------------------------------------------------------- bounded lifetime
@@ -381,7 +381,7 @@ def test_the_server_ends_streams_after_live_stream_s(make_config):
     events = stream(client, f"/api/v1/jobs/{job['id']}/events", carol["headers"]).rest()
     assert 1 <= time.monotonic() - started < 3
     assert [e["event"] for e in events] == ["state"]  # queued: no end, the client reconnects
-    app.extensions["jobcloud"].db.close()
+    close_app(app)
 
 
 def test_head_answers_at_once(client, alice):
@@ -419,7 +419,7 @@ def test_past_live_streams_max_a_stream_answers_once_and_the_client_polls(make_c
     slots = app.extensions["jobcloud_live"].held
     assert slots.acquire(blocking=False)  # closed streams gave their slots back
     slots.release()
-    app.extensions["jobcloud"].db.close()
+    close_app(app)
 
 
 def test_streams_per_process_are_at_most_half_of_gunicorns_connections(make_config):
@@ -469,7 +469,7 @@ def test_truncation_shows_in_state_and_log_events(make_config):
         assert changed["data"]["truncated"] == {"stdout": True, "stderr": False}
     finally:
         events.close()
-    app.extensions["jobcloud"].db.close()
+    close_app(app)
 
 
 def test_job_page_sends_times_as_utc_iso_for_the_browser_to_show(client, worker, alice):

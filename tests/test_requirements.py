@@ -163,7 +163,7 @@ def submit(client, user, requirements: bytes | None, code: str = "print(1)"):
     (b"six\x00\n", 1, "control"),
 ])
 def test_malformed_lines_are_refused_naming_the_line(make_config, text, line, says):
-    from proxy import create_app
+    from proxy import close_app, create_app
     from tests.conftest import Users
     # The index is never asked for a malformed file: a closed port proves it.
     app = create_app(make_config(package_index_url=f"http://127.0.0.1:{free_port()}/simple"))
@@ -175,7 +175,7 @@ def test_malformed_lines_are_refused_naming_the_line(make_config, text, line, sa
         assert f"line {line} of the requirements file" in r.json["detail"]
         assert says in r.json["detail"]
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_too_many_lines_and_bytes_are_refused(client, users):
@@ -189,7 +189,7 @@ def test_too_many_lines_and_bytes_are_refused(client, users):
 
 def test_requirements_are_normalised_stored_and_counted_like_a_script(make_config, fake_index,
                                                                      database_url):
-    from proxy import create_app, retention
+    from proxy import close_app, create_app, retention
     from tests.conftest import Users
     index = fake_index({"six": [make_wheel("six", "1.16.0", {"six.py": ""})],
                         "tomli": [make_wheel("tomli", "2.0.1", {"tomli/__init__.py": ""})]})
@@ -218,12 +218,12 @@ def test_requirements_are_normalised_stored_and_counted_like_a_script(make_confi
             assert retention.storage_of(conn, alice["id"]) == script + len(normalised)
             assert retention.is_referenced(conn, first.json["requirements"]["sha256"])
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_the_form_takes_a_requirements_file_and_the_page_shows_the_environment(make_config,
                                                                                fake_index):
-    from proxy import create_app
+    from proxy import close_app, create_app
     from tests.conftest import Users, csrf_from, login
     index = fake_index({"six": [make_wheel("six", "1.16.0", {"six.py": ""})]})
     app = create_app(make_config(package_index_url=index.url))
@@ -253,11 +253,11 @@ def test_the_form_takes_a_requirements_file_and_the_page_shows_the_environment(m
             "requirements": (io.BytesIO(b"six\n-e .\n"), "requirements.txt")})
         assert "line 2 of the requirements file" in r.get_data(as_text=True)
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_expired_jobs_requirements_blob_is_deleted(make_config, fake_index):
-    from proxy import create_app, retention
+    from proxy import close_app, create_app, retention
     from tests.conftest import Users
     index = fake_index({"six": [make_wheel("six", "1.16.0", {"six.py": ""})]})
     app = create_app(make_config(package_index_url=index.url))
@@ -274,11 +274,11 @@ def test_expired_jobs_requirements_blob_is_deleted(make_config, fake_index):
         assert job["id"] in result.expired_jobs and blob in result.deleted
         assert not st.blobs.path(blob).exists()
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_sdist_only_wrong_python_and_unknown_packages_are_refused_offline(make_config, fake_index):
-    from proxy import create_app
+    from proxy import close_app, create_app
     from tests.conftest import Users
     index = fake_index({
         "onlysdist": [("onlysdist-1.0.tar.gz", b"sdist")],
@@ -305,11 +305,11 @@ def test_sdist_only_wrong_python_and_unknown_packages_are_refused_offline(make_c
         # Nothing of the refused submissions was kept.
         assert len(client.get("/api/v1/jobs", headers=alice["headers"]).json["jobs"]) == 1
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_an_unreachable_index_is_a_503_not_a_silent_accept(make_config):
-    from proxy import create_app
+    from proxy import close_app, create_app
     from tests.conftest import Users
     app = create_app(make_config(package_index_url=f"http://127.0.0.1:{free_port()}/simple"))
     try:
@@ -318,13 +318,13 @@ def test_an_unreachable_index_is_a_503_not_a_silent_accept(make_config):
         assert r.status_code == 503 and r.json["error"] == "package_index_unreachable", r.json
         assert "could not be reached" in r.json["detail"]
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_a_slow_index_is_a_503_at_the_check_deadline(make_config, fake_index):
     """The index answers nothing until released: the submission ends with 503
     at package_index_check_timeout_s, not after one timeout per requirement."""
-    from proxy import create_app
+    from proxy import close_app, create_app
     from tests.conftest import Users
     names = [f"pkg{n}" for n in range(12)]
     index = fake_index({name: [make_wheel(name, "1.0", {f"{name}.py": ""})] for name in names})
@@ -342,11 +342,11 @@ def test_a_slow_index_is_a_503_at_the_check_deadline(make_config, fake_index):
         assert submit(app.test_client(), alice, b"pkg0\n").status_code == 201
     finally:
         release.set()
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_with_the_index_check_off_only_the_syntax_is_checked(make_config):
-    from proxy import create_app
+    from proxy import close_app, create_app
     from tests.conftest import Users
     app = create_app(make_config(package_index_url=f"http://127.0.0.1:{free_port()}/simple",
                                  package_index_check=False))
@@ -355,7 +355,7 @@ def test_with_the_index_check_off_only_the_syntax_is_checked(make_config):
         assert submit(app.test_client(), alice, b"six\n").status_code == 201
         assert submit(app.test_client(), alice, b"-e .\n").status_code == 400
     finally:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 def test_package_index_settings_are_validated(make_config):

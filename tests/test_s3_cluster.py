@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy import create_app
+from proxy import close_app, create_app
 from proxy.config import load_config
 from tests.conftest import (
     Users,
@@ -68,9 +68,7 @@ def cluster(tmp_path, pg_url, s3_settings):
         webhook_poll_s=0.02, webhook_backoff_s=0.05)))
     users = Users(setup)
     alice, enrollment = users.create("alice"), users.enrollment()
-    setup.extensions["jobcloud_webhooks"].stop()
-    setup.extensions["jobcloud_retention"].stop()
-    setup.extensions["jobcloud"].db.close()
+    close_app(setup)
     proxies = []
     for name in ("a", "b"):
         port = free_port()

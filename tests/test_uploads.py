@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy import create_app
+from proxy import close_app, create_app
 from tests.conftest import Users, csrf_from, login
 from tests.zips import HOSTILE, entry_count_only, make_zip
 
@@ -150,7 +150,7 @@ def make_site(make_config):
 
     yield make
     for site in made:
-        site.app.extensions["jobcloud"].db.close()
+        close_app(site.app)
 
 
 @pytest.fixture

@@ -934,11 +934,11 @@ def test_a_vm_on_a_host_no_longer_configured_is_left_alone(config, host, proxy, 
 
 @pytest.fixture
 def hub(make_config, database_url):
-    from proxy import create_app
+    from proxy import close_app, create_app
 
     application = create_app(make_config(database_url=database_url))
     yield Hub(application)
-    application.extensions["jobcloud"].db.close()
+    close_app(application)
 
 
 def test_queue_view_counts_and_idle_times(hub):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from proxy import create_app
+from proxy import close_app, create_app
 from tests.conftest import csrf_from, login, wait_until
 from tests.test_api import ProtocolWorker, make_zip, submit
 
@@ -21,7 +21,7 @@ def app(make_config):
     """The app with small pages, so a handful of jobs spans several of them."""
     application = create_app(make_config(page_size=PAGE_SIZE))
     yield application
-    application.extensions["jobcloud"].db.close()
+    close_app(application)
 
 
 @pytest.fixture

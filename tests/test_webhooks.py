@@ -610,3 +610,32 @@ def test_a_graceful_shutdown_waits_for_the_post_in_flight(tmp_path, receivers):
         db.close()
     assert delivery == {"state": "delivered", "attempts": 1, "last_status": 200}
     assert len(receiver.requests) == 1
+
+
+def test_close_app_stops_the_sender_and_sweeper_and_the_store_stays_closed(
+        make_config, database_url):
+    from proxy import close_app, create_app
+    app = create_app(make_config(database_url=database_url, **FAST))
+    threads = [app.extensions[name]._thread for name in ("jobcloud_webhooks", "jobcloud_retention")]
+    assert all(t.is_alive() for t in threads)
+
+    close_app(app)
+
+    assert [t.is_alive() for t in threads] == [False, False]
+    assert app.extensions["jobcloud"].db.closed   # nothing opened it again
+
+
+def test_a_sender_whose_store_was_closed_stops_by_itself(make_config, tmp_path):
+    from proxy import close_app, create_app
+    app = create_app(make_config(database_url=f"sqlite:///{tmp_path}/store.db"))
+    db = app.extensions["jobcloud"].db
+    sender = webhooks.Deliverer(db, allowed_hosts=("127.0.0.1",), max_attempts=1, backoff_s=1,
+                                timeout_s=1, poll_s=0.02)
+    try:
+        sender.start()
+        db.close()
+        wait_until(lambda: not sender._thread.is_alive(), timeout=10,
+                   what="the sender to stop once its store was closed")
+    finally:
+        sender.stop()
+        close_app(app)

@@ -33,7 +33,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from proxy import create_app
+from proxy import close_app, create_app
 from tests.conftest import Users, require, wait_until
 from tests.test_worker_sandbox import IMAGE, docker_ready
 from worker.client import Archive, ProtocolError, WorkerClient
@@ -68,7 +68,7 @@ class Proxy:
         self.server.shutdown()
         self.thread.join()
         self.server.server_close()
-        self.app.extensions["jobcloud"].db.close()
+        close_app(self.app)
 
     def call(self, method: str, path: str, user: dict | None = None, **kwargs) -> dict:
         r = requests.request(method, self.url + path, headers=(user or self.alice)["headers"],

@@ -19,7 +19,8 @@ import zipfile
 
 import pytest
 
-from proxy import accounts, begin_shutdown, create_app, scheduler, store, worker_api, workers
+from proxy import (accounts, begin_shutdown, close_app, create_app, scheduler, store, worker_api,
+                   workers)
 from proxy.blobs import StoredBlob
 from proxy.models import WorkerState
 from tests.conftest import Users, wait_until
@@ -184,7 +185,7 @@ def make_hub(database_url, make_config):
 
     yield make
     for app in apps:
-        app.extensions["jobcloud"].db.close()
+        close_app(app)
 
 
 @pytest.fixture

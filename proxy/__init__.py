@@ -83,12 +83,7 @@ def begin_shutdown(app: Flask) -> None:
     state = app.extensions["jobcloud"]
     state.stopping.set()
     state.wakeups.wake_all()
-    deliverer = app.extensions.get("jobcloud_webhooks")
-    if deliverer is not None:
-        deliverer.stop(timeout=0)
-    sweeper = app.extensions.get("jobcloud_retention")
-    if sweeper is not None:
-        sweeper.stop(timeout=0)
+    _stop_background(app, timeout=0)
 
 
 def close_app(app: Flask) -> None:
@@ -101,12 +96,18 @@ def close_app(app: Flask) -> None:
     """
     state = app.extensions["jobcloud"]
     state.stopping.set()
+    _stop_background(app, timeout=None)
+    state.wakeups.close()
+    state.db.close()
+
+
+def _stop_background(app: Flask, timeout: float | None) -> None:
+    """Stop the app's webhook sender (when webhooks are on) and retention sweeper:
+    timeout 0 only sets their flags (signal handlers), None waits until they end."""
     for name in ("jobcloud_webhooks", "jobcloud_retention"):
         worker = app.extensions.get(name)
         if worker is not None:
-            worker.stop()
-    state.wakeups.close()
-    state.db.close()
+            worker.stop(timeout=timeout)
 
 
 def _secret_key(db: Database) -> str:
